@@ -1,0 +1,94 @@
+"""``SelaModel``: a backbone that maps images to D features, plus H linear heads (one per clustering).
+
+Letters: B batch, C image channels, H heads (``len(n_clusters)``), K_h clusters of head h, D features.
+Evaluation uses ``forward_features``; the labeller and the loss use ``forward_head``.
+"""
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Stage = tuple[str, Callable[[Tensor], Tensor]]
+
+
+class SelaModel(nn.Module):
+    """Base class for sela backbones with linear cluster heads.
+
+    Subclasses build their backbone, then call ``self._build_heads(feature_dim, n_clusters)`` and
+    implement ``_stages()``: the named, ordered steps from the input image to the last feature
+    map or vector. A 4-D output of the last stage is globally average-pooled into (B, D).
+
+    Attributes:
+        feature_dim: D, the width of ``forward_features``.
+        n_clusters: K per head.
+        heads: ``nn.ModuleList`` of ``nn.Linear(D, K_h)``, the paper's linear heads.
+        default_input_size: the image side (px) the model is designed for.
+    """
+
+    feature_dim: int
+    n_clusters: list[int]
+    heads: nn.ModuleList
+    default_input_size: int
+
+    def _build_heads(self, feature_dim: int, n_clusters: list[int]) -> None:
+        self.feature_dim = feature_dim
+        self.n_clusters = list(n_clusters)
+        self.heads = nn.ModuleList(nn.Linear(feature_dim, k) for k in self.n_clusters)
+
+    def _stages(self) -> list[Stage]:
+        raise NotImplementedError
+
+    @property
+    def feature_layers(self) -> list[str]:
+        """Names accepted by ``features_by_layer``, from the input upwards."""
+        return [name for name, _ in self._stages()]
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(
+                f"expected a float image batch (B, C, H, W), got {x.dtype} of shape {tuple(x.shape)}; "
+                "convert uint8 images with sela.data.EvalTransform or BatchAugment"
+            )
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) float images -> (B, D) pooled features."""
+        self._check_input(x)
+        for _, stage in self._stages():
+            x = stage(x)
+        return _pool(x)  # (B, D)
+
+    def features_by_layer(self, x: Tensor, layer: str) -> Tensor:
+        """(B, C, H, W) images -> (B, D_layer) output of ``layer``, average-pooled over space if 4-D."""
+        self._check_input(x)
+        names = self.feature_layers
+        if layer not in names:
+            raise ValueError(f"unknown layer {layer!r} for {type(self).__name__}; choose one of {names}")
+        for name, stage in self._stages():
+            x = stage(x)
+            if name == layer:
+                break
+        return _pool(x)  # (B, D_layer)
+
+    def forward_head(self, features: Tensor) -> list[Tensor]:
+        """(B, D) features -> list of H logits tensors, the h-th of shape (B, K_h)."""
+        return [head(features) for head in self.heads]
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """(B, C, H, W) images -> list of H logits tensors (B, K_h)."""
+        return self.forward_head(self.forward_features(x))
+
+
+def _pool(x: Tensor) -> Tensor:
+    if x.ndim == 4:
+        return torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, D)
+    return x
+
+
+def check_positive_ints(name: str, values: tuple[int, ...] | list[int], length: int | None = None) -> None:
+    """Raise a ValueError unless ``values`` is a sequence of positive ints (of ``length`` if given)."""
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values)
+    if not ok or (length is not None and len(values) != length):
+        what = f"{length} positive integers" if length else "positive integers"
+        raise ValueError(f"{name} must be {what}, got {values!r}")

@@ -1,0 +1,111 @@
+"""Load torchvision ResNet weights or released SeLa checkpoints into a ``SelaModel``.
+
+Accepted inputs: a plain state dict, or a checkpoint dict holding one under ``"state_dict"``
+(the SeLa release: ``{"state_dict": ..., "labels": ...}``). ``module.`` segments left by
+``DataParallel`` are dropped; SeLa's old ResNet layout (``features.0`` .. ``features.7``) is renamed
+to torchvision's. Head weights named ``top_layer``, ``top_layer<i>``, ``top_layer.0``, ``fc``,
+``fc<i>`` or ``heads.<i>`` go to ``heads.<i>`` when their shapes fit.
+"""
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from sela.models.base import SelaModel
+from sela.models.resnet import ResNet
+
+_HEAD_KEY = re.compile(r"^(?:top_layer|fc|heads\.)(\d*)(?:\.0)?\.(weight|bias)$")
+# SeLa's resnetv1 kept the backbone in one nn.Sequential called ``features``
+_SELA_RESNET_NAMES = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def _unwrap(checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f"expected a state dict or a checkpoint dict, got {type(checkpoint).__name__}")
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state = {}
+    for key, value in checkpoint.items():
+        if not isinstance(value, Tensor):
+            kind = type(value).__name__
+            raise ValueError(f"checkpoint entry {key!r} is a {kind}, not a tensor; pass a state dict")
+        state[".".join(part for part in key.split(".") if part != "module")] = value
+    return state
+
+
+def _rename_sela_resnet(key: str) -> str:
+    parts = key.split(".")
+    if parts[0] == "features" and len(parts) > 2 and parts[1] in _SELA_RESNET_NAMES:
+        return ".".join([_SELA_RESNET_NAMES[parts[1]], *parts[2:]])
+    return key
+
+
+def _short(items: list[str], limit: int = 8) -> str:
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def load_pretrained(
+    model: SelaModel, state_dict: Mapping[str, Any], *, strict_heads: bool = False
+) -> list[str]:
+    """Copy pretrained weights into ``model`` in place.
+
+    Every backbone tensor of the model must be present with the right shape (BatchNorm's
+    ``num_batches_tracked`` may be absent) and the checkpoint may hold no other backbone keys;
+    otherwise a ValueError names the offending keys and shapes. Head weights are copied where
+    their shapes fit (e.g. not torchvision's 1000-class ``fc`` into a 128-cluster head).
+
+    Args:
+        model: the model to fill.
+        state_dict: a state dict, or a checkpoint with one under ``"state_dict"``.
+        strict_heads: raise instead of skipping checkpoint head weights that do not fit.
+
+    Returns:
+        Names of the model's parameters left at their initial values (skipped or absent head weights).
+    """
+    state = _unwrap(state_dict)
+    if isinstance(model, ResNet):
+        state = {_rename_sela_resnet(k): v for k, v in state.items()}
+    own = model.state_dict()
+    own_heads = {k for k in own if k.startswith("heads.")}
+    loaded: dict[str, Tensor] = {}
+    unfit_heads, unexpected, bad_shapes = [], [], []
+    for key, value in state.items():
+        head = _HEAD_KEY.match(key)
+        if head:
+            target = f"heads.{int(head.group(1) or 0)}.{head.group(2)}"
+            if target in own and own[target].shape == value.shape:
+                loaded[target] = value
+            else:
+                shape = tuple(own[target].shape) if target in own else "absent"
+                unfit_heads.append(f"{key} {tuple(value.shape)} -> {target} {shape}")
+        elif key not in own:
+            unexpected.append(key)
+        elif own[key].shape != value.shape:
+            bad_shapes.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+        else:
+            loaded[key] = value
+    missing = [
+        k for k in own if k not in own_heads and k not in state and not k.endswith("num_batches_tracked")
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing from the checkpoint: {_short(missing)}")
+    if unexpected:
+        problems.append(f"not in the model: {_short(unexpected)}")
+    if bad_shapes:
+        problems.append(f"shape mismatch: {_short(bad_shapes)}")
+    if strict_heads and unfit_heads:
+        problems.append(f"heads that do not fit: {_short(unfit_heads)}")
+    if problems:
+        raise ValueError(
+            f"checkpoint does not fit {type(model).__name__}; "
+            + "; ".join(problems)
+            + ". Build the model that matches the checkpoint (architecture, in_channels, n_clusters)."
+        )
+    model.load_state_dict(loaded, strict=False)
+    return sorted(k for k in own_heads if k not in loaded)

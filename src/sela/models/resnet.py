@@ -1,0 +1,86 @@
+"""ResNet backbones from torchvision, with torchvision's parameter names.
+
+The backbone's modules sit at the top level of the model (``conv1, bn1, layer1 .. layer4``) so
+the backbone keys of a torchvision ResNet state dict load as they are; torchvision's ``fc`` is
+dropped in favour of the linear cluster heads. The ``_cifar`` variants use a 3x3 stride-1 ``conv1``
+and no max-pool, the usual stem for 32 px images.
+"""
+
+import torchvision
+from torch import Tensor, nn
+
+from sela.models.base import SelaModel, Stage
+from sela.models.registry import register_model
+
+
+class ResNet(SelaModel):
+    """A torchvision ResNet (without ``fc``) followed by linear heads; D = 512 (resnet18) or 2048 (resnet50).
+
+    Args:
+        arch: ``"resnet18"`` or ``"resnet50"`` (any ``torchvision.models`` ResNet builder name works).
+        n_clusters: K per head.
+        cifar_stem: 3x3 stride-1 ``conv1`` and no max-pool (for 32 px inputs).
+        in_channels: image channels C.
+        zero_init_residual: passed to torchvision (zero-init the last BN of each residual block).
+    """
+
+    def __init__(
+        self,
+        arch: str,
+        n_clusters: list[int],
+        *,
+        cifar_stem: bool = False,
+        in_channels: int = 3,
+        zero_init_residual: bool = False,
+    ):
+        super().__init__()
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"in_channels must be a positive integer, got {in_channels!r}")
+        net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)
+        if cifar_stem:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.default_input_size = 32 if cifar_stem else 224
+        self._build_heads(net.fc.in_features, n_clusters)
+
+    def _stem(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+    def _stages(self) -> list[Stage]:
+        return [
+            ("stem", self._stem),
+            ("layer1", self.layer1),
+            ("layer2", self.layer2),
+            ("layer3", self.layer3),
+            ("layer4", self.layer4),
+        ]
+
+
+@register_model("resnet18")
+def resnet18(n_clusters: list[int], **kwargs) -> ResNet:
+    """ResNet-18 for 224 px images, D = 512."""
+    return ResNet("resnet18", n_clusters, **kwargs)
+
+
+@register_model("resnet50")
+def resnet50(n_clusters: list[int], **kwargs) -> ResNet:
+    """ResNet-50 for 224 px images, D = 2048."""
+    return ResNet("resnet50", n_clusters, **kwargs)
+
+
+@register_model("resnet18_cifar")
+def resnet18_cifar(n_clusters: list[int], **kwargs) -> ResNet:
+    """ResNet-18 with a 3x3 stride-1 stem and no max-pool, for 32 px images, D = 512."""
+    return ResNet("resnet18", n_clusters, cifar_stem=True, **kwargs)
+
+
+@register_model("resnet50_cifar")
+def resnet50_cifar(n_clusters: list[int], **kwargs) -> ResNet:
+    """ResNet-50 with a 3x3 stride-1 stem and no max-pool, for 32 px images, D = 2048."""
+    return ResNet("resnet50", n_clusters, cifar_stem=True, **kwargs)

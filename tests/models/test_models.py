@@ -1,0 +1,250 @@
+"""Tests for sela.models: every registered model is checked by looping over ``list_models()``."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from sela.models import AlexNet, SelaModel, create_model, list_models, load_pretrained, register_model
+
+EXPECTED = {"alexnet", "convnet", "resnet18", "resnet50", "resnet18_cifar", "resnet50_cifar"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny workloads: one thread avoids OpenMP overhead, and stalls when other processes share the cores
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _input_size(model: SelaModel) -> int:
+    # 224 px models also run on small images (the AlexNet ImageNet stem needs >= 63 px); keeps the suite fast
+    return 64 if isinstance(model, AlexNet) and model.default_input_size > 64 else 32
+
+
+def test_registry_lists_every_model():
+    assert EXPECTED <= set(list_models())
+    assert list_models() == sorted(list_models())
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_shapes_and_backward(name):
+    torch.manual_seed(0)
+    model = create_model(name, [7, 5])
+    assert isinstance(model, SelaModel)
+    assert isinstance(model.heads, nn.ModuleList) and all(isinstance(h, nn.Linear) for h in model.heads)
+    assert model.n_clusters == [7, 5]
+    s = _input_size(model)
+    x = torch.randn(2, 3, s, s)
+    features = model.forward_features(x)
+    assert features.shape == (2, model.feature_dim)
+    logits = model(x)
+    assert isinstance(logits, list) and [tuple(t.shape) for t in logits] == [(2, 7), (2, 5)]
+    heads_out = model.forward_head(features)
+    assert isinstance(heads_out, list) and len(heads_out) == 2
+    loss = sum(F.cross_entropy(t, torch.tensor([0, 1])) for t in logits)
+    loss.backward()
+    first_conv = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first_conv.weight.grad is not None and first_conv.weight.grad.abs().sum() > 0
+    assert all(h.weight.grad is not None for h in model.heads)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_features_by_layer(name):
+    model = create_model(name, 3).eval()
+    s = _input_size(model)
+    x = torch.randn(2, 3, s, s)
+    with torch.no_grad():
+        for layer in model.feature_layers:
+            out = model.features_by_layer(x, layer)
+            assert out.ndim == 2 and out.shape[0] == 2
+        last = model.features_by_layer(x, model.feature_layers[-1])
+        assert torch.allclose(last, model.forward_features(x))
+    with pytest.raises(ValueError, match="unknown layer"):
+        model.features_by_layer(x, "no_such_layer")
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_one_channel_and_int_n_clusters(name):
+    model = create_model(name, 4, in_channels=1)
+    s = _input_size(model)
+    out = model(torch.randn(2, 1, s, s))
+    assert len(out) == 1 and out[0].shape == (2, 4)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "sizes"), [
+    ("convnet", {}, [8, 16, 32, 9]),
+    ("convnet", {"widths": (16, 32)}, [8, 16]),
+    ("resnet18_cifar", {}, [8, 16]),
+    ("alexnet", {"input_size": 32, "hidden_dim": 64}, [16, 32]),
+])  # fmt: skip
+def test_small_inputs(name, kwargs, sizes):
+    model = create_model(name, [3], **kwargs)
+    for s in sizes:
+        assert model(torch.randn(2, 3, s, s))[0].shape == (2, 3)
+
+
+def test_resnet_parameter_names_match_torchvision():
+    ours = set(create_model("resnet50", 10).state_dict())
+    theirs = {k for k in torchvision.models.resnet50(weights=None).state_dict() if not k.startswith("fc.")}
+    assert ours - {k for k in ours if k.startswith("heads.")} == theirs
+
+
+def test_cifar_resnet_stem():
+    model = create_model("resnet18_cifar", 10)
+    assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity) and model.default_input_size == 32
+
+
+def test_alexnet_stems_and_widths():
+    big = create_model("alexnet", 10, hidden_dim=64)
+    assert [m.out_channels for m in big.features if isinstance(m, nn.Conv2d)] == [96, 256, 384, 384, 256]
+    assert big.features[0].kernel_size == (11, 11) and big.default_input_size == 224
+    small = create_model("alexnet", 10, input_size=32, size="small", hidden_dim=64)
+    assert [m.out_channels for m in small.features if isinstance(m, nn.Conv2d)] == [64, 192, 384, 256, 256]
+    assert small.features[0].kernel_size == (3, 3) and small.feature_dim == 64
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in small.features) == 5
+    with pytest.raises(ValueError, match="size"):
+        create_model("alexnet", 10, size="huge")
+
+
+def _conv_macs(model: nn.Module, size: int) -> int:
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        k = module.kernel_size[0] * module.kernel_size[1] * module.in_channels // module.groups
+        total += output[0].numel() * k
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, size, size))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def test_convnet_is_cheap():
+    model = create_model("convnet", 10)
+    assert model.feature_dim == 256 and model.default_input_size == 32
+    macs = _conv_macs(model, 32)
+    assert 40e6 < macs < 120e6  # ~86 M multiply-adds per 32 px image
+    assert create_model("convnet", 10, widths=(32, 64, 128, 256)).feature_dim == 256
+
+
+def test_convnet_channels_last_gives_same_output():
+    torch.manual_seed(0)
+    a = create_model("convnet", 5).eval()
+    b = create_model("convnet", 5, channels_last=False).eval()
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(a(x)[0], b(x)[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [1, [10, 1], [], [2.5], [True], "10"])
+def test_bad_n_clusters(bad):
+    with pytest.raises(ValueError, match="n_clusters|clusters"):
+        create_model("convnet", bad)
+
+
+def test_unknown_model_lists_names():
+    with pytest.raises(ValueError, match="convnet"):
+        create_model("resnet1000")
+
+
+def test_register_duplicate_name():
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("convnet")(lambda n_clusters: None)
+
+
+def test_bad_input_is_rejected():
+    model = create_model("convnet", 3)
+    with pytest.raises(ValueError, match="float image batch"):
+        model(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="float image batch"):
+        model(torch.zeros(3, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------ pretrained
+
+
+def test_load_torchvision_resnet_state_dict():
+    reference = torchvision.models.resnet18(weights=None)
+    model = create_model("resnet18", [128, 64])
+    left = load_pretrained(model, reference.state_dict())
+    assert left == ["heads.0.bias", "heads.0.weight", "heads.1.bias", "heads.1.weight"]  # 1000-class fc unfit
+    assert torch.equal(model.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert torch.equal(model.bn1.running_var, reference.bn1.running_var)
+    with pytest.raises(ValueError, match="heads that do not fit"):
+        load_pretrained(model, reference.state_dict(), strict_heads=True)
+
+
+def test_load_sela_checkpoint_with_module_prefix_and_fc_head():
+    reference = torchvision.models.resnet18(weights=None, num_classes=30)
+    state = {f"module.{k}": v for k, v in reference.state_dict().items()}
+    checkpoint = {"state_dict": state, "labels": torch.zeros(5, dtype=torch.long)}
+    model = create_model("resnet18", 30)
+    assert load_pretrained(model, checkpoint) == []
+    assert torch.equal(model.heads[0].weight, reference.fc.weight)
+
+
+def test_load_old_sela_resnet_layout_and_numbered_heads():
+    source = create_model("resnet18_cifar", [6, 4])
+    renames = {"conv1": "features.0", "bn1": "features.1", "layer1": "features.4", "layer2": "features.5"}
+    renames |= {"layer3": "features.6", "layer4": "features.7"}
+    state = {}
+    for key, value in source.state_dict().items():
+        top, rest = key.split(".", 1)
+        if top == "heads":
+            i, param = rest.split(".")
+            state[f"top_layer{i}.{param}"] = value
+        else:
+            state[f"{renames[top]}.{rest}"] = value
+    target = create_model("resnet18_cifar", [6, 4])
+    assert load_pretrained(target, {"state_dict": state}) == []
+    for (k, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_load_sela_alexnet_checkpoint():
+    source = create_model("alexnet", [10], input_size=32, hidden_dim=64)
+    state = {k.replace("heads.0", "top_layer"): v for k, v in source.state_dict().items()}
+    state = {
+        k.replace("features.", "features.module."): v for k, v in state.items()
+    }  # DataParallel(features)
+    target = create_model("alexnet", [10], input_size=32, hidden_dim=64)
+    assert load_pretrained(target, state) == []
+    assert torch.equal(target.heads[0].weight, source.heads[0].weight)
+    assert torch.equal(target.classifier[4].weight, source.classifier[4].weight)
+
+
+def test_load_mismatch_names_keys():
+    reference = torchvision.models.resnet18(weights=None).state_dict()
+    with pytest.raises(ValueError, match=r"conv1\.weight: checkpoint \(64, 3, 7, 7\)"):
+        load_pretrained(create_model("resnet18_cifar", 10), reference)
+    with pytest.raises(ValueError, match="missing from the checkpoint: .*layer4"):
+        load_pretrained(
+            create_model("resnet18", 10), {k: v for k, v in reference.items() if "layer4" not in k}
+        )
+    with pytest.raises(ValueError, match="not in the model: extra.weight"):
+        load_pretrained(create_model("resnet18", 10), {**reference, "extra.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="not a tensor"):
+        load_pretrained(create_model("resnet18", 10), {"conv1.weight": [1, 2]})
+
+
+def test_importing_models_loads_no_upper_layer():
+    code = (
+        "import sys, sela.models; "
+        "bad = [m for m in sys.modules if m.split('.')[:2] in (['sela', 'labeller'], ['sela', 'train'], "
+        "['sela', 'cli'], ['sela', 'eval'], ['sela', 'config'], ['sela', 'data'])]; print(bad); "
+        "raise SystemExit(1 if bad else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
