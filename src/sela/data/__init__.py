@@ -1,0 +1,29 @@
+"""Datasets as uint8 tensors (each item carries its index) and batched on-device augmentation.
+
+``load_dataset(name, ...)`` returns an ``ImageSet``; ``BatchAugment`` turns a uint8 batch into
+augmented, normalised float images on the batch's device; ``EvalTransform`` does the same without
+randomness for evaluation.
+"""
+
+from sela.data.augment import BatchAugment, EvalTransform
+from sela.data.datasets import SPLITS, data_root, list_datasets, load_dataset, resize_images
+from sela.data.errors import DatasetNotFoundError
+from sela.data.folder import FolderStream, cache_dir, load_folder
+from sela.data.imageset import ImageSet, channel_stats, make_loader
+
+__all__ = [
+    "SPLITS",
+    "BatchAugment",
+    "DatasetNotFoundError",
+    "EvalTransform",
+    "FolderStream",
+    "ImageSet",
+    "cache_dir",
+    "channel_stats",
+    "data_root",
+    "list_datasets",
+    "load_dataset",
+    "load_folder",
+    "make_loader",
+    "resize_images",
+]

@@ -1,0 +1,137 @@
+"""``ImageSet``: a dataset as uint8 images in memory (or a streaming ``Dataset``), with its statistics.
+
+Letters: N images, C channels, H x W pixels, B batch. Ground-truth ``targets`` are only for
+evaluation; training sees images and their indices. Every item is ``(image uint8 (C, H, W), index)``.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+@dataclass(eq=False, repr=False)
+class ImageSet(Dataset):
+    """Images of one split of a dataset, in memory or streamed from disk.
+
+    Attributes:
+        images: (N, C, H, W) uint8, or None when the set is streamed (see ``stream``).
+        targets: (N,) int64 class ids for evaluation, or None when unlabelled (-1 marks an
+            unlabelled image inside a partly labelled set, e.g. STL-10's ``train+unlabeled``).
+        classes: class names, ``classes[targets[i]]`` is the name of image i; None if unlabelled.
+        paths: source file of each image (folder datasets), else None.
+        name: the dataset's name, e.g. ``"cifar10"``.
+        mean, std: per-channel statistics in [0, 1] units, for normalisation (length C).
+        stream: a ``Dataset`` yielding ``(uint8 (C, H, W), index)`` when ``images`` is None.
+    """
+
+    images: Tensor | None
+    targets: Tensor | None = None
+    classes: list[str] | None = None
+    paths: list[str] | None = None
+    name: str = ""
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    stream: Dataset | None = None
+
+    def __post_init__(self) -> None:
+        if self.images is None:
+            if self.stream is None:
+                raise ValueError("an ImageSet needs images (N, C, H, W) uint8 or a stream Dataset")
+        elif self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(
+                f"ImageSet.images must be uint8 (N, C, H, W), got {self.images.dtype} "
+                f"{tuple(self.images.shape)}; convert with (x * 255).round().clamp(0, 255).to(torch.uint8)"
+            )
+        n = len(self)
+        if self.targets is not None:
+            self.targets = torch.as_tensor(self.targets, dtype=torch.int64)
+            if self.targets.shape != (n,):
+                raise ValueError(f"targets must have shape ({n},), got {tuple(self.targets.shape)}")
+        if self.paths is not None and len(self.paths) != n:
+            raise ValueError(f"paths must have {n} entries, got {len(self.paths)}")
+        if self.images is not None and (self.mean is None or self.std is None):
+            mean, std = channel_stats(self.images)
+            self.mean = self.mean or mean
+            self.std = self.std or std
+        if self.mean is None or self.std is None:
+            raise ValueError("a streamed ImageSet needs mean and std; e.g. the ImageNet values")
+        self.mean, self.std = tuple(map(float, self.mean)), tuple(map(float, self.std))
+
+    def __len__(self) -> int:
+        return len(self.images) if self.images is not None else len(self.stream)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        """One image (C, H, W) uint8 and its index."""
+        if self.images is None:
+            return self.stream[index]
+        return self.images[index], index
+
+    def __repr__(self) -> str:
+        where = f"images={tuple(self.images.shape)}" if self.images is not None else "streamed"
+        classes = f", {len(self.classes)} classes" if self.classes else ""
+        return f"ImageSet(name={self.name!r}, n={len(self)}, {where}{classes})"
+
+    @property
+    def in_memory(self) -> bool:
+        return self.images is not None
+
+    @property
+    def n_classes(self) -> int | None:
+        """Number of classes, or None if unlabelled."""
+        if self.classes is not None:
+            return len(self.classes)
+        if self.targets is not None and (self.targets >= 0).any():
+            return int(self.targets.max()) + 1
+        return None
+
+
+@torch.no_grad()
+def channel_stats(images: Tensor, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] units of (N, C, H, W) uint8 images."""
+    c = images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64)
+    total_sq = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, len(images), chunk):
+        x = images[start : start + chunk].to(torch.float64).div_(255).transpose(0, 1).reshape(c, -1)  # (C, *)
+        total += x.sum(1)
+        total_sq += x.square().sum(1)
+    count = images.numel() // c
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def make_loader(
+    imageset: ImageSet,
+    batch_size: int,
+    shuffle: bool = False,
+    num_workers: int = 0,
+    sampler: Sampler | Sequence[int] | None = None,
+    *,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """A ``DataLoader`` over ``imageset`` giving batches ``(uint8 (B, C, H, W), int64 (B,) indices)``.
+
+    Meant for streamed sets; for in-memory sets, indexing ``imageset.images`` on the device is
+    faster. ``sampler`` and ``shuffle`` are exclusive.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if sampler is not None and shuffle:
+        raise ValueError("pass either shuffle=True or a sampler, not both")
+    return DataLoader(
+        imageset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
