@@ -30,7 +30,8 @@ Rand = Callable[..., Tensor]
 
 # ITU-R 601 luma weights, as in torchvision's rgb_to_grayscale
 _LUMA = (0.299, 0.587, 0.114)
-_RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+_RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ.double()).float()
 
 
 def _check_prob(name: str, p: float) -> None:
@@ -203,7 +204,7 @@ class BatchAugment(nn.Module):
         sx = torch.where(u_flip < self.flip_p, -fw, fw)
         zero = torch.zeros_like(fw)
         theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, fh, ty], 1)], 1)  # (B, 2, 3)
-        if (h, w) == (s, s) and bool((theta == _IDENTITY.to(theta)).all()):  # nothing to resample
+        if self.crop_scale is None and self.flip_p == 0 and (h, w) == (s, s):  # nothing to resample
             return x
         grid = F.affine_grid(theta.to(x.dtype), [b, c, s, s], align_corners=False)  # (B, S, S, 2)
         return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
@@ -223,7 +224,7 @@ class BatchAugment(nn.Module):
         hue = torch.where(on, (2 * u_h - 1) * jh, torch.zeros_like(u_h))
         gray = u_gray < self.grayscale_p
         if c == 1:
-            if not bool(on.any()):
+            if jb == jc == 0:
                 return x
             mean = x.mean((1, 2, 3))  # (B,)
             out = (
@@ -231,20 +232,20 @@ class BatchAugment(nn.Module):
                 + ((1 - contrast) * bright * mean)[:, None, None, None]
             )
             return out.clamp_(0, 1)
-        if not bool(on.any() | gray.any()):
+        if max(self.jitter) == 0 and self.grayscale_p == 0:
             return x
         luma = torch.tensor(_LUMA, device=x.device, dtype=x.dtype)
         mean_gray = torch.einsum("c,bchw->b", luma, x) / (x.shape[2] * x.shape[3])  # (B,)
         eye = torch.eye(3, device=x.device, dtype=x.dtype)
         to_gray = torch.ones(3, 1, device=x.device, dtype=x.dtype) * luma  # (3, 3), every row = luma
         saturate = sat[:, None, None] * eye + (1 - sat)[:, None, None] * to_gray  # (B, 3, 3)
-        yiq = torch.tensor(_RGB_TO_YIQ, device=x.device, dtype=x.dtype)
+        yiq = _RGB_TO_YIQ.to(x.device, x.dtype)
         angle = 2 * math.pi * hue
         cos, sin = torch.cos(angle), torch.sin(angle)
         rot = torch.zeros(b, 3, 3, device=x.device, dtype=x.dtype)
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        hue_mat = torch.linalg.inv(yiq) @ rot @ yiq  # (B, 3, 3), keeps grey pixels grey
+        hue_mat = _YIQ_TO_RGB.to(x.device, x.dtype) @ rot @ yiq  # (B, 3, 3), keeps grey pixels grey
         # brightness b, contrast c (around the image's mean grey m), saturation, hue:
         # x -> c b (H S) x + (1 - c) b m, since H S maps grey to itself
         matrix = (bright * contrast)[:, None, None] * (hue_mat @ saturate)  # (B, 3, 3)
@@ -259,8 +260,6 @@ class BatchAugment(nn.Module):
         b, c, h, w = x.shape
         u_apply, u_sigma = rand(b), rand(b)
         on = u_apply < self.blur_p
-        if not bool(on.any()):
-            return x
         radius = max(1, int(0.1 * self.out_size) // 2)
         lo, hi = self.blur_sigma
         sigma = lo + (hi - lo) * u_sigma  # (B,)
@@ -275,9 +274,6 @@ class BatchAugment(nn.Module):
         y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)  # along W
         y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)  # along H
         return y.reshape(b, c, h, w)
-
-
-_IDENTITY = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
 
 
 class EvalTransform(nn.Module):

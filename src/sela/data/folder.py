@@ -15,7 +15,8 @@ Image size (in memory):
 Streamed (``in_memory=False``, or automatically above the budget, e.g. ImageNet): only the list of
 files is kept; ``ImageSet.stream`` decodes each image on access, fitted to ``image_size`` x
 ``image_size`` (default 256) so that batches stack and the same on-device augmentation applies.
-Images are always decoded as RGB (C = 3).
+Images are always decoded as RGB (C = 3). ``mean``/``std`` are the statistics of the loaded split
+(ImageNet's for streamed sets); normalise every split with the train split's.
 """
 
 import hashlib
@@ -295,7 +296,7 @@ def load_folder(
     for arg, value in (("image_size", image_size), ("max_size", max_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{arg} must be a positive integer (px), got {value!r}")
-    folder = split_dir(os.fspath(root), split)
+    folder = split_dir(os.path.abspath(os.fspath(root)), split)
     files, targets, classes = scan_folder(folder)
     if in_memory is None:
         side = image_size or max_size
