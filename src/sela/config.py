@@ -1,0 +1,181 @@
+"""Run configuration: dataclasses with defaults, an optional TOML file, and dotted overrides.
+
+Precedence, lowest first: the defaults below, a TOML file (``--config run.toml``), command-line flags,
+then ``--set section.key=value`` overrides (minGPT style). The resolved configuration is written into
+every run directory as ``config.json``. This module imports nothing of sela: the CLI turns a config into
+the explicit keyword arguments that the lower layers take.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class AugmentConfig:
+    """On-device batch augmentation (defaults: the original SeLa CIFAR recipe)."""
+
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    flip_p: float = 0.5
+    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.4])
+    jitter_p: float = 1.0
+    grayscale_p: float = 0.2
+    blur_p: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """Everything a ``sela train`` run needs; see the README for each option."""
+
+    # data
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None  # px; None: the dataset's default (digits: 16, others: native)
+    strict: bool = False  # fail on unreadable images instead of skipping them
+    # model
+    arch: str = "convnet"
+    heads: int = 4
+    clusters: list[int] = field(default_factory=lambda: [30])  # one K for all heads, or one per head
+    # self-labelling
+    lam: float = 25.0
+    label_updates: int = 40
+    label_spacing: str = "quadratic"  # or "linear"
+    label_heads: str = "all"  # or "round-robin": one head per update
+    label_inputs: str = "eval"  # "eval": un-augmented, eval mode; "train": augmented, train mode
+    # optimisation
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_schedule: str = "cosine"  # or "step"
+    warmup_epochs: float = 1.0
+    # runtime
+    device: str = "auto"
+    seed: int = 0
+    out: str = "runs/sela"
+    workers: int = 4  # DataLoader workers, streamed (large) datasets only
+    sync_bn: bool = False
+    progress: bool = True
+    # evaluation at the end (when the dataset has ground truth)
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready nested dict of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any], *, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a (nested) dict, checking keys and coercing values to field types."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {', '.join(where + k for k in unknown)}; "
+            f"known keys: {', '.join(where + k for k in known)}"
+        )
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {where}{name} is a section; give it as a table")
+            kwargs[name] = from_dict(hint, value, where=f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def load_toml(cls: type, path: str | Path) -> Any:
+    """Read a TOML file into dataclass ``cls`` (missing keys keep their defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist; pass an existing .toml file to --config")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    return from_dict(cls, data)
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
+    """Return a copy of ``cfg`` with dotted overrides applied.
+
+    ``overrides`` is a dict {"augment.grayscale_p": 0.1} of typed values, or a list of "key=value"
+    strings whose values are parsed as JSON when possible (``clusters=[10,20]``, ``lr=0.1``) and kept as
+    strings otherwise (``arch=resnet18``).
+    """
+    if isinstance(overrides, list):
+        parsed = {}
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ValueError(f"override {item!r} must look like key=value, e.g. augment.flip_p=0.5")
+            try:
+                parsed[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                parsed[key.strip()] = raw
+        overrides = parsed
+    data = to_dict(cfg)
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ValueError(f"unknown config section {p!r} in override {key!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ValueError(f"unknown config key {key!r}; see `sela train --help` for the keys")
+        node[leaf] = value
+    return from_dict(type(cfg), data)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Check/convert ``value`` to the annotated type ``hint`` (int, float, str, bool, list, X | None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            value = [value]
+        return [_coerce(v, item, f"{name}[]") for v in value]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ValueError(f"config key {name} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int | float | str):
+            raise ValueError(f"config key {name} must be an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ValueError(f"config key {name} must be an integer, got {value!r}") from None
+        if f != int(f):
+            raise ValueError(f"config key {name} must be an integer, got {value!r}")
+        return int(f)
+    if hint is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"config key {name} must be a number, got {value!r}") from None
+    if hint is str:
+        return str(value)
+    return value

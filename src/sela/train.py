@@ -1,0 +1,562 @@
+"""The SeLa training loop: label steps (Sinkhorn) alternating with cross-entropy epochs.
+
+Letters: N training images, B batch, H heads, K_h clusters of head h, D feature dimension, W ranks.
+
+The method (Asano et al. 2020, Alg. 1): labels for all N images are assigned by :func:`sela.sinkhorn.assign`
+from every head's outputs (the first time from the randomly initialised network), then the network is
+trained with cross-entropy against them on augmented views, averaged over heads; label steps recur on a
+schedule (quadratically spaced by default, as the original ImageNet recipe). Under ``torchrun`` every rank
+trains on its part of each global batch with DistributedDataParallel, and the label step is sharded: each
+rank computes outputs for its own rows only and the solver all-reduces K-sized vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from sela import distributed as dist
+from sela.data import BatchAugment, EvalTransform, ImageSet, make_loader
+from sela.eval.metrics import cluster_sizes
+from sela.sinkhorn import assign
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def label_schedule(n_updates: int, total_steps: int, spacing: str = "quadratic") -> list[int]:
+    """Optimisation steps (0-based) before which labels are re-assigned; the first is always step 0.
+
+    ``quadratic`` puts update i at total_steps * (i / n)^2 (dense early, the original ImageNet recipe),
+    ``linear`` at total_steps * i / n (its CIFAR recipe). Collisions are merged, so at most n are returned.
+    """
+    if n_updates < 1:
+        raise ValueError(f"label_updates must be >= 1 (the first assignment), got {n_updates}")
+    if spacing not in ("quadratic", "linear"):
+        raise ValueError(f"label spacing must be 'quadratic' or 'linear', got {spacing!r}")
+    power = 2 if spacing == "quadratic" else 1
+    steps = {int(total_steps * (i / n_updates) ** power) for i in range(n_updates)}
+    return sorted(steps)
+
+
+def lr_at(step: int, total_steps: int, *, base_lr: float, schedule: str, warmup_steps: int) -> float:
+    """Learning rate at an optimisation step: linear warm-up, then cosine to 0 or steps of 0.1 at 50/75 %."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+    if schedule == "step":
+        return base_lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
+    raise ValueError(f"lr schedule must be 'cosine' or 'step', got {schedule!r}")
+
+
+@dataclass
+class LabelState:
+    """The self-labels: one row of N labels per head, and each head's solver scaling for warm starts."""
+
+    labels: Tensor  # (H, N) int64, on the CPU
+    scalings: list[Tensor | None] = field(default_factory=list)
+    n_updates: int = 0
+
+
+class Trainer:
+    """Trains a :class:`sela.models.SelaModel` on an :class:`sela.data.ImageSet` by self-labelling.
+
+    Args:
+        model: the network (features + a list of linear heads).
+        train_set: training images (in memory or streamed); its targets are never used for training.
+        out_dir: run directory (written by rank 0 only).
+        epochs, batch_size, lr, momentum, weight_decay, lr_schedule, warmup_epochs: SGD settings;
+            batch_size is the global batch over all ranks.
+        lam, label_updates, label_spacing, label_heads, label_inputs: the self-labelling settings
+            (see the README).
+        augment: training augmentation, uint8 batch -> normalised float batch on the device.
+        eval_transform: the un-augmented transform, for the label step and features.
+        device: where the model and (in-memory) images live.
+        seed: all randomness (initial weights aside) derives from (seed, epoch).
+        config: the resolved configuration, recorded in the checkpoint and checked on resume.
+        workers: DataLoader workers for streamed datasets.
+        progress: show tqdm bars (rank 0 only).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_set: ImageSet,
+        *,
+        out_dir: str | os.PathLike,
+        epochs: int,
+        batch_size: int,
+        lr: float,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        lr_schedule: str = "cosine",
+        warmup_epochs: float = 1.0,
+        lam: float = 25.0,
+        label_updates: int = 40,
+        label_spacing: str = "quadratic",
+        label_heads: str = "all",
+        label_inputs: str = "eval",
+        augment: BatchAugment,
+        eval_transform: EvalTransform,
+        device: torch.device,
+        seed: int = 0,
+        config: dict | None = None,
+        workers: int = 4,
+        progress: bool = True,
+        sync_bn: bool = False,
+    ):
+        n = len(train_set)
+        world = dist.world_size()
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} must be divisible by the number of processes {world}")
+        if batch_size > n:
+            raise ValueError(f"batch size {batch_size} is larger than the dataset ({n} images); lower it")
+        if label_heads not in ("all", "round-robin"):
+            raise ValueError(f"label_heads must be 'all' or 'round-robin', got {label_heads!r}")
+        if label_inputs not in ("eval", "train"):
+            raise ValueError(f"label_inputs must be 'eval' or 'train', got {label_inputs!r}")
+        if max(model.n_clusters) > n:
+            raise ValueError(
+                f"{max(model.n_clusters)} clusters but only {n} training images; use --clusters <= {n}"
+            )
+        self.model = model.to(device)
+        self.device = device
+        if device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        if world > 1 and sync_bn:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+        self.net = self.model
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.train_set = train_set
+        self.images = train_set.images.to(device) if train_set.in_memory else None
+        self.out_dir = Path(out_dir)
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.steps_per_epoch = n // batch_size
+        self.total_steps = epochs * self.steps_per_epoch
+        self.base_lr = lr
+        self.lr_schedule = lr_schedule
+        self.warmup_steps = int(warmup_epochs * self.steps_per_epoch)
+        self.lr_at(0)  # validates the schedule name
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False
+        )
+        self.lam = lam
+        self.label_steps = label_schedule(label_updates, self.total_steps, label_spacing)
+        self.label_heads = label_heads
+        self.label_inputs = label_inputs
+        self.augment = augment
+        self.eval_transform = eval_transform
+        self.seed = seed
+        self.config = config or {}
+        self.workers = workers
+        self.progress = progress and dist.is_main()
+        n_heads = len(model.n_clusters)
+        self.state = LabelState(labels=torch.zeros(n_heads, n, dtype=torch.long), scalings=[None] * n_heads)
+        self.epoch = 0  # epochs completed
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(
+            step,
+            self.total_steps,
+            base_lr=self.base_lr,
+            schedule=self.lr_schedule,
+            warmup_steps=self.warmup_steps,
+        )
+
+    # ----------------------------------------------------------------------------------------------------
+    # the loop
+
+    def fit(self) -> list[dict]:
+        """Train from ``self.epoch`` to ``epochs``; returns the metrics of the epochs run now."""
+        history = []
+        for epoch in range(self.epoch, self.epochs):
+            stats = self.train_one_epoch(epoch)
+            self.epoch = epoch + 1
+            if dist.is_main():
+                self._append_metrics(stats)
+                self.save_checkpoint()
+            self._check_health(stats)
+            history.append(stats)
+        return history
+
+    def train_one_epoch(self, epoch: int) -> dict:
+        """One pass over the data in global batches, with the label steps that fall inside it."""
+        self.net.train()
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # shuffling + augmentation
+        torch.manual_seed(self.seed * 1_000_003 + epoch)  # dropout
+        start, label_time, loss_sum, seen = time.perf_counter(), 0.0, 0.0, 0
+        first = epoch * self.steps_per_epoch
+        bar = tqdm(
+            total=self.steps_per_epoch,
+            desc=f"epoch {epoch + 1}/{self.epochs}",
+            disable=not self.progress,
+            leave=False,
+            unit="batch",
+        )
+        for i, (images, idx) in enumerate(self._batches(epoch, gen)):
+            step = first + i
+            # label step(s) scheduled before this optimisation step
+            if step in self.label_steps:
+                label_time += self.update_labels(step)
+                self.net.train()
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr_at(step)
+            # forward, loss averaged over heads, backward
+            views = self.augment(images, generator=gen)  # (b, C, S, S)
+            if self.device.type == "cuda":
+                views = views.contiguous(memory_format=torch.channels_last)
+            targets = self.state.labels[:, idx].to(self.device, non_blocking=True)  # (H, b)
+            with self.autocast:
+                outputs = self.net(views)  # H x (b, K_h)
+                loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, targets, strict=True))
+                loss = loss / len(outputs)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            # bookkeeping (one host sync per step keeps the bar honest)
+            loss_value = float(loss)
+            if not math.isfinite(loss_value):
+                raise TrainingDiverged(
+                    f"loss became {loss_value} at epoch {epoch + 1}, step {step}; the last good checkpoint "
+                    f"in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
+                )
+            loss_sum += loss_value * len(idx)
+            seen += len(idx)
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{seen * dist.world_size() / elapsed:.0f}")
+            bar.update()
+        bar.close()
+        total = time.perf_counter() - start
+        stats = {
+            "epoch": epoch + 1,
+            "loss": dist.all_reduce_mean(loss_sum / max(seen, 1), self.device),
+            "lr": self.lr_at(first + self.steps_per_epoch - 1),
+            "time_s": round(total, 3),
+            "label_time_s": round(label_time, 3),
+            "label_share": round(label_time / total, 4) if total > 0 else 0.0,
+            "images_per_s": round(seen * dist.world_size() / total, 1),
+            "label_updates": self.state.n_updates,
+            "heads": [
+                cluster_sizes(lab, k) for lab, k in zip(self.state.labels, self.model.n_clusters, strict=True)
+            ],
+        }
+        return stats
+
+    def _batches(self, epoch: int, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
+        """This rank's part of each global batch: (uint8 images (b, C, H, W) on the device, indices (b,))."""
+        n, b, world, r = len(self.train_set), self.batch_size, dist.world_size(), dist.rank()
+        order = torch.randperm(n, generator=gen)[: self.steps_per_epoch * b]  # drop the last partial batch
+        per = b // world
+        # the global batch t is order[t*b:(t+1)*b]; rank r takes its r-th slice of it
+        mine = order.view(self.steps_per_epoch, world, per)[:, r].reshape(-1)
+        if self.images is not None:
+            for s in range(0, len(mine), per):
+                idx = mine[s : s + per]
+                yield self.images[idx.to(self.device)], idx
+            return
+        loader = make_loader(
+            self.train_set,
+            per,
+            sampler=mine.tolist(),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for images, idx in loader:
+            yield images.to(self.device, non_blocking=True), idx
+
+    # ----------------------------------------------------------------------------------------------------
+    # the label step
+
+    @torch.no_grad()
+    def update_labels(self, step: int | None = None) -> float:
+        """Re-assign the labels of the scheduled heads with the Sinkhorn solver; returns seconds taken.
+
+        Each rank computes features for its own rows (N / W), then for each head in turn fills one
+        reused (N / W, K_h) logits buffer and solves in place with a warm start; labels are gathered to
+        every rank (H x N integers, not N x K floats).
+        """
+        start = time.perf_counter()
+        n_heads = len(self.model.n_clusters)
+        if self.label_heads == "all":
+            heads = list(range(n_heads))
+        else:
+            heads = [self.state.n_updates % n_heads]
+        rows = dist.shard_rows(len(self.train_set))  # (n_r,) global rows of this rank
+        if self.state.n_updates == 0 and self.label_inputs == "eval":
+            self._calibrate_batchnorm(rows[:4096])
+        feats = self._features(rows)  # (n_r, D)
+        buffer = torch.empty(len(rows) * max(self.model.n_clusters), device=self.device)
+        for h in heads:
+            head = self.model.heads[h]
+            logits = buffer[: len(rows) * head.out_features].view(len(rows), head.out_features)  # (n_r, K_h)
+            for s in range(0, len(rows), 8192):
+                torch.addmm(head.bias, feats[s : s + 8192].float(), head.weight.t(), out=logits[s : s + 8192])
+            result = assign(logits, lam=self.lam, init=self.state.scalings[h], inplace=True)
+            self.state.labels[h] = dist.gather_rows(result.labels, len(self.train_set)).cpu()
+            self.state.scalings[h] = result.scaling
+        self.state.n_updates += 1
+        return time.perf_counter() - start
+
+    def _calibrate_batchnorm(self, rows: Tensor) -> None:
+        """Set BatchNorm running statistics from the data before the first, eval-mode label step.
+
+        A fresh network's running statistics (mean 0, variance 1) do not match its activations, so its
+        eval-mode outputs barely differ between images and the first labels would be close to random.
+        """
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+        self.model.train()
+        bs = max(256, self.batch_size)
+        for s in range(0, len(rows), bs):
+            idx = rows[s : s + bs]
+            images = (
+                self.images[idx.to(self.device)]
+                if self.images is not None
+                else torch.stack([self.train_set[int(i)][0] for i in idx]).to(self.device)
+            )
+            with self.autocast:
+                self.model.forward_features(self.eval_transform(images))
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+
+    def _features(self, rows: Tensor) -> Tensor:
+        """Backbone features (n_r, D) of the given rows: eval mode on un-augmented images (default),
+        or train mode on augmented views (the original code's choice)."""
+        train_mode = self.label_inputs == "train"
+        self.model.train(train_mode)
+        transform = self.augment if train_mode else self.eval_transform
+        out = torch.empty(len(rows), self.model.feature_dim, device=self.device)
+        bs = max(256, self.batch_size)
+        if self.images is not None:
+            chunks = ((self.images[rows[s : s + bs].to(self.device)], s) for s in range(0, len(rows), bs))
+        else:
+            loader = make_loader(self.train_set, bs, sampler=rows.tolist(), num_workers=self.workers)
+            chunks = ((imgs.to(self.device), s * bs) for s, (imgs, _) in enumerate(loader))
+        for images, s in chunks:
+            x = transform(images)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast:
+                out[s : s + len(images)] = self.model.forward_features(x).float()
+        return out
+
+    # ----------------------------------------------------------------------------------------------------
+    # checkpoints, metrics, health
+
+    def save_checkpoint(self) -> None:
+        """Write checkpoint.pt atomically (temporary file + rename) so a crash never leaves half a file."""
+        ckpt = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "labels": self.state.labels,
+            "scalings": self.state.scalings,
+            "label_updates_done": self.state.n_updates,
+            "epoch": self.epoch,
+            "config": self.config,
+            "rng": {"torch": torch.get_rng_state()},
+        }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / (CHECKPOINT + ".tmp")
+        torch.save(ckpt, tmp)
+        os.replace(tmp, self.out_dir / CHECKPOINT)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        """Continue exactly where a run stopped (weights, optimiser, labels, scalings, epoch)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        mismatched = compare_configs(ckpt.get("config", {}), self.config)
+        if mismatched:
+            raise ValueError(
+                f"checkpoint {path} was written with a different configuration ({'; '.join(mismatched)}); "
+                "resume with the same settings or start a new --out directory"
+            )
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if ckpt["labels"].shape != self.state.labels.shape:
+            raise ValueError(f"checkpoint {path} holds labels for another dataset or number of heads")
+        self.state = LabelState(
+            ckpt["labels"],
+            [None if s is None else s.to(self.device) for s in ckpt["scalings"]],
+            ckpt["label_updates_done"],
+        )
+        self.epoch = ckpt["epoch"]
+
+    def _append_metrics(self, stats: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.out_dir / METRICS, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+
+    def _check_health(self, stats: dict) -> None:
+        """Warn about collapse: loss stuck at ln K (labels unlearnable) or clusters left empty."""
+        if not dist.is_main():
+            return
+        chance = sum(math.log(k) for k in self.model.n_clusters) / len(self.model.n_clusters)
+        if stats["epoch"] >= 3 and stats["loss"] > 0.98 * chance:
+            warnings.warn(
+                f"epoch {stats['epoch']}: loss {stats['loss']:.3f} is still at chance level ln K = {chance:.3f}; "
+                "the network is not learning the labels (try a lower --lam, higher --lr or fewer clusters)",
+                stacklevel=2,
+            )
+        empty = [h for h, s in enumerate(stats["heads"]) if s["n_empty"] > 0]
+        if empty:
+            warnings.warn(
+                f"epoch {stats['epoch']}: heads {empty} have empty clusters (partial collapse); "
+                "more label updates or a larger --lam keep clusters balanced",
+                stacklevel=2,
+            )
+
+
+_MUST_MATCH = (
+    "dataset",
+    "arch",
+    "heads",
+    "clusters",
+    "image_size",
+    "batch_size",
+    "epochs",
+    "label_updates",
+    "label_spacing",
+    "label_heads",
+    "seed",
+)
+
+
+def compare_configs(saved: dict, current: dict) -> list[str]:
+    """The settings that must agree for an exact resume and differ: 'key: saved -> current'."""
+    return [
+        f"{k}: {saved[k]!r} -> {current[k]!r}"
+        for k in _MUST_MATCH
+        if k in saved and k in current and saved[k] != current[k]
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# the end of a run: labels.csv, plots, evaluation, summary.json
+
+
+def write_labels_csv(path: str | os.PathLike, labels: Tensor, paths: list[str] | None = None) -> None:
+    """One line per training image: its path (or index), then its label under each head."""
+    h = labels.shape[0]
+    with open(path, "w") as f:
+        f.write(("path" if paths else "index") + "".join(f",head{i}" for i in range(h)) + "\n")
+        cols = labels.t().tolist()  # (N, H)
+        for i, row in enumerate(cols):
+            f.write((paths[i] if paths else str(i)) + "," + ",".join(map(str, row)) + "\n")
+
+
+def evaluate_run(
+    model: nn.Module,
+    labels: Tensor,
+    train_set: ImageSet,
+    test_set: ImageSet | None,
+    *,
+    transform: EvalTransform,
+    device: torch.device,
+    knn_k: int = 200,
+    knn_temperature: float = 0.1,
+    progress: bool = False,
+) -> dict:
+    """Weighted kNN top-1 on the test split and NMI/ARI/accuracy of each head's self-labels vs the truth.
+
+    Returns {} when the training set has no ground truth. Keys: ``knn_top1``, ``knn_top5`` (percent),
+    ``nmi``, ``ari``, ``accuracy`` (percent) of the best head by NMI, ``best_head`` and ``heads`` (per head).
+    """
+    from sela.eval.features import extract
+    from sela.eval.knn import knn_accuracy
+    from sela.eval.metrics import cluster_metrics
+
+    if train_set.targets is None or (train_set.targets < 0).all():
+        return {}
+    truth = train_set.targets
+    heads = []
+    for h, k in enumerate(model.n_clusters):
+        m = cluster_metrics(labels[h], truth, n_clusters=k)
+        heads.append({"head": h, "k": k, **{key: m[key] for key in ("nmi", "ami", "ari", "accuracy")}})
+    best = max(range(len(heads)), key=lambda i: heads[i]["nmi"])
+    summary = {key: heads[best][key] for key in ("nmi", "ami", "ari", "accuracy")}
+    summary.update(best_head=best, heads=heads)
+    if test_set is not None and test_set.targets is not None:
+        source = train_set.images if train_set.in_memory else make_loader(train_set, 256)
+        bank = extract(model, source, transform=transform, device=device, heads=False, progress=progress)
+        source = test_set.images if test_set.in_memory else make_loader(test_set, 256)
+        query = extract(model, source, transform=transform, device=device, heads=False, progress=progress)
+        acc = knn_accuracy(
+            bank.features,
+            truth,
+            query.features,
+            test_set.targets,
+            k=knn_k,
+            temperature=knn_temperature,
+            device=device,
+        )
+        summary = {"knn_top1": acc["top1"], "knn_top5": acc["top5"], **summary}
+    return summary
+
+
+def finish_run(trainer: Trainer, test_set: ImageSet | None, *, knn_k: int, knn_temperature: float) -> dict:
+    """Write labels.csv, the plots and summary.json into the run directory; returns the summary."""
+    from sela.plots import cluster_grid, plot_cluster_sizes, plot_curves
+
+    out, labels, train_set = trainer.out_dir, trainer.state.labels, trainer.train_set
+    summary = evaluate_run(
+        trainer.model,
+        labels,
+        train_set,
+        test_set,
+        transform=trainer.eval_transform,
+        device=trainer.device,
+        knn_k=knn_k,
+        knn_temperature=knn_temperature,
+        progress=trainer.progress,
+    )
+    if not dist.is_main():
+        return summary
+    write_labels_csv(out / "labels.csv", labels, train_set.paths)
+    metrics = [json.loads(line) for line in open(out / METRICS)] if (out / METRICS).exists() else []
+    plot_curves(metrics, out / "curves.png")
+    plot_cluster_sizes(labels, list(trainer.model.n_clusters), out / "cluster_sizes.png")
+    if train_set.in_memory:
+        head = summary.get("best_head", 0)
+        sizes = torch.bincount(labels[head], minlength=trainer.model.n_clusters[head])
+        top = sizes.argsort(descending=True)[:12].tolist()  # the dozen largest clusters of the best head
+        cluster_grid(train_set.images, labels[head], top, out / "clusters.png")
+    summary = {
+        "epochs": trainer.epoch,
+        "label_updates": trainer.state.n_updates,
+        "train_time_s": round(sum(m["time_s"] for m in metrics), 2),
+        "label_time_s": round(sum(m["label_time_s"] for m in metrics), 2),
+        **summary,
+    }
+    if metrics:
+        summary["label_share"] = round(summary["label_time_s"] / max(summary["train_time_s"], 1e-9), 4)
+    with open(out / "summary.json", "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
