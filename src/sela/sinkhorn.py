@@ -178,7 +178,7 @@ def assign(
         beta, more, err = _anderson_solve(pass_fn, c, beta0, n_total, tol, max_iter - n_iter, use_dist)
         n_iter += more
     labels = pass_fn.labels(beta)
-    scaling = torch.exp(beta - beta.max())
+    scaling = torch.exp(beta - beta.max()).clamp_min_(1e-300)  # stays a valid (positive) warm start
     return Assignment(
         labels=labels, scaling=scaling, n_iter=n_iter, error=err, converged=err <= tol, log_domain=log_domain
     )
@@ -225,7 +225,8 @@ def _check_init(init: Tensor | None, k: int, device: torch.device) -> Tensor:
         raise ValueError(f"init must be a scaling of K = {k} entries (Assignment.scaling), got {b.numel()}")
     if not torch.isfinite(b).all() or (b <= 0).any():
         raise ValueError("init must be strictly positive and finite (pass a previous Assignment.scaling)")
-    return b.log()
+    beta = b.log()
+    return beta.clamp_min(float(beta.max()) + _LOG_FLOOR)  # a hint: keep it within float32's range
 
 
 def _chunk_rows(n: int, k: int, device: torch.device) -> int:
@@ -268,6 +269,15 @@ def _build_kernel(logits: Tensor, row_max: Tensor, lam: float, out: Tensor, chun
 # one pass over the kernel: column marginal for a given b
 
 
+def _scaling32(beta: Tensor) -> Tensor:
+    """b = exp(beta) in float32, max 1, floored at exp(-87) so that no column's mass becomes exactly 0.
+
+    A column whose b sits at the floor still receives (tiny) mass, so its residual stays finite and the
+    next update raises it; an exact 0 would make log(col) = -inf and stall the solve.
+    """
+    return torch.exp((beta - beta.max()).clamp_min(_LOG_FLOOR)).float()
+
+
 class _KernelPass:
     """Evaluates the column marginal of the row-normalised plan for a scaling b, one pass per call."""
 
@@ -277,7 +287,7 @@ class _KernelPass:
 
     def log_column_mass(self, beta: Tensor, use_dist: bool) -> Tensor:
         """log sum_n Q[n, k] over all ranks' rows, each row normalised to sum 1: (K,) float64."""
-        b = torch.exp(beta - beta.max()).float()  # (K,)
+        b = _scaling32(beta)  # (K,)
         col = torch.zeros_like(beta)  # float64: a float32 running sum over N rows would floor the error
         for s in range(0, self.kernel.shape[0], self.chunk):
             x = self.kernel[s : s + self.chunk]
@@ -288,7 +298,7 @@ class _KernelPass:
         return _all_reduce(col * b.double(), use_dist).log()
 
     def labels(self, beta: Tensor) -> Tensor:
-        b = torch.exp(beta - beta.max()).float()
+        b = _scaling32(beta)
         out = torch.empty(self.kernel.shape[0], dtype=torch.long, device=self.kernel.device)
         for s in range(0, self.kernel.shape[0], self.chunk):
             x = self.kernel[s : s + self.chunk]
@@ -354,6 +364,10 @@ def _anderson_solve(
         log_col = pass_fn.log_column_mass(beta, use_dist) - math.log(n_total)  # (K,)
         err = marginal_error(log_col.exp(), c)  # col sums to 1
         f = log_c - log_col  # residual of the fixed-point map
+        if not (math.isfinite(err) and torch.isfinite(f).all()):
+            if best is None:
+                raise FloatingPointError("the label solver met a non-finite column mass at its start")
+            err = math.inf  # treated as an overshoot below
         if best is None or err < best[0]:
             if best is None or err < _PROGRESS * best[0]:
                 last_progress = it

@@ -235,7 +235,7 @@ class Trainer:
             loss.backward()
             self.optimizer.step()
             # bookkeeping (one host sync per step keeps the bar honest)
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
                     f"loss became {loss_value} at epoch {epoch + 1}, step {step}; the last good checkpoint "
