@@ -293,8 +293,9 @@ class _KernelPass:
             x = self.kernel[s : s + self.chunk]
             if x.dtype != torch.float32:
                 x = x.float()
-            a = torch.mv(x, b).reciprocal_()  # (B,) row scaling up to 1/N
-            col += torch.mv(x.t(), a)  # (K,)
+            a = torch.mv(x, b).reciprocal_()  # (B,) row scaling up to 1/N, <= e^87
+            a_max = a.max()  # scale a into (0, 1] so that the float32 sum below cannot overflow
+            col += torch.mv(x.t(), a / a_max).double() * a_max.double()  # (K,)
         return _all_reduce(col * b.double(), use_dist).log()
 
     def labels(self, beta: Tensor) -> Tensor:

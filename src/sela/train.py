@@ -312,7 +312,10 @@ class Trainer:
             logits = buffer[: len(rows) * head.out_features].view(len(rows), head.out_features)  # (n_r, K_h)
             for s in range(0, len(rows), 8192):
                 torch.addmm(head.bias, feats[s : s + 8192].float(), head.weight.t(), out=logits[s : s + 8192])
-            result = assign(logits, lam=self.lam, init=self.state.scalings[h], inplace=True)
+            # in place (no second N x K buffer) only where memory matters: the copy keeps the logits for
+            # the solver's log-domain fallback on extreme inputs
+            big = logits.numel() * 4 > 2**30
+            result = assign(logits, lam=self.lam, init=self.state.scalings[h], inplace=big)
             self.state.labels[h] = dist.gather_rows(result.labels, len(self.train_set)).cpu()
             self.state.scalings[h] = result.scaling
         self.state.n_updates += 1
