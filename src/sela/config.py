@@ -43,6 +43,7 @@ class TrainConfig:
     arch: str = "convnet"
     heads: int = 4
     clusters: list[int] = field(default_factory=lambda: [30])  # one K for all heads, or one per head
+    widths: list[int] | None = None  # convnet block widths (default 64-128-256)
     # self-labelling
     lam: float = 25.0
     label_updates: int = 40

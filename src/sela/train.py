@@ -141,6 +141,11 @@ class Trainer:
         if device.type == "cuda":
             self.model = self.model.to(memory_format=torch.channels_last)
         if world > 1 and sync_bn:
+            if device.type != "cuda":
+                raise ValueError(
+                    "--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); drop "
+                    "--sync-bn on CPU, where each process normalises with its own part of the batch"
+                )
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.net = self.model
         if world > 1:
@@ -174,6 +179,7 @@ class Trainer:
         self.state = LabelState(labels=torch.zeros(n_heads, n, dtype=torch.long), scalings=[None] * n_heads)
         self.epoch = 0  # epochs completed
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        self._label_memory: tuple[int, int | None] | None = None  # (buffers, peak) bytes, this epoch
 
     def lr_at(self, step: int) -> float:
         return lr_at(
@@ -187,10 +193,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------------------
     # the loop
 
-    def fit(self) -> list[dict]:
-        """Train from ``self.epoch`` to ``epochs``; returns the metrics of the epochs run now."""
+    def fit(self, max_epochs: int | None = None) -> list[dict]:
+        """Train from ``self.epoch`` to ``epochs`` (or for at most ``max_epochs`` epochs now, e.g. to stop
+        and resume later); returns the metrics of the epochs run now."""
         history = []
-        for epoch in range(self.epoch, self.epochs):
+        stop = self.epochs if max_epochs is None else min(self.epochs, self.epoch + max_epochs)
+        for epoch in range(self.epoch, stop):
             stats = self.train_one_epoch(epoch)
             self.epoch = epoch + 1
             if dist.is_main():
@@ -204,7 +212,10 @@ class Trainer:
         """One pass over the data in global batches, with the label steps that fall inside it."""
         self.net.train()
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)  # shuffling + augmentation
-        torch.manual_seed(self.seed * 1_000_003 + epoch)  # dropout
+        # augmentation and dropout differ between ranks (or each rank would crop, flip and drop out its
+        # images exactly like the others); rank 0 draws what a single process draws
+        aug_gen = gen if dist.rank() == 0 else torch.Generator().manual_seed(self._rank_seed(epoch))
+        torch.manual_seed(self._rank_seed(epoch))  # dropout
         start, label_time, loss_sum, seen = time.perf_counter(), 0.0, 0.0, 0
         first = epoch * self.steps_per_epoch
         bar = tqdm(
@@ -223,7 +234,7 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
             # forward, loss averaged over heads, backward
-            views = self.augment(images, generator=gen)  # (b, C, S, S)
+            views = self.augment(images, generator=aug_gen)  # (b, C, S, S)
             if self.device.type == "cuda":
                 views = views.contiguous(memory_format=torch.channels_last)
             targets = self.state.labels[:, idx].to(self.device, non_blocking=True)  # (H, b)
@@ -255,6 +266,7 @@ class Trainer:
             "time_s": round(total, 3),
             "label_time_s": round(label_time, 3),
             "label_share": round(label_time / total, 4) if total > 0 else 0.0,
+            **self._label_memory_stats(),
             "images_per_s": round(seen * dist.world_size() / total, 1),
             "label_updates": self.state.n_updates,
             "heads": [
@@ -262,6 +274,10 @@ class Trainer:
             ],
         }
         return stats
+
+    def _rank_seed(self, epoch: int) -> int:
+        """This rank's seed for an epoch's augmentation and dropout (rank 0: a single process's)."""
+        return self.seed * 1_000_003 + epoch + dist.rank() * 1_000_003**2
 
     def _batches(self, epoch: int, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
         """This rank's part of each global batch: (uint8 images (b, C, H, W) on the device, indices (b,))."""
@@ -297,6 +313,7 @@ class Trainer:
         every rank (H x N integers, not N x K floats).
         """
         start = time.perf_counter()
+        measured = dist.reset_peak_memory(self.device)
         n_heads = len(self.model.n_clusters)
         if self.label_heads == "all":
             heads = list(range(n_heads))
@@ -305,21 +322,51 @@ class Trainer:
         rows = dist.shard_rows(len(self.train_set))  # (n_r,) global rows of this rank
         if self.state.n_updates == 0 and self.label_inputs == "eval":
             self._calibrate_batchnorm(rows[:4096])
+        dist.average_buffers(self.model)  # one network on all ranks: their BatchNorm statistics drift apart
         feats = self._features(rows)  # (n_r, D)
         buffer = torch.empty(len(rows) * max(self.model.n_clusters), device=self.device)
+        solver_copy = 0
         for h in heads:
             head = self.model.heads[h]
+            if not (torch.isfinite(feats).all() and torch.isfinite(head.weight).all()):
+                raise TrainingDiverged(
+                    f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; the "
+                    f"last good checkpoint in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
+                )
             logits = buffer[: len(rows) * head.out_features].view(len(rows), head.out_features)  # (n_r, K_h)
             for s in range(0, len(rows), 8192):
                 torch.addmm(head.bias, feats[s : s + 8192].float(), head.weight.t(), out=logits[s : s + 8192])
             # in place (no second N x K buffer) only where memory matters: the copy keeps the logits for
             # the solver's log-domain fallback on extreme inputs
-            big = logits.numel() * 4 > 2**30
+            # decided from the largest shard, so that every rank takes the same path through the solver
+            big = -(-len(self.train_set) // dist.world_size()) * head.out_features * 4 > 2**30
             result = assign(logits, lam=self.lam, init=self.state.scalings[h], inplace=big)
             self.state.labels[h] = dist.gather_rows(result.labels, len(self.train_set)).cpu()
             self.state.scalings[h] = result.scaling
+            solver_copy = max(solver_copy, 0 if big else logits.numel() * 4)  # float32 kernel
         self.state.n_updates += 1
+        held = feats.numel() * feats.element_size() + buffer.numel() * buffer.element_size() + solver_copy
+        peak = dist.peak_memory_bytes(self.device) if measured else None
+        last = self._label_memory or (0, None)
+        self._label_memory = (max(last[0], held), peak if last[1] is None else max(last[1], peak or 0))
         return time.perf_counter() - start
+
+    def _label_memory_stats(self) -> dict:
+        """Memory of this epoch's label steps in MiB, the largest over ranks ({} when there were none).
+
+        ``label_buffers_mb``: the features (n_r, D), logits (n_r, K) and solver kernel (n_r, K, when not
+        solved in place) one rank holds; ``label_peak_mb``: measured, the peak of CUDA allocations on a GPU
+        or of the process's resident memory (VmHWM, dataset and model included) on CPU.
+        """
+        if self._label_memory is None:
+            return {}
+        held, peak = self._label_memory
+        self._label_memory = None
+        peak = dist.all_reduce_max(-1.0 if peak is None else float(peak), self.device)
+        return {
+            "label_buffers_mb": round(dist.all_reduce_max(float(held), self.device) / 2**20, 1),
+            "label_peak_mb": round(peak / 2**20, 1) if peak >= 0 else None,
+        }
 
     def _calibrate_batchnorm(self, rows: Tensor) -> None:
         """Set BatchNorm running statistics from the data before the first, eval-mode label step.
@@ -528,6 +575,8 @@ def finish_run(trainer: Trainer, test_set: ImageSet | None, *, knn_k: int, knn_t
     """Write labels.csv, the plots and summary.json into the run directory; returns the summary."""
     from sela.plots import cluster_grid, plot_cluster_sizes, plot_curves
 
+    if not dist.is_main():
+        return {}  # the evaluation has no collectives: rank 0 alone does it while the others exit
     out, labels, train_set = trainer.out_dir, trainer.state.labels, trainer.train_set
     summary = evaluate_run(
         trainer.model,
@@ -540,8 +589,6 @@ def finish_run(trainer: Trainer, test_set: ImageSet | None, *, knn_k: int, knn_t
         knn_temperature=knn_temperature,
         progress=trainer.progress,
     )
-    if not dist.is_main():
-        return summary
     write_labels_csv(out / "labels.csv", labels, train_set.paths)
     metrics = [json.loads(line) for line in open(out / METRICS)] if (out / METRICS).exists() else []
     plot_curves(metrics, out / "curves.png")

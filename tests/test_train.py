@@ -1,0 +1,133 @@
+"""The training loop: schedules, an end-to-end run, exact resume, divergence handling."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from sela.data import BatchAugment, EvalTransform, ImageSet, load_dataset
+from sela.models import create_model
+from sela.train import Trainer, TrainingDiverged, compare_configs, label_schedule, lr_at
+
+
+def test_label_schedule_quadratic_dense_early():
+    steps = label_schedule(5, 100, "quadratic")
+    assert steps == [0, 4, 16, 36, 64]
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert gaps == sorted(gaps)  # spacing grows: dense early
+
+
+def test_label_schedule_linear_and_merging():
+    assert label_schedule(4, 100, "linear") == [0, 25, 50, 75]
+    assert label_schedule(1, 10) == [0]
+    merged = label_schedule(50, 10, "quadratic")  # more updates than steps: collisions merge
+    assert merged[0] == 0 and len(merged) == len(set(merged)) <= 10
+
+
+@pytest.mark.parametrize("bad", [dict(n_updates=0, total_steps=10), dict(n_updates=3, total_steps=10, spacing="cubic")])
+def test_label_schedule_rejects_bad_input(bad):
+    with pytest.raises(ValueError):
+        label_schedule(**bad)
+
+
+def test_lr_warmup_cosine_and_step():
+    kw = dict(base_lr=1.0, warmup_steps=10)
+    assert lr_at(0, 110, schedule="cosine", **kw) == pytest.approx(0.1)
+    assert lr_at(9, 110, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(10, 110, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(60, 110, schedule="cosine", **kw) == pytest.approx(0.5)
+    assert lr_at(109, 110, schedule="cosine", **kw) < 0.01
+    assert lr_at(70, 110, schedule="step", **kw) == pytest.approx(0.1)
+    assert lr_at(100, 110, schedule="step", **kw) == pytest.approx(0.01)
+    with pytest.raises(ValueError):
+        lr_at(0, 10, base_lr=1.0, schedule="linear", warmup_steps=0)
+
+
+def test_compare_configs_names_differences():
+    assert compare_configs({"arch": "convnet", "lr": 1}, {"arch": "convnet", "lr": 2}) == []
+    assert compare_configs({"arch": "convnet"}, {"arch": "resnet18"}) == ["arch: 'convnet' -> 'resnet18'"]
+
+
+@pytest.fixture(scope="module")
+def tiny_set():
+    full = load_dataset("digits", split="train")
+    idx = torch.arange(240)
+    return ImageSet(images=full.images[idx], targets=full.targets[idx], classes=full.classes, name="digits",
+                    mean=full.mean, std=full.std)
+
+
+def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0):
+    torch.manual_seed(init_seed)
+    model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8)
+    return Trainer(
+        model, imageset, out_dir=out, epochs=epochs, batch_size=40, lr=lr, lam=25.0, label_updates=4,
+        label_heads="round-robin", augment=BatchAugment(8, crop_scale=(0.6, 1.0), flip_p=0.0, mean=imageset.mean,
+                                                        std=imageset.std),
+        eval_transform=EvalTransform(8, mean=imageset.mean, std=imageset.std), device=torch.device("cpu"),
+        seed=seed, config={"arch": "convnet", "epochs": epochs}, progress=False,
+    )
+
+
+def test_end_to_end_writes_the_run(tiny_set, tmp_path):
+    from sela.train import finish_run
+
+    trainer = make_trainer(tiny_set, tmp_path)
+    history = trainer.fit()
+    summary = finish_run(trainer, tiny_set, knn_k=20, knn_temperature=0.1)
+    for name in ("checkpoint.pt", "metrics.jsonl", "labels.csv", "summary.json", "curves.png", "clusters.png",
+                 "cluster_sizes.png"):
+        assert (tmp_path / name).is_file(), name
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [m["epoch"] for m in lines] == [1, 2] and len(history) == 2
+    assert all(math.isfinite(m["loss"]) and 0 <= m["label_share"] <= 1 for m in lines)
+    assert trainer.label_steps == [0, 3, 6]  # 4 quadratic updates over 12 steps, two merged at step 0
+    assert trainer.state.n_updates == 3
+    # labels are balanced (equipartition) and every head was updated round-robin
+    for h, k in enumerate([6, 8]):
+        sizes = torch.bincount(trainer.state.labels[h], minlength=k)
+        assert sizes.min() >= 240 / k * 0.5, sizes
+    assert set(summary) >= {"knn_top1", "nmi", "ari", "accuracy", "heads", "best_head"}
+    csv = (tmp_path / "labels.csv").read_text().splitlines()
+    assert csv[0] == "index,head0,head1" and len(csv) == 241
+
+
+def test_resume_is_exact(tiny_set, tmp_path):
+    full = make_trainer(tiny_set, tmp_path / "a")
+    full.fit()
+    first = make_trainer(tiny_set, tmp_path / "b")
+    first.fit(max_epochs=1)
+    second = make_trainer(tiny_set, tmp_path / "b", init_seed=123)  # different init: must be overwritten
+    second.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert second.epoch == 1
+    second.fit()
+    for (name, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    assert torch.equal(full.state.labels, second.state.labels)
+
+
+def test_resume_rejects_other_configuration(tiny_set, tmp_path):
+    t = make_trainer(tiny_set, tmp_path)
+    t.fit(max_epochs=1)
+    other = make_trainer(tiny_set, tmp_path, epochs=3)
+    with pytest.raises(ValueError, match="different configuration"):
+        other.load_checkpoint(tmp_path / "checkpoint.pt")
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_set, tmp_path):
+    t = make_trainer(tiny_set, tmp_path)
+    t.fit(max_epochs=1)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    with torch.no_grad():
+        t.model.heads[0].weight.fill_(float("nan"))
+    with pytest.raises(TrainingDiverged, match="last good checkpoint"):
+        t.fit()
+    kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert kept["epoch"] == saved["epoch"] == 1
+
+
+def test_trainer_validates(tiny_set, tmp_path):
+    model = create_model("convnet", [300], widths=(8,), input_size=8)
+    with pytest.raises(ValueError, match="clusters"):
+        Trainer(model, tiny_set, out_dir=tmp_path, epochs=1, batch_size=40, lr=0.1,
+                augment=BatchAugment(8), eval_transform=EvalTransform(8), device=torch.device("cpu"))
