@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 import sela
-from sela.config import TrainConfig, apply_overrides, load_toml, to_dict
+from sela.config import TrainConfig, apply_overrides, load_toml, to_dict, train_defaults
 
 DEFAULT_IMAGE_SIZE = {"digits": 16}
 
@@ -81,8 +81,13 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
 
 
 def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then the TOML file, then flags that were given, then --set overrides."""
-    cfg = load_toml(TrainConfig, args.config) if args.config else TrainConfig()
+    """Defaults (with the dataset's preset), then the TOML file, then flags given, then --set overrides."""
+    toml = tomllib_load(args.config) if args.config else {}
+    dataset = args.dataset or toml.get("dataset") or TrainConfig.dataset
+    for item in args.set:
+        if item.startswith("dataset="):
+            dataset = item.partition("=")[2]
+    cfg = apply_overrides(train_defaults(dataset), _flatten(toml))
     flags = {}
     for flag, (key, _, _) in _TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -102,6 +107,24 @@ def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
         flags["progress"] = False
     cfg = apply_overrides(cfg, flags)
     return apply_overrides(cfg, args.set)
+
+
+def tomllib_load(path: str) -> dict:
+    """The table of a TOML config file (checked against TrainConfig's keys when applied)."""
+    load_toml(TrainConfig, path)  # validates the file and its keys, with a clear message
+    import tomllib
+
+    return tomllib.loads(Path(path).read_text())
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
 
 
 def _clusters_per_head(cfg: TrainConfig) -> list[int]:
@@ -159,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UsageError(f"the {cfg.dataset} training split is empty; check --data-dir")
     out_size = size or int(train_set.images.shape[-1] if train_set.in_memory else 224)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, clusters, **_model_kwargs(cfg.arch, out_size, train_set))
+    model = create_model(cfg.arch, clusters, **_model_kwargs(cfg, out_size, train_set))
     a = cfg.augment
     augment = BatchAugment(
         out_size,
@@ -242,11 +265,15 @@ def _test_split(cfg: TrainConfig, size: int | None):
     return None
 
 
-def _model_kwargs(arch: str, size: int, train_set) -> dict:
+def _model_kwargs(cfg: TrainConfig, size: int, train_set) -> dict:
     channels = int(train_set.images.shape[1]) if train_set.in_memory else 3
     kwargs: dict = {"in_channels": channels}
-    if arch in ("convnet", "alexnet"):
+    if cfg.arch in ("convnet", "alexnet"):
         kwargs["input_size"] = size
+    if cfg.widths:
+        if cfg.arch != "convnet":
+            raise UsageError("widths applies to --arch convnet only")
+        kwargs["widths"] = tuple(cfg.widths)
     return kwargs
 
 
@@ -281,6 +308,250 @@ def _add_models(sub: argparse._SubParsersAction) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+# inspecting runs: sela eval, sela labels, sela show, sela cluster
+
+
+def _add_source_flags(p: argparse.ArgumentParser) -> None:
+    """The model and data flags of a run or checkpoint (a sela run records them; others need them)."""
+    p.add_argument("--dataset", help="dataset (default: the run's); needed for non-sela checkpoints")
+    p.add_argument("--data-dir", help="where the dataset lives (default: the run's)")
+    p.add_argument("--image-size", type=int, help="px the model sees (default: the run's)")
+    p.add_argument("--arch", help="architecture of a non-sela checkpoint: see `sela models`")
+    p.add_argument("--clusters", help="K per head (comma list) for a checkpoint without heads")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+
+
+def _open_run(args: argparse.Namespace, *, test_split: bool = True):
+    from sela.runs import load_run
+
+    clusters = None
+    if args.clusters:
+        try:
+            clusters = [int(k) for k in args.clusters.split(",")]
+        except ValueError:
+            raise UsageError(f"--clusters takes integers like 30 or 10,20; got {args.clusters!r}") from None
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run = load_run(
+            args.source,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            image_size=args.image_size,
+            arch=args.arch,
+            clusters=clusters,
+            device=_device(args.device),
+            default_image_size=DEFAULT_IMAGE_SIZE,
+            test_split=test_split,
+        )
+    for w in caught:
+        print(f"sela: warning: {w.message}", file=sys.stderr)
+    for note in run.notes:
+        print(f"sela: note: {note}", file=sys.stderr)
+    return run
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a run or checkpoint: kNN, linear probe and cluster scores of every head",
+        description="Evaluate a sela run directory, a sela checkpoint, torchvision ResNet weights or a "
+        "released SeLa checkpoint: weighted kNN, a linear probe on frozen features, and NMI/AMI/ARI/"
+        "accuracy of every head on train and test and of the stored self-labels. Writes eval.json.",
+    )
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    _add_source_flags(p)
+    p.add_argument("--head", type=int, help="report this head (default: the best NMI on the training split)")
+    p.add_argument("--layer", help="features from this layer (e.g. block2, layer3; default: pooled output)")
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN classifier (200)")
+    p.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN votes (0.1)")
+    p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
+    p.add_argument("-o", "--output", help="eval.json path (default: RUN_DIR/eval.json, else ./eval.json)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sela.eval.evaluate import evaluate, format_report
+
+    if args.knn_k < 1 or args.knn_t <= 0:
+        raise UsageError(f"--knn-k must be >= 1 and --knn-t > 0, got {args.knn_k} and {args.knn_t}")
+    run = _open_run(args)
+    if args.layer and args.layer not in run.model.feature_layers:
+        raise UsageError(
+            f"--layer {args.layer!r} is not a layer of {run.arch}; choose {run.model.feature_layers}"
+        )
+    result = evaluate(
+        run.model,
+        run.train_set,
+        run.test_set,
+        transform=run.transform,
+        labels=run.labels,
+        untrained_heads=run.untrained_heads,
+        head=args.head,
+        layer=args.layer,
+        knn_k=args.knn_k,
+        knn_temperature=args.knn_t,
+        linear=not args.no_linear,
+        device=run.device,
+        batch_size=args.batch_size,
+    )
+    out = Path(args.output) if args.output else (run.run_dir or Path(".")) / "eval.json"
+    record = {
+        "source": str(args.source),
+        "arch": run.arch,
+        "dataset": run.dataset,
+        "image_size": run.image_size,
+        **result,
+        "_command": sys.argv,
+        "_version": sela.__version__,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    n_test = len(run.test_set) if run.test_set is not None else 0
+    print(
+        f"{run.arch} on {run.dataset}: {len(run.train_set)} train / {n_test} test images, {run.image_size} px"
+    )
+    print(format_report(result))
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_labels(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "labels",
+        help="export a run's self-labels, or label new images with its heads",
+        description="Write the training set's self-labels (path or index, one column per head, each "
+        "head's softmax confidence) and a cluster-size histogram per head; with --images, label new "
+        "images with the trained heads instead (argmax, or balanced over the set with --balanced).",
+    )
+    p.add_argument("source", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", default="labels.csv", help="CSV path (default ./labels.csv)")
+    p.add_argument("--images", metavar="PATH", help="a folder of images or a text file with one path a line")
+    p.add_argument("--balanced", action="store_true", help="with --images: equal-sized clusters (Sinkhorn)")
+    p.add_argument("--lam", type=float, default=25.0, help="lambda of the balanced assignment (25)")
+    _add_source_flags(p)
+    p.set_defaults(func=cmd_labels)
+
+
+def cmd_labels(args: argparse.Namespace) -> int:
+    from sela.export import export_run_labels, label_images
+
+    if args.balanced and not args.images:
+        raise UsageError(
+            "--balanced applies to new images; add --images PATH (a run's own labels are balanced)"
+        )
+    run = _open_run(args, test_split=False)
+    if args.images:
+        path, plots, labels = label_images(
+            run, args.images, args.output, balanced=args.balanced, lam=args.lam, batch_size=args.batch_size
+        )
+        what = f"{labels.shape[1]} new images ({'balanced' if args.balanced else 'argmax'})"
+    else:
+        path, plots = export_run_labels(run, args.output, batch_size=args.batch_size)
+        what = f"{len(run.train_set)} training images (self-labels)"
+    print(f"wrote {path}: {what} x {len(run.model.n_clusters)} heads, with confidences")
+    print(f"wrote {len(plots)} cluster-size histograms: {', '.join(str(p) for p in plots)}")
+    return 0
+
+
+def _add_show(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "show",
+        help="render a run's clusters as PNG grids and a static HTML report",
+        description="Render sample images of every cluster of a head (sorted by purity with ground truth, "
+        "by size otherwise), cluster-size histograms and index.html with pages of clusters.",
+    )
+    p.add_argument("source", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", help="report folder (default RUN_DIR/report)")
+    p.add_argument("--head", type=int, help="head to show (default: the run's best head, else 0)")
+    p.add_argument("--per-page", type=int, default=10, help="clusters per page (10)")
+    p.add_argument("--samples", type=int, default=10, help="images per cluster (10)")
+    p.add_argument("--top", type=int, default=12, help="clusters in top_clusters.png (12)")
+    _add_source_flags(p)
+    p.set_defaults(func=cmd_show)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from sela.report import render_report
+
+    run = _open_run(args, test_split=False)
+    if run.labels is None:
+        raise UsageError(f"{args.source} holds no self-labels to show; pass a run directory of `sela train`")
+    head = args.head if args.head is not None else int(run.summary.get("best_head", 0))
+    out = Path(args.output) if args.output else (run.run_dir or Path(".")) / "report"
+    index = render_report(
+        run.train_set,
+        run.labels,
+        list(run.model.n_clusters),
+        out,
+        head=head,
+        title=f"sela: {run.arch} on {run.dataset}",
+        info={"source": str(args.source)},
+        per_page=args.per_page,
+        samples=args.samples,
+        top=args.top,
+    )
+    pages = len(list(out.glob("page_*.html")))
+    print(f"wrote {index} ({pages} pages of head {head}'s clusters, sizes.png, top_clusters.png)")
+    return 0
+
+
+def _add_cluster(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "cluster",
+        help="self-label your own embedding (.npy / .pt, N x D) into balanced clusters",
+        description="Balanced self-labelling (SeLa) of fixed features with SelfLabeller: linear heads "
+        "trained against Sinkhorn labels. Writes a labels CSV (index, head columns, confidences).",
+    )
+    p.add_argument("features", metavar="FEATURES", help="an (N, D) array saved with np.save or torch.save")
+    p.add_argument("--k", type=int, default=10, help="clusters per head (10)")
+    p.add_argument("--heads", type=int, default=1, help="number of heads (1)")
+    p.add_argument("--lam", type=float, default=25.0, help="lambda of the label step (25)")
+    p.add_argument("--epochs", type=int, default=40, help="passes over the features (40)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
+    p.add_argument("-o", "--output", default="labels.csv", help="CSV path (default ./labels.csv)")
+    p.set_defaults(func=cmd_cluster)
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    import time
+
+    from sela.eval.metrics import cluster_sizes
+    from sela.export import cluster_features, load_features, write_labels_csv
+
+    if args.k < 2 or args.heads < 1 or args.epochs < 1 or args.lam <= 0:
+        raise UsageError("need --k >= 2, --heads >= 1, --epochs >= 1 and --lam > 0")
+    device = _device(args.device)
+    x = load_features(args.features)  # (N, D)
+    start = time.perf_counter()
+    labels, conf, best = cluster_features(
+        x,
+        n_clusters=args.k,
+        n_heads=args.heads,
+        lam=args.lam,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=device,
+    )
+    path = write_labels_csv(args.output, labels, confidence=conf)
+    print(
+        f"clustered {x.shape[0]} x {x.shape[1]} features into {args.heads} x {args.k} clusters "
+        f"in {time.perf_counter() - start:.1f} s; best head {best}"
+    )
+    for h, row in enumerate(labels):
+        s = cluster_sizes(row, args.k)
+        print(
+            f"  head {h}: sizes {s['min']}..{s['max']}, {s['n_empty']} empty, mean confidence "
+            f"{float(conf[h].mean()):.3f}"
+        )
+    print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -292,6 +563,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_train(sub)
     _add_models(sub)
+    _add_eval(sub)
+    _add_labels(sub)
+    _add_show(sub)
+    _add_cluster(sub)
     return parser
 
 

@@ -1,0 +1,60 @@
+"""The command line: version, help, `sela train` on the embedded default, one-line errors for bad input."""
+
+import json
+
+import pytest
+
+from sela import __version__
+from sela.cli import main
+
+TINY = ["--epochs", "1", "--label-updates", "2", "--heads", "2", "--clusters", "10", "--set", "widths=[8,16]",
+        "--no-progress"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and __version__ in capsys.readouterr().out
+
+
+def test_models_lists_the_registry(capsys):
+    assert main(["models"]) == 0
+    assert "convnet" in capsys.readouterr().out.split()
+
+
+def test_train_tiny_run_on_digits(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY]) == 0
+    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "labels.csv", "summary.json", "curves.png",
+                 "clusters.png"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["dataset"] == "digits" and config["widths"] == [8, 16] and "_command" in config
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"knn_top1", "nmi", "ari", "accuracy", "heads"} <= set(summary)
+    assert "knn_top1" in capsys.readouterr().out
+    # a second run into the same directory is refused; --resume of a finished run trains nothing more
+    assert main(["train", "--out", str(out), *TINY]) == 2
+    assert main(["train", "--out", str(out), "--resume", *TINY]) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--arch", "vgg99"], "unknown architecture"),
+        (["--clusters", "5000"], "clusters"),
+        (["--clusters", "10,20,30"], "--clusters lists 3 values"),
+        (["--dataset", "folder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
+        (["--dataset", "imagenet22k"], "unknown dataset"),
+        (["--resume"], "no checkpoint.pt"),
+        (["--device", "tpu"], "--device"),
+        (["--set", "epochs=two"], "integer"),
+        (["--config", "/nonexistent.toml"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, args, message):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--epochs", "1", "--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sela: error:") and message in err and "\n" not in err and "Traceback" not in err
+    assert not out.exists()
