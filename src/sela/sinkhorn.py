@@ -125,7 +125,8 @@ def assign(
         an :class:`Assignment` with this rank's labels.
 
     Raises:
-        ValueError: NaN/inf logits, K < 2, N < K (over all ranks), lam <= 0, a bad prior or init.
+        ValueError: NaN/inf logits, K < 2, N < K (over all ranks), lam <= 0, a bad prior or init,
+            a float16 kernel (``inplace=True`` with float16 logits, or ``storage_dtype=torch.float16``).
     """
     device = logits.device
     if logits.ndim != 2:
@@ -139,6 +140,13 @@ def assign(
         raise ValueError(f"lam must be a positive finite number, got {lam}")
     if tol <= 0 or max_iter < 1:
         raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    kernel_dtype = logits.dtype if inplace else (storage_dtype or torch.float32)
+    if kernel_dtype not in (torch.float32, torch.bfloat16, torch.float64):
+        # float16 flushes kernel entries below 6e-8 (a cluster lam * 0.7 below a sample's best) to 0.
+        raise ValueError(
+            f"cannot store the N x K kernel in {kernel_dtype}: it needs float32's exponent range; use "
+            "storage_dtype=torch.bfloat16 to halve memory, or pass bfloat16/float32 logits with inplace=True"
+        )
     use_dist = _use_distributed(distributed)
     n_total = _all_reduce(torch.tensor([float(n_local)], dtype=torch.float64, device=device), use_dist)
     n_total = int(n_total.item())
