@@ -1,7 +1,10 @@
 """Thin helpers over ``torch.distributed`` (launched by ``torchrun``); no process management of our own.
 
 Rows of the dataset are split across ranks by striding: rank r holds global rows r, r + W, r + 2W, ...
-(W = world size), so every rank's share differs in size by at most one row.
+(W = world size), so every rank's share differs in size by at most one row. Also here: per-process peak
+memory, which is what limits how many rows (N / W) one rank can label.
+
+Every collective here must be called by all ranks in the same order; none is called by rank 0 alone.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import os
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_initialized() -> bool:
@@ -38,11 +41,14 @@ def launched_by_torchrun() -> bool:
 def init_from_env(device: torch.device, *, timeout_s: float = 300.0) -> bool:
     """Join the process group torchrun describes (NCCL on CUDA, gloo on CPU); False when not launched so.
 
-    The collective timeout bounds how long the survivors wait when a rank dies: they then fail with an
-    error instead of hanging, and torchrun's elastic agent tears the job down.
+    The collective timeout bounds how long the survivors wait when a rank dies or hangs: they then fail
+    with an error instead of hanging, and torchrun's elastic agent tears the job down. (A rank that exits
+    is usually noticed at once by gloo, as a closed connection; the timeout covers a rank that hangs.)
     """
     if is_initialized() or not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
         return is_initialized()
+    if timeout_s <= 0:
+        raise ValueError(f"the collective timeout must be positive, got {timeout_s} s")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -58,8 +64,17 @@ def shard_rows(n: int, rank_: int | None = None, world: int | None = None) -> Te
 
 
 def gather_rows(local: Tensor, n: int) -> Tensor:
-    """Assemble the (n, ...) tensor whose strided rows each rank holds (see :func:`shard_rows`)."""
+    """Assemble on every rank the (n, ...) tensor whose strided rows each rank holds (see :func:`shard_rows`).
+
+    Sends ceil(n / W) rows per rank (zero-padded), so the traffic is about n rows in all, whatever W.
+    """
     world = world_size()
+    expected = len(range(rank(), n, world))
+    if local.shape[0] != expected:
+        raise ValueError(
+            f"rank {rank()} holds {local.shape[0]} rows but its shard of {n} rows has {expected}; "
+            "pass the rows of sela.distributed.shard_rows(n) in order"
+        )
     if world == 1:
         return local
     per = -(-n // world)  # ceil: every rank sends the same number of rows, padded
@@ -80,6 +95,69 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
     return float(t) / world_size()
 
 
+def all_reduce_max(value: float, device: torch.device) -> float:
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t)
+
+
+@torch.no_grad()
+def average_buffers(module: nn.Module) -> None:
+    """Replace every floating-point buffer (BatchNorm running mean and variance) by its mean over ranks.
+
+    Each rank's running statistics drift apart during training (each follows its own batches); the label
+    step must see one network on all ranks, or the same image would be scored differently by each.
+    """
+    if world_size() == 1:
+        return
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world_size())
+
+
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+# --------------------------------------------------------------------------------------------------------
+# peak memory of this process
+
+
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a new peak-memory window; False when this platform cannot (then peaks are unknown).
+
+    On a GPU the window is CUDA's allocator peak; on CPU it is the peak resident set size (VmHWM).
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:  # Linux >= 4.0: writing 5 resets the peak resident set size to the current one
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def peak_memory_bytes(device: torch.device) -> int | None:
+    """Peak since :func:`reset_peak_memory`: bytes allocated by torch on a GPU (``max_memory_allocated``),
+    or this process's peak resident memory (VmHWM, everything the process holds) on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resident_peak_bytes()
+
+
+def resident_peak_bytes() -> int | None:
+    """This process's peak resident set size (VmHWM of /proc/self/status), or None off Linux."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # the kernel reports kB
+    except OSError:
+        return None
+    return None
