@@ -1,0 +1,277 @@
+"""A browsable report of a run's clusters: PNG grids of sample images, size histograms, static HTML.
+
+``render_report`` writes into one folder::
+
+    index.html            summary, the size histograms, the top clusters, links to every page
+    sizes.png             cluster sizes of every head (sorted, against the equal share N / K)
+    top_clusters.png      the SeLa paper's figure: random members of the top clusters, one row each
+    page_001.html ...     every non-empty cluster of the head, ``per_page`` a page, with prev / next links
+    clusters/c00042.png   one strip of random members per cluster
+
+Clusters are sorted by purity (the share of their majority class) when the images have ground truth, by
+size otherwise. Plain HTML with a few lines of inline JavaScript (arrow keys turn the pages).
+
+Letters: N images, H heads, K clusters of the shown head.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from sela.data import ImageSet  # noqa: E402
+from sela.plots import cluster_grid, plot_cluster_sizes  # noqa: E402
+
+STRIP_HEIGHT = 64  # px: small images are enlarged (nearest neighbour) to at least this height
+
+
+@dataclass
+class ClusterInfo:
+    """One cluster of a head: its id, size and (with ground truth) majority class and purity (0..1)."""
+
+    cluster: int
+    size: int
+    majority: int | None = None
+    purity: float | None = None
+
+
+def cluster_table(labels: Tensor, n_clusters: int, truth: Tensor | None = None) -> list[ClusterInfo]:
+    """Every cluster of (N,) ``labels``, sorted by purity then size (with ``truth``) or by size.
+
+    ``truth`` is (N,) class ids, -1 for unlabelled images (they count for size, not for purity).
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    sizes = torch.bincount(labels, minlength=n_clusters)  # (K,)
+    infos = [ClusterInfo(k, int(sizes[k])) for k in range(n_clusters)]
+    if truth is not None and bool((truth >= 0).any()):
+        known = truth >= 0
+        c = int(truth.max()) + 1
+        counts = torch.zeros(n_clusters, c, dtype=torch.long)  # (K, C)
+        counts.index_put_(
+            (labels[known], truth[known].long()), torch.ones(int(known.sum()), dtype=torch.long), True
+        )
+        for info, row in zip(infos, counts, strict=True):
+            if int(row.sum()):
+                info.majority = int(row.argmax())
+                info.purity = float(row.max()) / float(row.sum())
+        return sorted(infos, key=lambda i: (-(i.purity or 0.0), -i.size, i.cluster))
+    return sorted(infos, key=lambda i: (-i.size, i.cluster))
+
+
+def plot_head_sizes(labels: Tensor, n_clusters: int, path: str | os.PathLike, *, head: int = 0) -> Path:
+    """One head's cluster sizes: sorted bars against N / K, and a histogram of the sizes."""
+    sizes = torch.bincount(torch.as_tensor(labels).long().cpu(), minlength=n_clusters).numpy()
+    n = int(sizes.sum())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
+    left.bar(np.arange(n_clusters), np.sort(sizes)[::-1], width=1.0)
+    left.axhline(n / n_clusters, color="k", ls="--", lw=1, label="N / K")
+    left.set_xlabel("cluster (sorted by size)")
+    left.set_ylabel("images")
+    left.legend(fontsize=8)
+    right.hist(sizes, bins=min(50, max(5, n_clusters // 2)))
+    right.axvline(n / n_clusters, color="k", ls="--", lw=1)
+    right.set_xlabel("cluster size (images)")
+    right.set_ylabel("clusters")
+    fig.suptitle(
+        f"head {head}: {n_clusters} clusters, {n} images, {int((sizes == 0).sum())} empty", fontsize=10
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def gather_images(images: ImageSet, rows: Tensor) -> Tensor:
+    """uint8 (n, C, H, W) of the given rows of an in-memory or streamed set."""
+    rows = torch.as_tensor(rows).long()
+    if images.in_memory:
+        return images.images[rows]
+    return torch.stack([images[int(i)][0] for i in rows])
+
+
+def _members(labels: Tensor, cluster: int, count: int, gen: torch.Generator) -> Tensor:
+    members = (labels == cluster).nonzero().flatten()
+    return members[torch.randperm(len(members), generator=gen)[:count]]
+
+
+def _save_strip(images: Tensor, path: Path, pad: int = 2) -> None:
+    """uint8 (n, C, h, w) side by side on a white background, enlarged to ``STRIP_HEIGHT`` px if smaller."""
+    n, c, h, w = images.shape
+    scale = max(1, STRIP_HEIGHT // h)
+    x = images.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)  # (n, C, sh, sw)
+    sh, sw = h * scale, w * scale
+    strip = torch.full((c, sh, n * (sw + pad) - pad), 255, dtype=torch.uint8)
+    for i in range(n):
+        strip[:, :, i * (sw + pad) : i * (sw + pad) + sw] = x[i]
+    array = strip.permute(1, 2, 0).numpy()  # (sh, W, C)
+    Image.fromarray(array[..., 0] if c == 1 else array).save(path)
+
+
+def _class_name(info: ClusterInfo, classes: list[str] | None) -> str:
+    if info.majority is None:
+        return ""
+    return classes[info.majority] if classes and info.majority < len(classes) else str(info.majority)
+
+
+def _title(info: ClusterInfo, classes: list[str] | None) -> str:
+    text = f"cluster {info.cluster}: {info.size} images"
+    if info.purity is not None:
+        text += f", {100 * info.purity:.0f}% {_class_name(info, classes)!r}"
+    return text
+
+
+_STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:72em}
+img{image-rendering:pixelated;max-width:100%}table{border-collapse:collapse}
+td,th{padding:.15em .6em;border-bottom:1px solid #ddd;text-align:left}
+nav a{margin-right:1em}.cluster{margin:.6em 0 1.2em}h3{margin:.2em 0;font-size:1em}"""
+_KEYS = """<script>document.addEventListener('keydown',function(e){var a=document.getElementById(
+e.key==='ArrowLeft'?'prev':e.key==='ArrowRight'?'next':'');if(a)location.href=a.href;});</script>"""
+
+
+def _page(title: str, body: str) -> str:
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_STYLE}</style></head>\n<body>\n{body}\n{_KEYS}\n</body></html>\n"
+    )
+
+
+def render_report(
+    images: ImageSet,
+    labels: Tensor,
+    n_clusters: list[int],
+    out_dir: str | os.PathLike,
+    *,
+    head: int = 0,
+    title: str = "sela clusters",
+    info: dict | None = None,
+    per_page: int = 10,
+    samples: int = 10,
+    top: int = 12,
+    seed: int = 0,
+) -> Path:
+    """Write the report of one head's clusters into ``out_dir`` (see the module docstring).
+
+    Args:
+        images: the labelled images (in memory or streamed); their targets, if any, give purities.
+        labels: (H, N) cluster of each image under each head.
+        n_clusters: K per head.
+        out_dir: the report folder (created; existing report files are overwritten).
+        head: the head whose clusters are shown (``sizes.png`` shows all heads).
+        title: the page title; ``info``: key/value pairs shown on the index page.
+        per_page: clusters per page; ``samples``: images per cluster; ``top``: rows of top_clusters.png.
+        seed: which random members are shown.
+
+    Returns:
+        The path of index.html.
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    if labels.ndim != 2 or labels.shape != (len(n_clusters), len(images)):
+        raise ValueError(
+            f"labels must be (H, N) = ({len(n_clusters)}, {len(images)}), got {tuple(labels.shape)}"
+        )
+    if not 0 <= head < len(n_clusters):
+        raise ValueError(f"--head {head} does not exist; the run has heads 0..{len(n_clusters) - 1}")
+    for name, value in (("per_page", per_page), ("samples", samples), ("top", top)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    out = Path(out_dir)
+    (out / "clusters").mkdir(parents=True, exist_ok=True)
+    truth = images.targets
+    k = n_clusters[head]
+    table = cluster_table(labels[head], k, truth)
+    shown = [c for c in table if c.size > 0]
+    empty = [c.cluster for c in table if c.size == 0]
+    by_purity = any(c.purity is not None for c in table)
+
+    # figures: sizes of every head, the top clusters, one strip per cluster
+    plot_cluster_sizes(labels, list(n_clusters), out / "sizes.png")
+    gen = torch.Generator().manual_seed(seed)
+    picks = {c.cluster: _members(labels[head], c.cluster, samples, gen) for c in shown}  # cluster -> rows
+    top_rows = shown[:top]
+    rows = torch.cat([picks[c.cluster] for c in top_rows])  # (n,) image rows in the figure
+    compact = torch.repeat_interleave(
+        torch.tensor([c.cluster for c in top_rows]), torch.tensor([len(picks[c.cluster]) for c in top_rows])
+    )  # (n,) the cluster of each
+    cluster_grid(
+        gather_images(images, rows),
+        compact,
+        [c.cluster for c in top_rows],
+        out / "top_clusters.png",
+        per_cluster=samples,
+        titles=[_title(c, images.classes).replace("cluster ", "c") for c in top_rows],
+        seed=seed,
+    )
+    for c in shown:
+        _save_strip(gather_images(images, picks[c.cluster]), out / "clusters" / f"c{c.cluster:05d}.png")
+
+    # pages of clusters with prev / next links
+    pages = [shown[i : i + per_page] for i in range(0, len(shown), per_page)]
+    names = [f"page_{i + 1:03d}.html" for i in range(len(pages))]
+    for i, (page, name) in enumerate(zip(pages, names, strict=True)):
+        nav = ['<a href="index.html" id="up">index</a>']
+        if i > 0:
+            nav.append(f'<a href="{names[i - 1]}" id="prev">&larr; prev</a>')
+        if i + 1 < len(pages):
+            nav.append(f'<a href="{names[i + 1]}" id="next">next &rarr;</a>')
+        nav_html = f"<nav>{''.join(nav)} page {i + 1} of {len(pages)}</nav>"
+        blocks = [
+            f'<div class="cluster" id="c{c.cluster}"><h3>{html.escape(_title(c, images.classes))}</h3>'
+            f'<img src="clusters/c{c.cluster:05d}.png" alt="cluster {c.cluster}"></div>'
+            for c in page
+        ]
+        body = (
+            f"{nav_html}\n<h2>{html.escape(title)}: head {head}</h2>\n" + "\n".join(blocks) + f"\n{nav_html}"
+        )
+        (out / name).write_text(_page(f"{title}, page {i + 1}", body))
+
+    # the index
+    facts = {
+        **(info or {}),
+        "head": head,
+        "clusters": f"{k} ({len(empty)} empty)",
+        "images": len(images),
+        "order": "purity (share of the majority class)" if by_purity else "size",
+    }
+    rows_html = "".join(
+        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(v))}</td></tr>" for key, v in facts.items()
+    )
+    page_of = {c.cluster: names[i // per_page] for i, c in enumerate(shown)}
+    cluster_rows = "".join(
+        f'<tr><td><a href="{page_of[c.cluster]}#c{c.cluster}">{c.cluster}</a></td><td>{c.size}</td>'
+        + (
+            f"<td>{100 * c.purity:.1f}%</td><td>{html.escape(_class_name(c, images.classes))}</td>"
+            if c.purity is not None
+            else ("<td></td><td></td>" if by_purity else "")
+        )
+        + "</tr>"
+        for c in shown
+    )
+    head_cols = "<th>purity</th><th>majority</th>" if by_purity else ""
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<table>{rows_html}</table>"]
+    if names:
+        parts.append(f'<p><a href="{names[0]}" id="next">browse all {len(shown)} clusters &rarr;</a></p>')
+    parts += [
+        '<h2>Top clusters</h2>\n<img src="top_clusters.png" alt="top clusters">',
+        '<h2>Cluster sizes</h2>\n<img src="sizes.png" alt="cluster sizes">',
+        "<h2>Pages</h2>",
+        "<p>" + " ".join(f'<a href="{n}">{i + 1}</a>' for i, n in enumerate(names)) + "</p>",
+        "<h2>Clusters</h2>",
+        f"<table><tr><th>cluster</th><th>images</th>{head_cols}</tr>{cluster_rows}</table>",
+    ]
+    if empty:
+        parts.append(f"<p>empty clusters: {', '.join(map(str, empty))}</p>")
+    body = "\n".join(parts)
+    index = out / "index.html"
+    index.write_text(_page(title, body))
+    return index
