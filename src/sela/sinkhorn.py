@@ -178,7 +178,10 @@ def assign(
         beta, n_iter, err = _anderson_solve(pass_fn, c, beta0, n_total, tol, max_iter, use_dist)
         # The float32 kernel cannot express the huge scalings some extreme inputs need: if it stalled
         # with clamped entries and the logits still exist, finish in the log domain from where it got.
-        if err > tol and clamped and not inplace and n_iter < max_iter:
+        # Also when b spans more than e^69: a clamped entry (e^-87 instead of smaller) then weighs up to
+        # e^(span - 87) of its row's scaled mass, so the float32 error understates the true one.
+        wide = float(beta.max() - beta.min()) > -_LOG_UNDERFLOW
+        if (err > tol or wide) and clamped and not inplace and n_iter < max_iter:
             del kernel, pass_fn
             log_domain, beta0 = True, beta
     if log_domain:
