@@ -320,6 +320,7 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clusters", help="K per head (comma list) for a checkpoint without heads")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
+    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for streamed datasets (4)")
 
 
 def _open_run(args: argparse.Namespace, *, test_split: bool = True):
@@ -330,9 +331,9 @@ def _open_run(args: argparse.Namespace, *, test_split: bool = True):
         try:
             clusters = [int(k) for k in args.clusters.split(",")]
         except ValueError:
-            raise UsageError(f"--clusters takes integers like 30 or 10,20; got {args.clusters!r}") from None
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+            raise UsageError(f"--clusters takes integers like 30 or 10,20, not {args.clusters!r}") from None
+    if args.batch_size < 1 or args.workers < 0:
+        raise UsageError(f"need --batch-size >= 1 and --workers >= 0; got {args.batch_size}, {args.workers}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run = load_run(
@@ -396,6 +397,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         linear=not args.no_linear,
         device=run.device,
         batch_size=args.batch_size,
+        workers=args.workers,
     )
     out = Path(args.output) if args.output else (run.run_dir or Path(".")) / "eval.json"
     record = {
@@ -449,7 +451,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
         )
         what = f"{labels.shape[1]} new images ({'balanced' if args.balanced else 'argmax'})"
     else:
-        path, plots = export_run_labels(run, args.output, batch_size=args.batch_size)
+        path, plots = export_run_labels(run, args.output, batch_size=args.batch_size, workers=args.workers)
         what = f"{len(run.train_set)} training images (self-labels)"
     print(f"wrote {path}: {what} x {len(run.model.n_clusters)} heads, with confidences")
     print(f"wrote {len(plots)} cluster-size histograms: {', '.join(str(p) for p in plots)}")
@@ -478,7 +480,10 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     run = _open_run(args, test_split=False)
     if run.labels is None:
-        raise UsageError(f"{args.source} holds no self-labels to show; pass a run directory of `sela train`")
+        raise UsageError(
+            f"{args.source} holds no self-labels of these training images to show; "
+            "pass the run directory of `sela train` with its own data"
+        )
     head = args.head if args.head is not None else int(run.summary.get("best_head", 0))
     out = Path(args.output) if args.output else (run.run_dir or Path(".")) / "report"
     index = render_report(

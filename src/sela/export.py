@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from sela.data import EvalTransform, ImageSet, make_loader
+from sela.data import EvalTransform, make_loader
 from sela.data.folder import IMAGE_EXTENSIONS, decode_image
 from sela.eval.features import extract
 from sela.labeller import SelfLabeller
@@ -112,10 +112,14 @@ def head_outputs(
     transform: EvalTransform,
     device: torch.device | str | None = None,
     batch_size: int = 256,
+    workers: int = 0,
     progress: bool | None = None,
 ) -> list[Tensor]:
-    """H tensors (N, K_h) of the heads' logits on un-augmented images (uint8 tensor or dataset)."""
-    source = images if isinstance(images, Tensor) else make_loader(images, batch_size)
+    """H tensors (N, K_h) of the heads' logits on un-augmented images (uint8 tensor or dataset).
+
+    A dataset is read by a DataLoader with ``workers`` processes (streamed images decode there).
+    """
+    source = images if isinstance(images, Tensor) else make_loader(images, batch_size, num_workers=workers)
     return extract(
         model, source, transform=transform, device=device, batch_size=batch_size, progress=progress
     ).logits
@@ -270,16 +274,25 @@ def size_histograms(labels: Tensor, n_clusters: list[int], csv_path: str | os.Pa
 
 
 def export_run_labels(
-    run: Run, out: str | os.PathLike, *, batch_size: int = 256, progress: bool | None = None
+    run: Run,
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool | None = None,
 ) -> tuple[Path, list[Path]]:
     """Write a run's training self-labels with each head's confidence, and the size histograms.
 
     Returns the CSV path and the PNG paths.
     """
     if run.labels is None:
-        raise ValueError(f"{run.source} holds no self-labels; pass a run directory of `sela train`")
+        raise ValueError(
+            f"{run.source} holds no self-labels of these {len(run.train_set)} training images; "
+            "pass the run directory of `sela train` with its own data"
+        )
+    source = run.train_set.images if run.train_set.in_memory else run.train_set
     logits = head_outputs(
-        run.model, _source(run.train_set), transform=run.transform, batch_size=batch_size, progress=progress
+        run.model, source, transform=run.transform, batch_size=batch_size, workers=workers, progress=progress
     )
     path = write_labels_csv(out, run.labels, paths=run.train_set.paths, confidence=confidences(logits))
     return path, size_histograms(run.labels, list(run.model.n_clusters), path)
@@ -309,7 +322,3 @@ def label_images(
     labels = assign_labels(logits, balanced=balanced, lam=lam)  # (H, M)
     path = write_labels_csv(out, labels, paths=paths, confidence=confidences(logits))
     return path, size_histograms(labels, list(run.model.n_clusters), path), labels
-
-
-def _source(imageset: ImageSet) -> Tensor | ImageSet:
-    return imageset.images if imageset.in_memory else imageset

@@ -38,9 +38,11 @@ def _labelled(imageset: ImageSet | None) -> Tensor | None:
     return mask if bool(mask.any()) else None
 
 
-def _extract(model: nn.Module, imageset: ImageSet, **kwargs) -> Extracted:
-    source = imageset.images if imageset.in_memory else make_loader(imageset, kwargs.pop("batch_size"))
-    return extract(model, source, **kwargs)
+def _extract(model: nn.Module, imageset: ImageSet, *, batch_size: int, workers: int, **kwargs) -> Extracted:
+    if imageset.in_memory:
+        return extract(model, imageset.images, batch_size=batch_size, **kwargs)
+    loader = make_loader(imageset, batch_size, num_workers=workers)  # streamed: decode in workers
+    return extract(model, loader, **kwargs)
 
 
 def _scores(pred: Tensor, truth: Tensor, k: int, fit: tuple[Tensor, Tensor] | None = None) -> dict:
@@ -67,6 +69,7 @@ def evaluate(
     linear: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 256,
+    workers: int = 0,
     progress: bool | None = None,
 ) -> dict:
     """Evaluate ``model`` (a ``SelaModel``) on a dataset's train and test splits (protocol above).
@@ -83,6 +86,7 @@ def evaluate(
         knn_k, knn_temperature: the kNN classifier's k and T.
         linear: also fit the linear probe.
         device, batch_size, progress: for feature extraction (see ``sela.eval.extract``).
+        workers: DataLoader workers that decode streamed images.
 
     Returns:
         A JSON-ready dict. ``knn_top1``, ``knn_top5``, ``linear_top1`` (percent), ``nmi``, ``ami``,
@@ -107,7 +111,8 @@ def evaluate(
         )
     start = time.perf_counter()
     notes: list[str] = []
-    opts = dict(transform=transform, device=device, layer=layer, batch_size=batch_size, progress=progress)
+    opts = dict(transform=transform, device=device, layer=layer, progress=progress)
+    opts.update(batch_size=batch_size, workers=workers)
     train = _extract(model, train_set, **opts)
     test = _extract(model, test_set, **opts) if test_set is not None and len(test_set) else None
     train_mask, test_mask = _labelled(train_set), _labelled(test_set) if test is not None else None
