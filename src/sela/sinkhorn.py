@@ -225,7 +225,7 @@ def _check_prior(prior: Tensor | None, k: int, device: torch.device) -> Tensor:
         raise ValueError("prior must be strictly positive and finite (give every cluster some mass)")
     if abs(float(p.sum()) - 1.0) > 1e-6:
         raise ValueError(f"prior must sum to 1, got {float(p.sum()):.6g}; divide it by its sum")
-    return p
+    return p / p.sum()  # exactly 1 in float64: a float32 prior's rounding would floor the error at ~1e-8
 
 
 def _check_init(init: Tensor | None, k: int, device: torch.device) -> Tensor:
