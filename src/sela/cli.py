@@ -499,7 +499,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         top=args.top,
     )
     pages = len(list(out.glob("page_*.html")))
-    print(f"wrote {index} ({pages} pages of head {head}'s clusters, sizes.png, top_clusters.png)")
+    print(f"wrote {index} ({pages} page(s) of head {head}'s clusters, sizes.png, top_clusters.png)")
     return 0
 
 
