@@ -7,8 +7,19 @@ import pytest
 from sela import __version__
 from sela.cli import main
 
-TINY = ["--epochs", "1", "--label-updates", "2", "--heads", "2", "--clusters", "10", "--set", "widths=[8,16]",
-        "--no-progress"]
+TINY = [
+    "--epochs",
+    "1",
+    "--label-updates",
+    "2",
+    "--heads",
+    "2",
+    "--clusters",
+    "10",
+    "--set",
+    "widths=[8,16]",
+    "--no-progress",
+]
 
 
 def test_version(capsys):
@@ -25,8 +36,15 @@ def test_models_lists_the_registry(capsys):
 def test_train_tiny_run_on_digits(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *TINY]) == 0
-    for name in ("config.json", "metrics.jsonl", "checkpoint.pt", "labels.csv", "summary.json", "curves.png",
-                 "clusters.png"):
+    for name in (
+        "config.json",
+        "metrics.jsonl",
+        "checkpoint.pt",
+        "labels.csv",
+        "summary.json",
+        "curves.png",
+        "clusters.png",
+    ):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["dataset"] == "digits" and config["widths"] == [8, 16] and "_command" in config

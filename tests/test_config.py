@@ -14,12 +14,23 @@ def test_digits_preset_and_plain_defaults():
     digits = train_defaults("digits")
     assert digits.clusters == [10] and digits.augment.flip_p == 0.0 and digits.image_size == 16
     cifar = train_defaults("cifar10")
-    assert cifar.dataset == "cifar10" and cifar.augment.flip_p == 0.5 and cifar.clusters == TrainConfig().clusters
+    assert (
+        cifar.dataset == "cifar10"
+        and cifar.augment.flip_p == 0.5
+        and cifar.clusters == TrainConfig().clusters
+    )
 
 
 def test_dotted_overrides_parse_and_type_check():
-    cfg = apply_overrides(TrainConfig(), ["augment.grayscale_p=0.1", "clusters=[10,20]", "arch=resnet18", "epochs=3"])
-    assert cfg.augment.grayscale_p == 0.1 and cfg.clusters == [10, 20] and cfg.arch == "resnet18" and cfg.epochs == 3
+    cfg = apply_overrides(
+        TrainConfig(), ["augment.grayscale_p=0.1", "clusters=[10,20]", "arch=resnet18", "epochs=3"]
+    )
+    assert (
+        cfg.augment.grayscale_p == 0.1
+        and cfg.clusters == [10, 20]
+        and cfg.arch == "resnet18"
+        and cfg.epochs == 3
+    )
     with pytest.raises(ValueError, match="unknown config key"):
         apply_overrides(TrainConfig(), ["epoch=3"])
     with pytest.raises(ValueError, match="key=value"):

@@ -25,7 +25,9 @@ def test_label_schedule_linear_and_merging():
     assert merged[0] == 0 and len(merged) == len(set(merged)) <= 10
 
 
-@pytest.mark.parametrize("bad", [dict(n_updates=0, total_steps=10), dict(n_updates=3, total_steps=10, spacing="cubic")])
+@pytest.mark.parametrize(
+    "bad", [dict(n_updates=0, total_steps=10), dict(n_updates=3, total_steps=10, spacing="cubic")]
+)
 def test_label_schedule_rejects_bad_input(bad):
     with pytest.raises(ValueError):
         label_schedule(**bad)
@@ -53,19 +55,35 @@ def test_compare_configs_names_differences():
 def tiny_set():
     full = load_dataset("digits", split="train")
     idx = torch.arange(240)
-    return ImageSet(images=full.images[idx], targets=full.targets[idx], classes=full.classes, name="digits",
-                    mean=full.mean, std=full.std)
+    return ImageSet(
+        images=full.images[idx],
+        targets=full.targets[idx],
+        classes=full.classes,
+        name="digits",
+        mean=full.mean,
+        std=full.std,
+    )
 
 
 def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0):
     torch.manual_seed(init_seed)
     model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8)
     return Trainer(
-        model, imageset, out_dir=out, epochs=epochs, batch_size=40, lr=lr, lam=25.0, label_updates=4,
-        label_heads="round-robin", augment=BatchAugment(8, crop_scale=(0.6, 1.0), flip_p=0.0, mean=imageset.mean,
-                                                        std=imageset.std),
-        eval_transform=EvalTransform(8, mean=imageset.mean, std=imageset.std), device=torch.device("cpu"),
-        seed=seed, config={"arch": "convnet", "epochs": epochs}, progress=False,
+        model,
+        imageset,
+        out_dir=out,
+        epochs=epochs,
+        batch_size=40,
+        lr=lr,
+        lam=25.0,
+        label_updates=4,
+        label_heads="round-robin",
+        augment=BatchAugment(8, crop_scale=(0.6, 1.0), flip_p=0.0, mean=imageset.mean, std=imageset.std),
+        eval_transform=EvalTransform(8, mean=imageset.mean, std=imageset.std),
+        device=torch.device("cpu"),
+        seed=seed,
+        config={"arch": "convnet", "epochs": epochs},
+        progress=False,
     )
 
 
@@ -75,8 +93,15 @@ def test_end_to_end_writes_the_run(tiny_set, tmp_path):
     trainer = make_trainer(tiny_set, tmp_path)
     history = trainer.fit()
     summary = finish_run(trainer, tiny_set, knn_k=20, knn_temperature=0.1)
-    for name in ("checkpoint.pt", "metrics.jsonl", "labels.csv", "summary.json", "curves.png", "clusters.png",
-                 "cluster_sizes.png"):
+    for name in (
+        "checkpoint.pt",
+        "metrics.jsonl",
+        "labels.csv",
+        "summary.json",
+        "curves.png",
+        "clusters.png",
+        "cluster_sizes.png",
+    ):
         assert (tmp_path / name).is_file(), name
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [m["epoch"] for m in lines] == [1, 2] and len(history) == 2
@@ -101,7 +126,9 @@ def test_resume_is_exact(tiny_set, tmp_path):
     second.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert second.epoch == 1
     second.fit()
-    for (name, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items(), strict=True):
+    for (name, a), (_, b) in zip(
+        full.model.state_dict().items(), second.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(a, b), name
     assert torch.equal(full.state.labels, second.state.labels)
 
@@ -129,5 +156,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_set, tmp_path):
 def test_trainer_validates(tiny_set, tmp_path):
     model = create_model("convnet", [300], widths=(8,), input_size=8)
     with pytest.raises(ValueError, match="clusters"):
-        Trainer(model, tiny_set, out_dir=tmp_path, epochs=1, batch_size=40, lr=0.1,
-                augment=BatchAugment(8), eval_transform=EvalTransform(8), device=torch.device("cpu"))
+        Trainer(
+            model,
+            tiny_set,
+            out_dir=tmp_path,
+            epochs=1,
+            batch_size=40,
+            lr=0.1,
+            augment=BatchAugment(8),
+            eval_transform=EvalTransform(8),
+            device=torch.device("cpu"),
+        )

@@ -82,7 +82,12 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         "epochs": 40,
         "lr": 0.05,
         "label_updates": 12,
-        "augment": {"flip_p": 0.0, "crop_scale": [0.6, 1.0], "jitter": [0.4, 0.4, 0.0, 0.0], "grayscale_p": 0.0},
+        "augment": {
+            "flip_p": 0.0,
+            "crop_scale": [0.6, 1.0],
+            "jitter": [0.4, 0.4, 0.0, 0.0],
+            "grayscale_p": 0.0,
+        },
     },
 }
 
