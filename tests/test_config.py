@@ -13,6 +13,7 @@ def test_defaults_round_trip():
 def test_digits_preset_and_plain_defaults():
     digits = train_defaults("digits")
     assert digits.clusters == [10] and digits.augment.flip_p == 0.0 and digits.image_size == 16
+    assert digits.label_inputs == "train"
     cifar = train_defaults("cifar10")
     assert (
         cifar.dataset == "cifar10"
