@@ -1,0 +1,305 @@
+"""``SelfLabeller``: SeLa's self-labelling of fixed feature vectors, in the scikit-learn estimator style.
+
+SeLa (Asano, Rupprecht, Vedaldi, ICLR 2020) alternates two steps: (1) given the heads' logits, find
+labels that split the data into equal-sized clusters while agreeing with the logits as much as
+possible (an optimal-transport problem solved by Sinkhorn-Knopp, :func:`sela.sinkhorn.assign`); (2)
+given the labels, train the heads by cross-entropy. Here the features are fixed, so only the heads
+learn; this is the ``sela cluster`` estimator for features extracted once from a frozen backbone.
+
+Letters: N samples, D features, H heads, K_h clusters of head h, B batch.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.exceptions import NotFittedError
+from torch import Tensor, nn
+
+from sela.sinkhorn import assign
+
+ArrayLike = np.ndarray | Tensor
+
+
+class _HiddenHead(nn.Module):
+    """Linear -> BatchNorm -> ReLU -> Linear, (B, D) -> (B, K).
+
+    The hidden activations are scaled by sqrt(2 / hidden_dim) so that, like the standardised input
+    features, they have mean squared norm about 1: the same lr and weight_decay then suit both layers.
+    """
+
+    def __init__(self, n_features: int, hidden_dim: int, k: int) -> None:
+        super().__init__()
+        self.hidden = nn.Sequential(nn.Linear(n_features, hidden_dim), nn.BatchNorm1d(hidden_dim), nn.ReLU())
+        self.out = nn.Linear(hidden_dim, k)
+        self.gain = math.sqrt(2.0 / hidden_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.hidden(x) * self.gain)  # (B, K)
+
+
+class SelfLabeller:
+    """Cluster fixed features into equal-sized clusters with SeLa's self-labelling.
+
+    ``fit`` standardises the features, initialises H heads at random, labels the data by Sinkhorn
+    from the random heads' logits, then runs ``epochs`` epochs of SGD (momentum 0.9, cosine learning
+    rate) on the cross-entropy of each head against its labels. Before the epochs at evenly spaced
+    points, and once more after the last epoch, the labels are re-assigned with
+    :func:`sela.sinkhorn.assign`, warm-started from the previous solve's scaling.
+
+    Args:
+        n_clusters: K for every head, or a list with one K_h per head.
+        n_heads: H when ``n_clusters`` is an int; with a list it must be 1 or ``len(n_clusters)``.
+        lam: the Sinkhorn lambda: larger follows the logits more closely, smaller balances harder.
+        epochs: passes over the data.
+        n_label_updates: label re-assignments during training, besides the initial and the final one
+            (at most one per epoch: more than ``epochs - 1`` are merged).
+        lr: peak SGD learning rate (cosine-annealed to 0).
+        batch_size: samples per SGD step.
+        weight_decay: L2 coefficient on the head weights; it keeps the logits soft so that the
+            boundaries can move towards low-density regions between label updates.
+        hidden_dim: None for the paper's linear heads; an int adds a hidden layer of that width
+            (Linear, BatchNorm, ReLU) before the linear classifier (not in the paper).
+        standardize: scale each feature to zero mean and unit variance (statistics of ``fit``'s X).
+            Either way the features are then divided by one global factor that makes their mean
+            squared norm 1, so that ``lr`` and ``weight_decay`` do not depend on D or on the units.
+        device: where to train.
+        seed: seed of the head initialisation and the batch order; a fit is deterministic given it.
+        verbose: print one line per label update.
+
+    Attributes (after ``fit``):
+        labels_: (N,) int64 numpy labels of the best head, from the final Sinkhorn assignment.
+        labels_per_head_: (H, N) int64 numpy labels of every head.
+        heads_: ``nn.ModuleList`` of the H trained heads (on the CPU, eval mode), (B, D) -> (B, K_h).
+        best_head_: index of the head used for ``labels_`` and ``predict``.
+        n_iter_: number of epochs run (always ``epochs``; there is no early stop).
+        n_clusters_: list of K_h, one per head.
+        mean_, scale_: (D,) float32 tensors; the heads see (X - mean_) / scale_.
+        history_: one dict per label assignment (initial, ``n_label_updates``, final) with ``epoch``
+            (epochs trained before it), ``loss`` (mean training cross-entropy, summed over heads, over
+            the epochs since the previous assignment; NaN for the initial one), ``changed`` (fraction
+            of labels changed, per head; 1.0 for the initial one) and ``sinkhorn_iters`` (per head).
+    """
+
+    def __init__(
+        self,
+        n_clusters: int | list[int] = 10,
+        *,
+        n_heads: int = 1,
+        lam: float = 25.0,
+        epochs: int = 200,
+        n_label_updates: int = 100,
+        lr: float = 3.0,
+        batch_size: int = 256,
+        weight_decay: float = 3e-3,
+        hidden_dim: int | None = None,
+        standardize: bool = True,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        self.n_clusters = n_clusters
+        self.n_heads = n_heads
+        self.lam = lam
+        self.epochs = epochs
+        self.n_label_updates = n_label_updates
+        self.lr = lr
+        self.batch_size = batch_size
+        self.weight_decay = weight_decay
+        self.hidden_dim = hidden_dim
+        self.standardize = standardize
+        self.device = device
+        self.seed = seed
+        self.verbose = verbose
+
+    # ------------------------------------------------------------------ validation
+    def _cluster_counts(self) -> list[int]:
+        ks = [self.n_clusters] if isinstance(self.n_clusters, int) else list(self.n_clusters)
+        if not ks or not all(isinstance(k, int) and not isinstance(k, bool) for k in ks):
+            raise ValueError(f"n_clusters must be an int or a list of ints, got {self.n_clusters!r}")
+        if min(ks) < 2:
+            raise ValueError(f"n_clusters must be at least 2 for every head, got {self.n_clusters!r}")
+        if not isinstance(self.n_heads, int) or self.n_heads < 1:
+            raise ValueError(f"n_heads must be an int >= 1, got {self.n_heads!r}")
+        if isinstance(self.n_clusters, int):
+            return ks * self.n_heads
+        if self.n_heads not in (1, len(ks)):
+            raise ValueError(
+                f"n_clusters lists {len(ks)} heads but n_heads={self.n_heads}; "
+                "leave n_heads at 1 or set it to len(n_clusters)"
+            )
+        return ks
+
+    def _check_settings(self) -> None:
+        checks = [
+            (self.lam > 0, f"lam must be positive, got {self.lam}"),
+            (self.epochs >= 1, f"epochs must be at least 1, got {self.epochs}"),
+            (self.n_label_updates >= 0, f"n_label_updates must be >= 0, got {self.n_label_updates}"),
+            (self.lr > 0, f"lr must be positive, got {self.lr}"),
+            (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.hidden_dim is None or self.hidden_dim >= 1, "hidden_dim must be None or >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def _as_features(self, X: ArrayLike, n_features: int | None = None) -> Tensor:
+        x = torch.as_tensor(X)
+        if x.ndim != 2:
+            raise ValueError(
+                f"X must be a 2-D (N, D) array of features, got shape {tuple(x.shape)}; reshape it"
+            )
+        if x.shape[0] == 0 or x.shape[1] == 0:
+            raise ValueError(f"X is empty (shape {tuple(x.shape)}); pass at least one sample and one feature")
+        if x.dtype == torch.bool or x.is_complex():
+            raise ValueError(f"X must hold real numbers, got {x.dtype}; cast it to float32")
+        x = x.to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise ValueError("X holds NaN or inf; drop or impute those rows before fitting")
+        if n_features is not None and x.shape[1] != n_features:
+            raise ValueError(f"X has {x.shape[1]} features but the labeller was fitted on {n_features}")
+        return x
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "heads_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit(X) first")
+
+    # ------------------------------------------------------------------ fitting
+    def _make_head(self, n_features: int, k: int) -> nn.Module:
+        if self.hidden_dim is None:
+            return nn.Linear(n_features, k)
+        return _HiddenHead(n_features, self.hidden_dim, k)
+
+    @torch.no_grad()
+    def _logits(self, heads: nn.ModuleList, x: Tensor, chunk: int = 8192) -> list[Tensor]:
+        """H tensors (N, K_h) of the heads' logits over all of x, in eval mode."""
+        was_training = heads.training
+        heads.eval()
+        out = [torch.cat([head(x[s : s + chunk]) for s in range(0, x.shape[0], chunk)]) for head in heads]
+        heads.train(was_training)
+        return out
+
+    def _standardizer(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(D,) mean and scale such that (x - mean) / scale is standardised (if asked) with mean squared
+        norm 1 over the rows."""
+        d = x.shape[1]
+        if self.standardize:
+            mean = x.mean(dim=0)
+            std = x.std(dim=0, unbiased=False)
+            scale = torch.where(std > 1e-6, std, torch.ones_like(std))
+        else:
+            mean, scale = torch.zeros(d), torch.ones(d)
+        # One global factor brings the mean squared norm to 1: lr and weight_decay then mean the same for
+        # any feature dimension and scale, and the geometry of the data is unchanged.
+        rms = float(((x - mean) / scale).pow(2).sum(dim=1).mean().sqrt())
+        return mean, scale * (rms if rms > 0 else 1.0)
+
+    def _relabel(self, heads: nn.ModuleList, x: Tensor, labels: list[Tensor], scalings: list) -> dict:
+        """Re-assign every head's labels (in place) by Sinkhorn, warm-started; returns what changed."""
+        changed, iters = [], []
+        for h, logits in enumerate(self._logits(heads, x)):  # (N, K_h) each
+            res = assign(logits, lam=self.lam, init=scalings[h])
+            new = res.labels.to(x.device)
+            changed.append(float((new != labels[h]).float().mean()))
+            # A scaling entry can underflow to 0 when the logits are extreme; then solve cold next time.
+            ok = bool(torch.isfinite(res.scaling).all() and (res.scaling > 0).all())
+            labels[h], scalings[h] = new, res.scaling if ok else None
+            iters.append(int(res.n_iter))
+        return {"changed": changed, "sinkhorn_iters": iters}
+
+    def _train_epoch(
+        self, heads: nn.ModuleList, x: Tensor, labels: list[Tensor], opt, sched, gen: torch.Generator
+    ) -> float:
+        """One epoch of SGD on the summed cross-entropy of the heads; returns the mean loss."""
+        total = 0.0
+        perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+        for s in range(0, x.shape[0], self.batch_size):
+            idx = perm[s : s + self.batch_size]  # (B,)
+            xb = x[idx]  # (B, D)
+            loss = sum(F.cross_entropy(head(xb), lab[idx]) for head, lab in zip(heads, labels, strict=True))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * idx.shape[0]
+        return total / x.shape[0]
+
+    def fit(self, X: ArrayLike, y: None = None) -> "SelfLabeller":
+        """Self-label X (N, D); ``y`` is ignored (present for scikit-learn pipelines). Returns self."""
+        ks = self._cluster_counts()
+        self._check_settings()
+        x = self._as_features(X)
+        n, d = x.shape
+        if max(ks) > n:
+            raise ValueError(
+                f"n_clusters={max(ks)} exceeds the {n} samples; pass fewer clusters or more samples"
+            )
+        device = torch.device(self.device)
+        mean, scale = self._standardizer(x)
+        x = ((x - mean) / scale).to(device)  # (N, D)
+
+        # Heads and batch order come from the seed; the global generator is left as it was.
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            heads = nn.ModuleList(self._make_head(d, k) for k in ks).to(device)
+        opt = torch.optim.SGD(heads.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
+        n_steps = self.epochs * math.ceil(n / self.batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)
+        # Epochs before which labels are re-assigned: 0 (labels from the random heads), then evenly spaced.
+        update_at = set(
+            np.linspace(0, self.epochs, self.n_label_updates + 2).round().astype(int)[:-1].tolist()
+        )
+
+        labels = [torch.full((n,), -1, dtype=torch.int64, device=device) for _ in ks]
+        scalings: list[Tensor | None] = [None for _ in ks]
+        history: list[dict] = []
+        losses: list[float] = []
+        for epoch in range(self.epochs + 1):
+            if epoch in update_at or epoch == self.epochs:
+                loss = float(np.mean(losses)) if losses else float("nan")
+                history.append({"epoch": epoch, "loss": loss, **self._relabel(heads, x, labels, scalings)})
+                losses = []
+                if self.verbose:
+                    print(f"epoch {epoch:4d}  loss {loss:.4f}  changed {max(history[-1]['changed']):.4f}")
+            if epoch < self.epochs:
+                losses.append(self._train_epoch(heads, x, labels, opt, sched, gen))
+
+        self.n_clusters_ = ks
+        self.mean_, self.scale_ = mean, scale
+        self.heads_ = heads.cpu().eval()
+        self.labels_per_head_ = torch.stack(labels).cpu().numpy()  # (H, N)
+        self.best_head_ = self._select_head(self._logits(self.heads_, x.cpu()), labels)
+        self.labels_ = self.labels_per_head_[self.best_head_]
+        self.n_iter_ = self.epochs
+        self.history_ = history
+        return self
+
+    def _select_head(self, logits: list[Tensor], labels: list[Tensor]) -> int:
+        """The head whose logits agree best with its own final labels (lowest mean cross-entropy)."""
+        losses = [float(F.cross_entropy(lg, lab.cpu())) for lg, lab in zip(logits, labels, strict=True)]
+        return int(np.argmin(losses))
+
+    # ------------------------------------------------------------------ inference
+    def predict_proba(self, X: ArrayLike, *, head: int | None = None) -> np.ndarray:
+        """(N, K) softmax of a head's logits on X (N, D); ``head`` defaults to ``best_head_``."""
+        self._check_fitted()
+        h = self.best_head_ if head is None else head
+        if not 0 <= h < len(self.heads_):
+            raise ValueError(f"head must be in 0..{len(self.heads_) - 1}, got {head}")
+        x = (self._as_features(X, self.mean_.shape[0]) - self.mean_) / self.scale_  # (N, D)
+        return self._logits(self.heads_[h : h + 1], x)[0].softmax(dim=1).numpy()  # (N, K)
+
+    def predict(self, X: ArrayLike, *, head: int | None = None) -> np.ndarray:
+        """(N,) int64 cluster of each row of X (N, D): the argmax of the head, without balancing.
+
+        On the training data this can differ slightly from ``labels_``, which are the balanced
+        Sinkhorn labels.
+        """
+        return self.predict_proba(X, head=head).argmax(axis=1)
+
+    def fit_predict(self, X: ArrayLike, y: None = None) -> np.ndarray:
+        """Fit on X (N, D) and return ``labels_`` (N,)."""
+        return self.fit(X).labels_

@@ -1,0 +1,123 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+from sklearn.exceptions import NotFittedError
+from sklearn.metrics import adjusted_rand_score
+
+from sela.labeller import SelfLabeller
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Small tensors: on a shared, oversubscribed CPU, intra-op threads cost far more than they save.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+FAST = {"epochs": 30, "n_label_updates": 15}
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    x, y = make_blobs(n_samples=600, centers=6, n_features=10, cluster_std=1.0, random_state=0)
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def fitted(blobs):
+    return SelfLabeller(6, n_heads=2, seed=0, **FAST).fit(blobs[0])
+
+
+def test_recovers_equal_size_blobs(blobs, fitted):
+    x, y = blobs
+    assert adjusted_rand_score(y, fitted.labels_) > 0.95
+    assert adjusted_rand_score(y, fitted.predict(x)) > 0.95
+    assert np.bincount(fitted.labels_, minlength=6).min() >= 90  # 100 per blob, balanced labels
+
+
+def test_fitted_attributes(blobs, fitted):
+    x, _ = blobs
+    assert fitted.labels_.shape == (600,) and fitted.labels_.dtype == np.int64
+    assert fitted.labels_per_head_.shape == (2, 600)
+    assert fitted.best_head_ in (0, 1)
+    np.testing.assert_array_equal(fitted.labels_, fitted.labels_per_head_[fitted.best_head_])
+    assert len(fitted.heads_) == 2 and fitted.n_clusters_ == [6, 6]
+    assert fitted.n_iter_ == FAST["epochs"]
+    assert len(fitted.history_) == FAST["n_label_updates"] + 2  # initial + updates + final
+    assert fitted.history_[-1]["epoch"] == FAST["epochs"]
+    proba = fitted.predict_proba(x)
+    assert proba.shape == (600, 6)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(fitted.predict(x), proba.argmax(axis=1))
+    assert fitted.predict(x, head=1).shape == (600,)
+
+
+def test_fit_predict_is_deterministic_and_takes_tensors(blobs):
+    x, _ = blobs
+    a = SelfLabeller(6, seed=3, **FAST).fit_predict(x)
+    b = SelfLabeller(6, seed=3, **FAST).fit_predict(torch.as_tensor(x, dtype=torch.float32))
+    np.testing.assert_array_equal(a, b)
+
+
+def test_does_not_touch_the_global_rng(blobs):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    SelfLabeller(6, epochs=2, n_label_updates=0).fit(blobs[0])
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
+def test_heads_with_different_k(blobs):
+    x, _ = blobs
+    model = SelfLabeller([3, 6], epochs=3, n_label_updates=1).fit(x)
+    assert model.n_clusters_ == [3, 6]
+    assert [h.out_features for h in model.heads_] == [3, 6]
+    assert model.labels_per_head_[0].max() <= 2
+    assert model.predict_proba(x, head=0).shape == (600, 3)
+
+
+def test_equipartition_on_structureless_data():
+    x = np.random.default_rng(0).standard_normal((400, 5))
+    model = SelfLabeller(8, epochs=5, n_label_updates=2).fit(x)
+    sizes = np.bincount(model.labels_, minlength=8)
+    assert sizes.min() >= 40 and sizes.max() <= 60  # 50 each under an exact equipartition
+
+
+def test_hidden_layer_option(blobs):
+    x, y = blobs
+    model = SelfLabeller(6, hidden_dim=32, seed=0, **FAST).fit(x)
+    assert model.predict(x).shape == (600,)
+    assert adjusted_rand_score(y, model.labels_) > 0.9
+
+
+@pytest.mark.parametrize("method", ["predict", "predict_proba"])
+def test_reading_before_fit_raises(method):
+    with pytest.raises(NotFittedError, match="fit"):
+        getattr(SelfLabeller(3), method)(np.zeros((4, 2)))
+
+
+@pytest.mark.parametrize(
+    ("x", "kwargs", "match"),
+    [
+        (np.zeros((0, 4)), {}, "empty"),
+        (np.zeros(10), {}, "2-D"),
+        (np.array([[0.0, np.nan], [1.0, 2.0], [3.0, 4.0]]), {"n_clusters": 2}, "NaN"),
+        (np.random.rand(5, 3), {"n_clusters": 6}, "fewer clusters"),
+        (np.random.rand(5, 3), {"n_clusters": 1}, "at least 2"),
+        (np.random.rand(5, 3), {"n_clusters": 2, "n_heads": 0}, "n_heads"),
+        (np.random.rand(5, 3), {"n_clusters": [2, 3], "n_heads": 3}, "n_heads"),
+        (np.random.rand(5, 3), {"n_clusters": 2, "lam": 0.0}, "lam"),
+        (np.random.rand(5, 3), {"n_clusters": 2, "epochs": 0}, "epochs"),
+    ],
+)
+def test_bad_input_raises(x, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        SelfLabeller(**kwargs).fit(x)
+
+
+def test_predict_checks_feature_count(blobs, fitted):
+    with pytest.raises(ValueError, match="features"):
+        fitted.predict(np.zeros((3, 4)))
