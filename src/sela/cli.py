@@ -278,7 +278,8 @@ def _model_kwargs(cfg: TrainConfig, size: int, train_set) -> dict:
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    keys = ["knn_top1", "knn_top5", "nmi", "ari", "accuracy", "best_head", "train_time_s", "label_share"]
+    keys = ["knn_top1", "knn_top5", "nmi", "kmeans_pixels_nmi", "ari", "accuracy", "best_head", "train_time_s",
+            "label_share"]
     width = max(len(k) for k in keys)
     print(f"run: {out}")
     for k in keys:
