@@ -121,3 +121,22 @@ def test_bad_input_raises(x, kwargs, match):
 def test_predict_checks_feature_count(blobs, fitted):
     with pytest.raises(ValueError, match="features"):
         fitted.predict(np.zeros((3, 4)))
+
+
+def test_sklearn_estimator_api(blobs):
+    from sklearn.base import clone
+
+    model = SelfLabeller(4, n_heads=3, lam=10.0, epochs=7)
+    params = model.get_params()
+    assert params["n_clusters"] == 4 and params["n_heads"] == 3 and params["epochs"] == 7
+    copy = clone(model).set_params(epochs=2, n_label_updates=0)
+    assert copy.epochs == 2 and model.epochs == 7
+    assert not hasattr(copy, "labels_")
+    assert copy.fit(blobs[0]).labels_.shape == (600,)
+
+
+def test_tiny_input():
+    x = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.1, 5.0]])
+    labels = SelfLabeller(2, epochs=5, n_label_updates=2).fit_predict(x)
+    assert sorted(np.bincount(labels)) == [2, 2]
+    assert labels[0] == labels[1] != labels[2] == labels[3]

@@ -14,6 +14,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import NotFittedError
 from torch import Tensor, nn
 
@@ -39,8 +40,12 @@ class _HiddenHead(nn.Module):
         return self.out(self.hidden(x) * self.gain)  # (B, K)
 
 
-class SelfLabeller:
+class SelfLabeller(ClusterMixin, BaseEstimator):
     """Cluster fixed features into equal-sized clusters with SeLa's self-labelling.
+
+    A scikit-learn estimator (``get_params``, ``set_params``, ``clone`` and pipelines work); like
+    ``sklearn.cluster.KMeans``, ``__init__`` only stores the settings and ``fit`` sets the attributes
+    that end in an underscore.
 
     ``fit`` standardises the features, initialises H heads at random, labels the data by Sinkhorn
     from the random heads' logits, then runs ``epochs`` epochs of SGD (momentum 0.9, cosine learning
