@@ -109,7 +109,9 @@ def test_labels_of_new_images(run_dir, tmp_path, capsys):
     argv = ["labels", str(run_dir), "--images", str(folder), "--balanced", "-o", str(tmp_path / "b.csv")]
     assert main(argv) == 0
     balanced = read_labels_csv(tmp_path / "b.csv")
-    assert torch.bincount(balanced.labels[0], minlength=10).max() <= 5  # 30 images, 10 clusters of ~3
+    # 30 images, 10 clusters of ~3: the plan is balanced to tol, its row-wise argmax only roughly
+    sizes = torch.bincount(balanced.labels[0], minlength=10)
+    assert sizes.max() <= 6 and (sizes > 0).sum() >= 7
     assert (tmp_path / "b_sizes_head1.png").is_file()
     # the same images through the model directly (the dataset's own 8 -> 16 px resize) agree
     (folder / "list.txt").write_text("\n".join(f"{i:02d}.png" for i in range(3)))
