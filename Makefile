@@ -16,6 +16,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
+	rm -rf runs/demo
 	$(BIN)/sela train --out runs/demo
 
 test: install
