@@ -515,7 +515,7 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="clusters per head (10)")
     p.add_argument("--heads", type=int, default=1, help="number of heads (1)")
     p.add_argument("--lam", type=float, default=25.0, help="lambda of the label step (25)")
-    p.add_argument("--epochs", type=int, default=40, help="passes over the features (40)")
+    p.add_argument("--epochs", type=int, default=200, help="passes over the features (200; 40 gave NMI 0.70 vs 0.76 on digits)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
     p.add_argument("-o", "--output", default="labels.csv", help="CSV path (default ./labels.csv)")

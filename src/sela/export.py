@@ -241,7 +241,7 @@ def cluster_features(
     n_clusters: int,
     n_heads: int = 1,
     lam: float = 25.0,
-    epochs: int = 40,
+    epochs: int = 200,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor, int]:
