@@ -273,7 +273,7 @@ class BatchAugment(nn.Module):
         y = F.pad(y, (radius, radius, radius, radius), mode=pad_mode)
         y = F.conv2d(y, kernel[:, None, None, :], groups=b * c)  # along W
         y = F.conv2d(y, kernel[:, None, :, None], groups=b * c)  # along H
-        return y.reshape(b, c, h, w)
+        return y.reshape(b, c, h, w).clamp_(0, 1)  # the weights' float rounding can overshoot 1 by an ulp
 
 
 class EvalTransform(nn.Module):
