@@ -326,9 +326,10 @@ class Trainer:
         feats = self._features(rows)  # (n_r, D)
         buffer = torch.empty(len(rows) * max(self.model.n_clusters), device=self.device)
         solver_copy = 0
+        feats_finite = bool(torch.isfinite(feats).all())  # one pass over (n_r, D), not one per head
         for h in heads:
             head = self.model.heads[h]
-            if not (torch.isfinite(feats).all() and torch.isfinite(head.weight).all()):
+            if not (feats_finite and torch.isfinite(head.weight).all()):
                 raise TrainingDiverged(
                     f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; the "
                     f"last good checkpoint in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
@@ -368,6 +369,17 @@ class Trainer:
             "label_peak_mb": round(peak / 2**20, 1) if peak >= 0 else None,
         }
 
+    def _row_batches(self, rows: Tensor) -> Iterator[tuple[Tensor, int]]:
+        """The given rows in order, in batches: (uint8 images (b, C, H, W) on the device, offset into rows)."""
+        bs = max(256, self.batch_size)
+        if self.images is not None:
+            for s in range(0, len(rows), bs):
+                yield self.images[rows[s : s + bs].to(self.device)], s
+            return
+        loader = make_loader(self.train_set, bs, sampler=rows.tolist(), num_workers=self.workers)
+        for i, (images, _) in enumerate(loader):
+            yield images.to(self.device, non_blocking=True), i * bs
+
     def _calibrate_batchnorm(self, rows: Tensor) -> None:
         """Set BatchNorm running statistics from the data before the first, eval-mode label step.
 
@@ -382,14 +394,7 @@ class Trainer:
             m.reset_running_stats()
             m.momentum = None  # cumulative average over the calibration batches
         self.model.train()
-        bs = max(256, self.batch_size)
-        for s in range(0, len(rows), bs):
-            idx = rows[s : s + bs]
-            images = (
-                self.images[idx.to(self.device)]
-                if self.images is not None
-                else torch.stack([self.train_set[int(i)][0] for i in idx]).to(self.device)
-            )
+        for images, _ in self._row_batches(rows):
             with self.autocast:
                 self.model.forward_features(self.eval_transform(images))
         for m, momentum in zip(norms, momenta, strict=True):
@@ -402,13 +407,7 @@ class Trainer:
         self.model.train(train_mode)
         transform = self.augment if train_mode else self.eval_transform
         out = torch.empty(len(rows), self.model.feature_dim, device=self.device)
-        bs = max(256, self.batch_size)
-        if self.images is not None:
-            chunks = ((self.images[rows[s : s + bs].to(self.device)], s) for s in range(0, len(rows), bs))
-        else:
-            loader = make_loader(self.train_set, bs, sampler=rows.tolist(), num_workers=self.workers)
-            chunks = ((imgs.to(self.device), s * bs) for s, (imgs, _) in enumerate(loader))
-        for images, s in chunks:
+        for images, s in self._row_batches(rows):
             x = transform(images)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
