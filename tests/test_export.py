@@ -17,7 +17,6 @@ from sela.export import (
     read_labels_csv,
     write_labels_csv,
 )
-from sela.train import write_labels_csv as train_write_labels_csv
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +42,7 @@ def test_csv_round_trip_with_paths_and_confidence(tmp_path):
 
 def test_reads_the_labels_csv_of_sela_train(tmp_path):
     labels = torch.randint(0, 5, (2, 9))
-    train_write_labels_csv(tmp_path / "labels.csv", labels)
+    write_labels_csv(tmp_path / "labels.csv", labels)  # what sela train writes its labels.csv with
     table = read_labels_csv(tmp_path / "labels.csv")
     assert table.id_column == "index" and table.ids == [str(i) for i in range(9)]
     assert torch.equal(table.labels, labels) and table.confidence is None

@@ -511,16 +511,6 @@ def compare_configs(saved: dict, current: dict) -> list[str]:
 # the end of a run: labels.csv, plots, evaluation, summary.json
 
 
-def write_labels_csv(path: str | os.PathLike, labels: Tensor, paths: list[str] | None = None) -> None:
-    """One line per training image: its path (or index), then its label under each head."""
-    h = labels.shape[0]
-    with open(path, "w") as f:
-        f.write(("path" if paths else "index") + "".join(f",head{i}" for i in range(h)) + "\n")
-        cols = labels.t().tolist()  # (N, H)
-        for i, row in enumerate(cols):
-            f.write((paths[i] if paths else str(i)) + "," + ",".join(map(str, row)) + "\n")
-
-
 def evaluate_run(
     model: nn.Module,
     labels: Tensor,
@@ -597,7 +587,9 @@ def finish_run(trainer: Trainer, test_set: ImageSet | None, *, knn_k: int, knn_t
         knn_temperature=knn_temperature,
         progress=trainer.progress,
     )
-    write_labels_csv(out / "labels.csv", labels, train_set.paths)
+    from sela.export import write_labels_csv  # the CSV format `sela labels` reads back
+
+    write_labels_csv(out / "labels.csv", labels, paths=train_set.paths)
     metrics = [json.loads(line) for line in open(out / METRICS)] if (out / METRICS).exists() else []
     plot_curves(metrics, out / "curves.png")
     plot_cluster_sizes(labels, list(trainer.model.n_clusters), out / "cluster_sizes.png")
