@@ -106,6 +106,14 @@ def _check_collectives(rank: int, world: int) -> None:
         full = dist.gather_rows(local, n)  # (n, 2)
         assert torch.equal(full, torch.stack([torch.arange(n) * 10, -torch.arange(n)], dim=1).float())
         assert torch.equal(dist.gather_rows(rows, n), torch.arange(n))  # int64, like labels
+        # disjoint rows in any order (a rank's part of an epoch): values land at their rows, -1 elsewhere
+        mine = torch.arange(n).flip(0)[rank::world]
+        mine = mine[mine != 0] if n == 7 else mine  # at n = 7 no rank holds row 0
+        full = dist.scatter_rows(mine * 3, mine, n)
+        expected = torch.arange(n) * 3
+        if n == 7:
+            expected[0] = -1
+        assert torch.equal(full, expected)
     with pytest.raises(ValueError, match="shard"):  # raised before any collective, on every rank
         dist.gather_rows(torch.zeros(5), 7)
     assert dist.all_reduce_mean(float(rank), torch.device("cpu")) == (world - 1) / 2
@@ -135,6 +143,10 @@ def _worker(rank: int, world: int, tmp: Path) -> None:
     second.load_checkpoint(tmp / "resumed" / "checkpoint.pt")
     second.fit()
     torch.save(_result(second), tmp / f"resumed{rank}.pt")
+    # labels from the recorded outputs of the training pass: each rank records and solves its own rows
+    recorded = _trainer(tmp / "recorded", label_inputs="recorded")
+    recorded.fit()
+    torch.save(_result(recorded), tmp / f"recorded{rank}.pt")
     # SyncBatchNorm has no CPU kernel: a clear error on every rank, before any collective
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
         _trainer(tmp / "syncbn", sync_bn=True)
@@ -194,7 +206,7 @@ def _images():
     return ImageSet(x[:, None].round().to(torch.uint8), targets=cls, name="strokes")
 
 
-def _trainer(out: Path, *, sync_bn: bool = False):
+def _trainer(out: Path, *, sync_bn: bool = False, label_inputs: str = "eval"):
     from sela.data import BatchAugment, EvalTransform
     from sela.train import Trainer
 
@@ -208,7 +220,8 @@ def _trainer(out: Path, *, sync_bn: bool = False):
         batch_size=16,
         lr=0.05,
         warmup_epochs=0.5,
-        label_updates=3,  # before steps 0, 1 and 5 of 12
+        label_updates=3,  # before steps 0, 1 and 5 of 12; recorded: step 0 and the end of epoch 1
+        label_inputs=label_inputs,
         augment=BatchAugment(8, **OFF, mean=train_set.mean, std=train_set.std),
         eval_transform=EvalTransform(8, mean=train_set.mean, std=train_set.std),
         device=torch.device("cpu"),
@@ -241,6 +254,11 @@ def test_two_processes_train_like_one(two_process_run, tmp_path):
     for kind in ("straight", "resumed"):
         for rank in range(WORLD):
             _assert_same(torch.load(tmp / f"{kind}{rank}.pt"), expected)
+    recorded = _trainer(tmp_path / "recorded", label_inputs="recorded")
+    recorded.fit()
+    assert recorded.label_epochs == [1] and recorded.state.n_updates == 2
+    for rank in range(WORLD):
+        _assert_same(torch.load(tmp / f"recorded{rank}.pt"), _result(recorded))
     # rank 0 alone writes: one metrics line per epoch, with the label step's memory (the largest rank's)
     lines = (tmp / "run" / METRICS).read_text().splitlines()
     assert len(lines) == 2

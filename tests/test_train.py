@@ -8,7 +8,7 @@ import torch
 
 from sela.data import BatchAugment, EvalTransform, ImageSet, load_dataset
 from sela.models import create_model
-from sela.train import Trainer, TrainingDiverged, compare_configs, label_schedule, lr_at
+from sela.train import Trainer, TrainingDiverged, compare_configs, label_epochs, label_schedule, lr_at
 
 
 def test_label_schedule_quadratic_dense_early():
@@ -46,6 +46,12 @@ def test_lr_warmup_cosine_and_step():
         lr_at(0, 10, base_lr=1.0, schedule="linear", warmup_steps=0)
 
 
+def test_label_epochs_round_steps_up_to_epoch_ends():
+    assert label_epochs([0, 3, 6, 7, 8], steps_per_epoch=4) == [1, 2]  # the step-0 update is not moved
+    assert label_epochs(label_schedule(5, 50, "linear"), steps_per_epoch=10) == [1, 2, 3, 4]
+    assert label_epochs([0], steps_per_epoch=4) == []
+
+
 def test_compare_configs_names_differences():
     assert compare_configs({"arch": "convnet", "lr": 1}, {"arch": "convnet", "lr": 2}) == []
     assert compare_configs({"arch": "convnet"}, {"arch": "resnet18"}) == ["arch: 'convnet' -> 'resnet18'"]
@@ -65,8 +71,9 @@ def tiny_set():
     )
 
 
-def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0):
+def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0, **settings):
     torch.manual_seed(init_seed)
+    settings = {"label_updates": 4, "label_heads": "round-robin", **settings}
     model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8)
     return Trainer(
         model,
@@ -76,8 +83,7 @@ def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0):
         batch_size=40,
         lr=lr,
         lam=25.0,
-        label_updates=4,
-        label_heads="round-robin",
+        **settings,
         augment=BatchAugment(8, crop_scale=(0.6, 1.0), flip_p=0.0, mean=imageset.mean, std=imageset.std),
         eval_transform=EvalTransform(8, mean=imageset.mean, std=imageset.std),
         device=torch.device("cpu"),
@@ -117,12 +123,17 @@ def test_end_to_end_writes_the_run(tiny_set, tmp_path):
     assert csv[0] == "index,head0,head1" and len(csv) == 241
 
 
-def test_resume_is_exact(tiny_set, tmp_path):
-    full = make_trainer(tiny_set, tmp_path / "a")
+RECORDED = {"label_inputs": "recorded", "label_updates": 3, "label_spacing": "linear"}
+
+
+@pytest.mark.filterwarnings("ignore:epoch")  # the tiny run's loss stays near chance in the recorded case
+@pytest.mark.parametrize("settings", [{}, RECORDED], ids=["eval", "recorded"])
+def test_resume_is_exact(tiny_set, tmp_path, settings):
+    full = make_trainer(tiny_set, tmp_path / "a", epochs=3, **settings)
     full.fit()
-    first = make_trainer(tiny_set, tmp_path / "b")
+    first = make_trainer(tiny_set, tmp_path / "b", epochs=3, **settings)
     first.fit(max_epochs=1)
-    second = make_trainer(tiny_set, tmp_path / "b", init_seed=123)  # different init: must be overwritten
+    second = make_trainer(tiny_set, tmp_path / "b", epochs=3, init_seed=123, **settings)  # overwritten
     second.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     assert second.epoch == 1
     second.fit()
@@ -151,6 +162,49 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_set, tmp_path):
         t.fit()
     kept = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert kept["epoch"] == saved["epoch"] == 1
+
+
+def test_recorded_label_steps_use_the_training_pass(tiny_set, tmp_path, monkeypatch):
+    t = make_trainer(tiny_set, tmp_path, epochs=3, **RECORDED)
+    assert t.label_steps == [0] and t.label_epochs == [1, 2]
+    passes, snapshots = [], []
+    features, update = t._features, t.update_labels
+    monkeypatch.setattr(t, "_features", lambda rows: passes.append(len(rows)) or features(rows))
+    monkeypatch.setattr(t, "update_labels", lambda step: (update(step), snapshots.append(t.state.labels.clone()))[0])
+    monkeypatch.setattr(t, "_check_health", lambda stats: snapshots.append(t.state.labels.clone()))
+    t.fit()
+    assert passes == [240]  # one forward pass over the data: the first assignment, from the random network
+    assert t.state.n_updates == 3
+    first, epoch1, epoch2, epoch3 = snapshots
+    # round-robin: the first step assigns both heads, then head 1 (end of epoch 1), head 0 (end of epoch 2)
+    assert all(len(first[h].unique()) == k for h, k in enumerate([6, 8]))
+    assert torch.equal(first[0], epoch1[0]) and not torch.equal(first[1], epoch1[1])
+    assert not torch.equal(epoch1[0], epoch2[0]) and torch.equal(epoch1[1], epoch2[1])
+    assert torch.equal(epoch2, epoch3)
+    for h, k in enumerate([6, 8]):  # equipartition over the recorded rows (all 240: 6 batches of 40)
+        assert torch.bincount(t.state.labels[h], minlength=k).min() >= 240 / k * 0.5
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [m["label_updates"] for m in lines] == [2, 3, 3]
+    assert "label_buffers_mb" in lines[1] and "label_buffers_mb" not in lines[2]
+    assert lines[1]["label_time_s"] > 0 and lines[2]["label_time_s"] == 0
+
+
+def test_recorded_outputs_are_the_loss_outputs(tiny_set, tmp_path, monkeypatch):
+    """The labels of a recorded step are the solver's answer for exactly the logits the loss saw."""
+    import sela.train as train_mod
+
+    t = make_trainer(tiny_set, tmp_path, epochs=2, label_heads="all", **{**RECORDED, "label_updates": 2})
+    seen, solved = [], []
+    forward = t.net.forward
+    monkeypatch.setattr(t.net, "forward", lambda x: seen.append(out := forward(x)) or out)
+    real_assign = train_mod.assign
+    monkeypatch.setattr(
+        train_mod, "assign", lambda logits, **kw: solved.append(logits.clone()) or real_assign(logits, **kw)
+    )
+    t.fit()
+    # epoch 1: 6 training batches (their head-0 outputs, in order) then one solve per head
+    steps_1 = torch.cat([o[0].detach() for o in seen[:6]])  # (240, 6)
+    assert torch.equal(solved[2], steps_1)  # solves 0-1: the first step's pass; 2-3: end of epoch 1
 
 
 def test_trainer_validates(tiny_set, tmp_path):

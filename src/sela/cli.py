@@ -43,7 +43,7 @@ _TRAIN_FLAGS = {
     "--label-updates": ("label_updates", int, "label assignments over the whole run (the first at step 0)"),
     "--label-spacing": ("label_spacing", str, "quadratic (dense early, default) or linear"),
     "--label-heads": ("label_heads", str, "all heads per update (default) or round-robin"),
-    "--label-inputs": ("label_inputs", str, "eval (un-augmented, eval mode; default) or train (augmented)"),
+    "--label-inputs": ("label_inputs", str, "eval (un-augmented, eval mode; default), train (augmented, train mode) or recorded (the training pass's outputs, no extra pass)"),
     "--batch-size": ("batch_size", int, "global batch size (over all processes)"),
     "--lr": ("lr", float, "peak learning rate of SGD"),
     "--weight-decay": ("weight_decay", float, "weight decay"),

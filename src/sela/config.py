@@ -49,7 +49,9 @@ class TrainConfig:
     label_updates: int = 40
     label_spacing: str = "quadratic"  # or "linear"
     label_heads: str = "all"  # or "round-robin": one head per update
-    label_inputs: str = "eval"  # "eval": un-augmented, eval mode; "train": augmented, train mode
+    # "eval": un-augmented, eval mode; "train": augmented, train mode; "recorded": the outputs of the
+    # training pass itself, label steps at epoch ends (no extra forward pass)
+    label_inputs: str = "eval"
     # optimisation
     epochs: int = 60
     batch_size: int = 128

@@ -87,6 +87,18 @@ def gather_rows(local: Tensor, n: int) -> Tensor:
     return full[:n]
 
 
+def scatter_rows(local: Tensor, rows: Tensor, n: int) -> Tensor:
+    """Combine per-rank integer values (n_r,) for disjoint global ``rows`` (n_r,) into one (n,) int64 tensor on
+    every rank; rows that no rank holds are -1. One all-reduce (max) of n integers."""
+    if local.shape != rows.shape:
+        raise ValueError(f"{local.shape[0]} values for {rows.shape[0]} rows; give one value per row")
+    full = torch.full((n,), -1, dtype=torch.long, device=local.device)
+    full[rows.to(local.device)] = local.long()
+    if world_size() > 1:
+        dist.all_reduce(full, op=dist.ReduceOp.MAX)
+    return full
+
+
 def all_reduce_mean(value: float, device: torch.device) -> float:
     if world_size() == 1:
         return value

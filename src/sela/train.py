@@ -5,7 +5,9 @@ Letters: N training images, B batch, H heads, K_h clusters of head h, D feature 
 The method (Asano et al. 2020, Alg. 1): labels for all N images are assigned by :func:`sela.sinkhorn.assign`
 from every head's outputs (the first time from the randomly initialised network), then the network is
 trained with cross-entropy against them on augmented views, averaged over heads; label steps recur on a
-schedule (quadratically spaced by default, as the original ImageNet recipe). Under ``torchrun`` every rank
+schedule (quadratically spaced by default, as the original ImageNet recipe). With ``label_inputs="recorded"``
+the label step costs no forward pass: the head outputs computed for the loss are kept, and labels are
+re-assigned from them at the end of an epoch. Under ``torchrun`` every rank
 trains on its part of each global batch with DistributedDataParallel, and the label step is sharded: each
 rank computes outputs for its own rows only and the solver all-reduces K-sized vectors.
 """
@@ -32,6 +34,7 @@ from sela.eval.metrics import cluster_sizes
 from sela.sinkhorn import assign
 
 CHECKPOINT = "checkpoint.pt"
+LABEL_INPUTS = ("eval", "train", "recorded")
 METRICS = "metrics.jsonl"
 
 
@@ -52,6 +55,12 @@ def label_schedule(n_updates: int, total_steps: int, spacing: str = "quadratic")
     power = 2 if spacing == "quadratic" else 1
     steps = {int(total_steps * (i / n_updates) ** power) for i in range(n_updates)}
     return sorted(steps)
+
+
+def label_epochs(steps: list[int], steps_per_epoch: int) -> list[int]:
+    """Epochs (1-based) at whose end a recorded-output label step runs: scheduled step s > 0 moves to the
+    first epoch boundary at or after it (epoch ceil(s / steps_per_epoch)); collisions are merged."""
+    return sorted({-(-s // steps_per_epoch) for s in steps if s > 0})
 
 
 def lr_at(step: int, total_steps: int, *, base_lr: float, schedule: str, warmup_steps: int) -> float:
@@ -130,8 +139,8 @@ class Trainer:
             raise ValueError(f"batch size {batch_size} is larger than the dataset ({n} images); lower it")
         if label_heads not in ("all", "round-robin"):
             raise ValueError(f"label_heads must be 'all' or 'round-robin', got {label_heads!r}")
-        if label_inputs not in ("eval", "train"):
-            raise ValueError(f"label_inputs must be 'eval' or 'train', got {label_inputs!r}")
+        if label_inputs not in LABEL_INPUTS:
+            raise ValueError(f"label_inputs must be one of {', '.join(LABEL_INPUTS)}, got {label_inputs!r}")
         if max(model.n_clusters) > n:
             raise ValueError(
                 f"{max(model.n_clusters)} clusters but only {n} training images; use --clusters <= {n}"
@@ -167,6 +176,10 @@ class Trainer:
         )
         self.lam = lam
         self.label_steps = label_schedule(label_updates, self.total_steps, label_spacing)
+        self.label_epochs: list[int] = []
+        if label_inputs == "recorded":  # the first step needs a pass; the others use the epoch's outputs
+            self.label_epochs = label_epochs(self.label_steps, self.steps_per_epoch)
+            self.label_steps = [0]
         self.label_heads = label_heads
         self.label_inputs = label_inputs
         self.augment = augment
@@ -225,7 +238,9 @@ class Trainer:
             leave=False,
             unit="batch",
         )
-        for i, (images, idx) in enumerate(self._batches(epoch, gen)):
+        rows = self._epoch_rows(epoch, gen)  # (n_r,) global rows, this rank's part of the epoch, in order
+        record = self._recorder(epoch, len(rows))  # {head: (n_r, K_h) buffer} when labels come from this pass
+        for i, (images, idx) in enumerate(self._batches(rows)):
             step = first + i
             # label step(s) scheduled before this optimisation step
             if step in self.label_steps:
@@ -242,6 +257,8 @@ class Trainer:
                 outputs = self.net(views)  # H x (b, K_h)
                 loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, targets, strict=True))
                 loss = loss / len(outputs)
+            for h, buf in record.items():
+                buf[i * len(idx) : (i + 1) * len(idx)] = outputs[h].detach()  # every batch holds B / W rows
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -258,6 +275,8 @@ class Trainer:
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{seen * dist.world_size() / elapsed:.0f}")
             bar.update()
         bar.close()
+        if record:
+            label_time += self._labels_from_records(rows, record)
         total = time.perf_counter() - start
         stats = {
             "epoch": epoch + 1,
@@ -279,22 +298,25 @@ class Trainer:
         """This rank's seed for an epoch's augmentation and dropout (rank 0: a single process's)."""
         return self.seed * 1_000_003 + epoch + dist.rank() * 1_000_003**2
 
-    def _batches(self, epoch: int, gen: torch.Generator) -> Iterator[tuple[Tensor, Tensor]]:
-        """This rank's part of each global batch: (uint8 images (b, C, H, W) on the device, indices (b,))."""
+    def _epoch_rows(self, epoch: int, gen: torch.Generator) -> Tensor:
+        """This rank's rows (n_r,) of the epoch, in training order: its slice of each global batch."""
         n, b, world, r = len(self.train_set), self.batch_size, dist.world_size(), dist.rank()
         order = torch.randperm(n, generator=gen)[: self.steps_per_epoch * b]  # drop the last partial batch
-        per = b // world
         # the global batch t is order[t*b:(t+1)*b]; rank r takes its r-th slice of it
-        mine = order.view(self.steps_per_epoch, world, per)[:, r].reshape(-1)
+        return order.view(self.steps_per_epoch, world, b // world)[:, r].reshape(-1)
+
+    def _batches(self, rows: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+        """The given rows in batches of B / W: (uint8 images (b, C, H, W) on the device, indices (b,))."""
+        per = self.batch_size // dist.world_size()
         if self.images is not None:
-            for s in range(0, len(mine), per):
-                idx = mine[s : s + per]
+            for s in range(0, len(rows), per):
+                idx = rows[s : s + per]
                 yield self.images[idx.to(self.device)], idx
             return
         loader = make_loader(
             self.train_set,
             per,
-            sampler=mine.tolist(),
+            sampler=rows.tolist(),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
         )
@@ -314,11 +336,7 @@ class Trainer:
         """
         start = time.perf_counter()
         measured = dist.reset_peak_memory(self.device)
-        n_heads = len(self.model.n_clusters)
-        if self.label_heads == "all":
-            heads = list(range(n_heads))
-        else:
-            heads = [self.state.n_updates % n_heads]
+        heads = self._scheduled_heads(self.state.n_updates)
         rows = dist.shard_rows(len(self.train_set))  # (n_r,) global rows of this rank
         if self.state.n_updates == 0 and self.label_inputs == "eval":
             self._calibrate_batchnorm(rows[:4096])
@@ -350,6 +368,52 @@ class Trainer:
         peak = dist.peak_memory_bytes(self.device) if measured else None
         last = self._label_memory or (0, None)
         self._label_memory = (max(last[0], held), peak if last[1] is None else max(last[1], peak or 0))
+        return time.perf_counter() - start
+
+    def _scheduled_heads(self, n_done: int) -> list[int]:
+        """The heads that label step ``n_done + 1`` re-assigns: all, or one in turn (round-robin); the first
+        step assigns every head (an unassigned head would train towards label 0)."""
+        if self.label_heads == "all" or n_done == 0:
+            return list(range(len(self.model.n_clusters)))
+        return [n_done % len(self.model.n_clusters)]
+
+    def _recorder(self, epoch: int, n_rows: int) -> dict[int, Tensor]:
+        """Buffers {head: (n_r, K_h) float32} for the outputs of this epoch's training pass, when a
+        recorded-output label step ends the epoch; {} otherwise. Memory: n_r x sum(K_h) x 4 bytes."""
+        if epoch + 1 not in self.label_epochs:
+            return {}
+        first = epoch * self.steps_per_epoch
+        n_done = self.state.n_updates + sum(first <= s < first + self.steps_per_epoch for s in self.label_steps)
+        return {
+            h: torch.empty(n_rows, self.model.n_clusters[h], device=self.device)
+            for h in self._scheduled_heads(n_done)
+        }
+
+    @torch.no_grad()
+    def _labels_from_records(self, rows: Tensor, record: dict[int, Tensor]) -> float:
+        """Re-assign labels from the head outputs recorded during the epoch (augmented views, train mode,
+        each from the network as it was at that image's step); returns seconds taken.
+
+        ``rows`` (n_r,) are this rank's rows, disjoint between ranks; the images of the dropped last partial
+        batch keep their labels. The solve is global (K-sized all-reduces); each rank's labels are scattered
+        into an (N,) vector and combined with one all-reduce.
+        """
+        start = time.perf_counter()
+        for h, logits in record.items():
+            if not bool(torch.isfinite(logits).all()):
+                raise TrainingDiverged(
+                    f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; the "
+                    f"last good checkpoint in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
+                )
+            result = assign(logits, lam=self.lam, init=self.state.scalings[h], inplace=logits.numel() * 4 > 2**30)
+            full = dist.scatter_rows(result.labels, rows, len(self.train_set)).cpu()  # (N,), -1: not seen
+            seen = full >= 0
+            self.state.labels[h, seen] = full[seen]
+            self.state.scalings[h] = result.scaling
+        self.state.n_updates += 1
+        held = sum(buf.numel() * buf.element_size() for buf in record.values())
+        last = self._label_memory or (0, None)
+        self._label_memory = (max(last[0], held), last[1])
         return time.perf_counter() - start
 
     def _label_memory_stats(self) -> dict:
@@ -402,8 +466,8 @@ class Trainer:
 
     def _features(self, rows: Tensor) -> Tensor:
         """Backbone features (n_r, D) of the given rows: eval mode on un-augmented images (default),
-        or train mode on augmented views (the original code's choice)."""
-        train_mode = self.label_inputs == "train"
+        or train mode on augmented views (the original code's choice; also the first step of "recorded")."""
+        train_mode = self.label_inputs != "eval"
         self.model.train(train_mode)
         transform = self.augment if train_mode else self.eval_transform
         out = torch.empty(len(rows), self.model.feature_dim, device=self.device)
