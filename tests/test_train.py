@@ -170,7 +170,9 @@ def test_recorded_label_steps_use_the_training_pass(tiny_set, tmp_path, monkeypa
     passes, snapshots = [], []
     features, update = t._features, t.update_labels
     monkeypatch.setattr(t, "_features", lambda rows: passes.append(len(rows)) or features(rows))
-    monkeypatch.setattr(t, "update_labels", lambda step: (update(step), snapshots.append(t.state.labels.clone()))[0])
+    monkeypatch.setattr(
+        t, "update_labels", lambda step: (update(step), snapshots.append(t.state.labels.clone()))[0]
+    )
     monkeypatch.setattr(t, "_check_health", lambda stats: snapshots.append(t.state.labels.clone()))
     t.fit()
     assert passes == [240]  # one forward pass over the data: the first assignment, from the random network

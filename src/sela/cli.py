@@ -43,7 +43,11 @@ _TRAIN_FLAGS = {
     "--label-updates": ("label_updates", int, "label assignments over the whole run (the first at step 0)"),
     "--label-spacing": ("label_spacing", str, "quadratic (dense early, default) or linear"),
     "--label-heads": ("label_heads", str, "all heads per update (default) or round-robin"),
-    "--label-inputs": ("label_inputs", str, "eval (un-augmented, eval mode; default), train (augmented, train mode) or recorded (the training pass's outputs, no extra pass)"),
+    "--label-inputs": (
+        "label_inputs",
+        str,
+        "eval (un-augmented, eval mode; default), train (augmented, train mode) or recorded (the training pass's outputs, no extra pass)",
+    ),
     "--batch-size": ("batch_size", int, "global batch size (over all processes)"),
     "--lr": ("lr", float, "peak learning rate of SGD"),
     "--weight-decay": ("weight_decay", float, "weight decay"),
@@ -278,8 +282,17 @@ def _model_kwargs(cfg: TrainConfig, size: int, train_set) -> dict:
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    keys = ["knn_top1", "knn_top5", "nmi", "kmeans_pixels_nmi", "ari", "accuracy", "best_head", "train_time_s",
-            "label_share"]
+    keys = [
+        "knn_top1",
+        "knn_top5",
+        "nmi",
+        "kmeans_pixels_nmi",
+        "ari",
+        "accuracy",
+        "best_head",
+        "train_time_s",
+        "label_share",
+    ]
     width = max(len(k) for k in keys)
     print(f"run: {out}")
     for k in keys:
@@ -515,7 +528,12 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="clusters per head (10)")
     p.add_argument("--heads", type=int, default=1, help="number of heads (1)")
     p.add_argument("--lam", type=float, default=25.0, help="lambda of the label step (25)")
-    p.add_argument("--epochs", type=int, default=200, help="passes over the features (200; 40 gave NMI 0.70 vs 0.76 on digits)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=200,
+        help="passes over the features (200; 40 gave NMI 0.70 vs 0.76 on digits)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")
     p.add_argument("-o", "--output", default="labels.csv", help="CSV path (default ./labels.csv)")

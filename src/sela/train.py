@@ -383,7 +383,9 @@ class Trainer:
         if epoch + 1 not in self.label_epochs:
             return {}
         first = epoch * self.steps_per_epoch
-        n_done = self.state.n_updates + sum(first <= s < first + self.steps_per_epoch for s in self.label_steps)
+        n_done = self.state.n_updates + sum(
+            first <= s < first + self.steps_per_epoch for s in self.label_steps
+        )
         return {
             h: torch.empty(n_rows, self.model.n_clusters[h], device=self.device)
             for h in self._scheduled_heads(n_done)
@@ -405,7 +407,9 @@ class Trainer:
                     f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; the "
                     f"last good checkpoint in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
                 )
-            result = assign(logits, lam=self.lam, init=self.state.scalings[h], inplace=logits.numel() * 4 > 2**30)
+            result = assign(
+                logits, lam=self.lam, init=self.state.scalings[h], inplace=logits.numel() * 4 > 2**30
+            )
             full = dist.scatter_rows(result.labels, rows, len(self.train_set)).cpu()  # (N,), -1: not seen
             seen = full >= 0
             self.state.labels[h, seen] = full[seen]
