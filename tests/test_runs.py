@@ -55,6 +55,17 @@ def test_run_directory_and_checkpoint_file(tmp_path):
             assert torch.equal(run.model.state_dict()[key], value)
 
 
+def test_projector_widths_are_read_from_the_checkpoint(tmp_path):
+    model = _convnet(projector=(24, 12))
+    torch.save(
+        {"model": model.state_dict(), "config": {"dataset": "digits", "arch": "convnet"}}, tmp_path / "c.pt"
+    )
+    run = load_run(tmp_path / "c.pt", default_image_size=SIZES, test_split=False)
+    assert run.model.head_dim == 12 and run.untrained_heads == []
+    for key, value in model.state_dict().items():
+        assert torch.equal(run.model.state_dict()[key], value), key
+
+
 def test_flags_override_the_run(tmp_path):
     _fake_run(tmp_path)
     run = load_run(tmp_path, image_size=12, default_image_size=SIZES, test_split=False)

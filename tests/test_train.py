@@ -71,10 +71,10 @@ def tiny_set():
     )
 
 
-def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0, **settings):
+def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0, projector=(), **settings):
     torch.manual_seed(init_seed)
     settings = {"label_updates": 4, "label_heads": "round-robin", **settings}
-    model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8)
+    model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8, projector=projector)
     return Trainer(
         model,
         imageset,
@@ -207,6 +207,19 @@ def test_recorded_outputs_are_the_loss_outputs(tiny_set, tmp_path, monkeypatch):
     # epoch 1: 6 training batches (their head-0 outputs, in order) then one solve per head
     steps_1 = torch.cat([o[0].detach() for o in seen[:6]])  # (240, 6)
     assert torch.equal(solved[2], steps_1)  # solves 0-1: the first step's pass; 2-3: end of epoch 1
+
+
+def test_label_step_goes_through_the_projector(tiny_set, tmp_path):
+    from sela.sinkhorn import assign
+
+    t = make_trainer(tiny_set, tmp_path, projector=(12,), label_heads="all")
+    t.update_labels(0)  # eval-mode inputs: BatchNorm (the projector's too) calibrated from the data first
+    assert t.model.projector[1].num_batches_tracked > 0
+    with torch.no_grad():
+        logits = t.model.eval()(t.eval_transform(tiny_set.images))  # H x (N, K_h)
+    for h, out in enumerate(logits):
+        agree = (assign(out, lam=25.0).labels == t.state.labels[h]).float().mean()
+        assert agree > 0.98, (h, agree)
 
 
 def test_trainer_validates(tiny_set, tmp_path):

@@ -278,6 +278,10 @@ def _model_kwargs(cfg: TrainConfig, size: int, train_set) -> dict:
         if cfg.arch != "convnet":
             raise UsageError("widths applies to --arch convnet only")
         kwargs["widths"] = tuple(cfg.widths)
+    if cfg.projector:
+        if cfg.arch == "alexnet":
+            raise UsageError("projector applies to convnet and the resnets; alexnet has its own fc layers")
+        kwargs["projector"] = tuple(cfg.projector)
     return kwargs
 
 

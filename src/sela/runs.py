@@ -128,7 +128,16 @@ def _input_channels(state: dict[str, Tensor]) -> int | None:
 
 
 def _shape_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
-    """Width settings of the architecture as the checkpoint's tensors have them (convnet, alexnet)."""
+    """Width settings of the architecture as the checkpoint's tensors have them (convnet, alexnet), and
+    the projector's widths (Linear weights at projector.0, .3, ...)."""
+    projector = []
+    while f"projector.{3 * len(projector)}.weight" in state:
+        projector.append(int(state[f"projector.{3 * len(projector)}.weight"].shape[0]))
+    if projector:
+        return {
+            **_shape_kwargs(arch, {k: v for k, v in state.items() if not k.startswith("projector.")}),
+            "projector": tuple(projector),
+        }
     if arch == "convnet":
         widths = []
         while f"blocks.{len(widths)}.0.weight" in state:

@@ -341,10 +341,10 @@ class Trainer:
         if self.state.n_updates == 0 and self.label_inputs == "eval":
             self._calibrate_batchnorm(rows[:4096])
         dist.average_buffers(self.model)  # one network on all ranks: their BatchNorm statistics drift apart
-        feats = self._features(rows)  # (n_r, D)
+        feats = self._features(rows)  # (n_r, P)
         buffer = torch.empty(len(rows) * max(self.model.n_clusters), device=self.device)
         solver_copy = 0
-        feats_finite = bool(torch.isfinite(feats).all())  # one pass over (n_r, D), not one per head
+        feats_finite = bool(torch.isfinite(feats).all())  # one pass over (n_r, P), not one per head
         for h in heads:
             head = self.model.heads[h]
             if not (feats_finite and torch.isfinite(head.weight).all()):
@@ -423,7 +423,7 @@ class Trainer:
     def _label_memory_stats(self) -> dict:
         """Memory of this epoch's label steps in MiB, the largest over ranks ({} when there were none).
 
-        ``label_buffers_mb``: the features (n_r, D), logits (n_r, K) and solver kernel (n_r, K, when not
+        ``label_buffers_mb``: the head inputs (n_r, P), logits (n_r, K) and solver kernel (n_r, K, when not
         solved in place) one rank holds; ``label_peak_mb``: measured, the peak of CUDA allocations on a GPU
         or of the process's resident memory (VmHWM, dataset and model included) on CPU.
         """
@@ -464,23 +464,23 @@ class Trainer:
         self.model.train()
         for images, _ in self._row_batches(rows):
             with self.autocast:
-                self.model.forward_features(self.eval_transform(images))
+                self.model.head_inputs(self.model.forward_features(self.eval_transform(images)))
         for m, momentum in zip(norms, momenta, strict=True):
             m.momentum = momentum
 
     def _features(self, rows: Tensor) -> Tensor:
-        """Backbone features (n_r, D) of the given rows: eval mode on un-augmented images (default),
-        or train mode on augmented views (the original code's choice; also the first step of "recorded")."""
+        """The heads' inputs (n_r, P) for the given rows: eval mode on un-augmented images (default), or
+        train mode on augmented views (the original code's choice; also the first step of "recorded")."""
         train_mode = self.label_inputs != "eval"
         self.model.train(train_mode)
         transform = self.augment if train_mode else self.eval_transform
-        out = torch.empty(len(rows), self.model.feature_dim, device=self.device)
+        out = torch.empty(len(rows), self.model.head_dim, device=self.device)
         for images, s in self._row_batches(rows):
             x = transform(images)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast:
-                out[s : s + len(images)] = self.model.forward_features(x).float()
+                out[s : s + len(images)] = self.model.head_inputs(self.model.forward_features(x)).float()
         return out
 
     # ----------------------------------------------------------------------------------------------------

@@ -248,3 +248,32 @@ def test_importing_models_loads_no_upper_layer():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet18_cifar"])
+def test_projector_sits_between_features_and_heads(name):
+    torch.manual_seed(0)
+    model = create_model(name, [7, 5], projector=(32, 16))
+    assert model.head_dim == 16 and all(h.in_features == 16 for h in model.heads)
+    assert [type(m) for m in model.projector] == [nn.Linear, nn.BatchNorm1d, nn.ReLU] * 2
+    x = torch.randn(4, 3, 32, 32)
+    features = model.forward_features(x)  # evaluation's features: below the projector
+    assert features.shape == (4, model.feature_dim)
+    z = model.head_inputs(features)
+    assert z.shape == (4, 16) and (z >= 0).all()
+    logits = model(x)
+    assert [tuple(t.shape) for t in logits] == [(4, 7), (4, 5)]
+    for out, head in zip(logits, model.heads, strict=True):
+        assert torch.allclose(out, head(z), atol=1e-6)
+    sum(t.logsumexp(1).mean() for t in logits).backward()
+    assert model.projector[0].weight.grad.abs().sum() > 0
+    plain = create_model(name, [7, 5])  # no projector: an identity, and no extra state-dict keys
+    assert plain.head_dim == plain.feature_dim and not any(
+        k.startswith("projector") for k in plain.state_dict()
+    )
+
+
+@pytest.mark.parametrize("bad", [(0,), (16, -1), (2.5,)])
+def test_projector_widths_are_checked(bad):
+    with pytest.raises(ValueError, match="projector"):
+        create_model("convnet", [4], projector=bad)

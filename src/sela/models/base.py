@@ -1,6 +1,7 @@
 """``SelaModel``: a backbone that maps images to D features, plus H linear heads (one per clustering).
 
-Letters: B batch, C image channels, H heads (``len(n_clusters)``), K_h clusters of head h, D features.
+Letters: B batch, C image channels, H heads (``len(n_clusters)``), K_h clusters of head h, D features,
+P the width of the heads' input (D, or the last projector width).
 Evaluation uses ``forward_features``; the labeller and the loss use ``forward_head``.
 """
 
@@ -23,7 +24,10 @@ class SelaModel(nn.Module):
     Attributes:
         feature_dim: D, the width of ``forward_features``.
         n_clusters: K per head.
-        heads: ``nn.ModuleList`` of ``nn.Linear(D, K_h)``, the paper's linear heads.
+        projector: ``nn.Sequential`` of (Linear, BatchNorm1d, ReLU) blocks between the features and the
+            heads, shared by all heads (empty, an identity, unless built with ``projector`` widths).
+        head_dim: P, the heads' input width.
+        heads: ``nn.ModuleList`` of ``nn.Linear(P, K_h)``, the paper's linear heads.
         default_input_size: the image side (px) the model is designed for.
     """
 
@@ -32,10 +36,24 @@ class SelaModel(nn.Module):
     heads: nn.ModuleList
     default_input_size: int
 
-    def _build_heads(self, feature_dim: int, n_clusters: list[int]) -> None:
+    def _build_heads(self, feature_dim: int, n_clusters: list[int], projector: tuple[int, ...] = ()) -> None:
+        """Linear heads (P -> K_h) on the features, through an MLP projector of the given widths if any.
+
+        A projector lets the last layers specialise to the self-labels while the features below it,
+        which evaluation uses, stay general (as the fc layers of the paper's AlexNet, or SimCLR's head).
+        """
+        projector = tuple(projector)
+        check_positive_ints("projector widths", projector)
         self.feature_dim = feature_dim
         self.n_clusters = list(n_clusters)
-        self.heads = nn.ModuleList(nn.Linear(feature_dim, k) for k in self.n_clusters)
+        layers: list[nn.Module] = []
+        d = feature_dim
+        for width in projector:
+            layers += [nn.Linear(d, width, bias=False), nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+            d = width
+        self.projector = nn.Sequential(*layers)
+        self.head_dim = d
+        self.heads = nn.ModuleList(nn.Linear(d, k) for k in self.n_clusters)
 
     def _stages(self) -> list[Stage]:
         raise NotImplementedError
@@ -71,9 +89,14 @@ class SelaModel(nn.Module):
                 break
         return _pool(x)  # (B, D_layer)
 
+    def head_inputs(self, features: Tensor) -> Tensor:
+        """(B, D) features -> (B, P) inputs of the heads (the projector's output; the features without one)."""
+        return self.projector(features)
+
     def forward_head(self, features: Tensor) -> list[Tensor]:
         """(B, D) features -> list of H logits tensors, the h-th of shape (B, K_h)."""
-        return [head(features) for head in self.heads]
+        z = self.head_inputs(features)  # (B, P)
+        return [head(z) for head in self.heads]
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """(B, C, H, W) images -> list of H logits tensors (B, K_h)."""

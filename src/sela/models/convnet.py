@@ -40,6 +40,7 @@ class ConvNet(SelaModel):
         input_size: the image side the model is meant for (sets ``default_input_size`` only).
         channels_last: keep weights and activations in ``torch.channels_last`` memory format
             (about 25 % faster training on CPU; outputs are the same).
+        projector: widths of an MLP between the pooled features and the heads (none by default).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class ConvNet(SelaModel):
         in_channels: int = 3,
         input_size: int = 32,
         channels_last: bool = True,
+        projector: tuple[int, ...] = (),
     ):
         super().__init__()
         widths = tuple(widths)
@@ -66,7 +68,7 @@ class ConvNet(SelaModel):
             c_in = width
         self.blocks = nn.ModuleList(blocks)
         self.default_input_size = input_size
-        self._build_heads(widths[-1], n_clusters)
+        self._build_heads(widths[-1], n_clusters, projector)
         self.channels_last = channels_last
         if channels_last:
             self.to(memory_format=torch.channels_last)

@@ -32,6 +32,7 @@ class ResNet(SelaModel):
         cifar_stem: bool = False,
         in_channels: int = 3,
         zero_init_residual: bool = False,
+        projector: tuple[int, ...] = (),
     ):
         super().__init__()
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
@@ -47,7 +48,7 @@ class ResNet(SelaModel):
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.default_input_size = 32 if cifar_stem else 224
-        self._build_heads(net.fc.in_features, n_clusters)
+        self._build_heads(net.fc.in_features, n_clusters, projector)
 
     def _stem(self, x: Tensor) -> Tensor:
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
