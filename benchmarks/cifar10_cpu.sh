@@ -20,14 +20,18 @@ if [ ! -d "$DATA/train" ]; then
 fi
 WIDTHS=${WIDTHS:-[32,64,128]}
 BATCH=${BATCH:-256}
-LABEL_UPDATES=${LABEL_UPDATES:-6}
-EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" <<'PYEOF'
+LABEL_UPDATES=${LABEL_UPDATES:-4}
+HEADS=${HEADS:-10}
+LR=${LR:-0.15}
+PROJECTOR=${PROJECTOR:-[]}
+EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" <<'PYEOF'
 import json, sys, time
 import torch
 from sela.data import BatchAugment
 from sela.models import create_model
 budget_s, widths, batch, updates = float(sys.argv[1]) * 60, json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-model = create_model("convnet", [128] * 4, widths=tuple(widths))
+heads, projector = int(sys.argv[5]), tuple(json.loads(sys.argv[6]))
+model = create_model("convnet", [128] * heads, widths=tuple(widths), projector=projector)
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 aug = BatchAugment(32)
 x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
@@ -49,8 +53,8 @@ PYEOF
 rm -rf "$OUT"
 start=$(date +%s)
 .venv/bin/sela train --dataset folder --data-dir "$DATA" --arch convnet --set "widths=$WIDTHS" \
-  --heads 4 --clusters 128 --epochs "$EPOCHS" --label-updates "$LABEL_UPDATES" --batch-size "$BATCH" \
-  --lr 0.05 --out "$OUT" --no-progress
+  --set "projector=$PROJECTOR" --heads "$HEADS" --clusters 128 --epochs "$EPOCHS" \
+  --label-updates "$LABEL_UPDATES" --batch-size "$BATCH" --lr "$LR" --out "$OUT" --no-progress
 end=$(date +%s)
 echo "wall clock (training + evaluation): $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
 $PY -c "import json; s = json.load(open('$OUT/summary.json')); print(f\"CIFAR-10 (JPEG copy) knn_top1 = {s['knn_top1']:.2f} %  (train {s['train_time_s']/60:.1f} min, label share {s.get('label_share', 0):.1%})\")"
