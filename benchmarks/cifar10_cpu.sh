@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # SeLa on CIFAR-10 (the shared JPEG copy) on this CPU within a wall-clock budget; prints knn_top1.
 #
-#   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu]
+#   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu] [more sela train flags ...]
+#
+# Settings (environment): WIDTHS, BATCH, LABEL_UPDATES, HEADS, LR, PROJECTOR; flags after OUT go to
+# `sela train` as they are (e.g. --set augment.jitter_p=0.8).
 #
 # The budget covers training (label steps included); the final evaluation (features of 60k images and
 # the weighted kNN, k = 200, T = 0.1) comes after it. The number of epochs that fits is estimated from a
@@ -11,6 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET_MIN=${1:-30}
 OUT=${2:-runs/cifar10_cpu}
+shift $(( $# < 2 ? $# : 2 ))
 DATA=${SELA_CIFAR_DIR:-/tmp/data/cifar10}
 TARBALL=../shared/data/cifar10-jpeg.tar.gz
 PY=${PY:-.venv/bin/python}
@@ -54,7 +58,7 @@ rm -rf "$OUT"
 start=$(date +%s)
 .venv/bin/sela train --dataset folder --data-dir "$DATA" --arch convnet --set "widths=$WIDTHS" \
   --set "projector=$PROJECTOR" --heads "$HEADS" --clusters 128 --epochs "$EPOCHS" \
-  --label-updates "$LABEL_UPDATES" --batch-size "$BATCH" --lr "$LR" --out "$OUT" --no-progress
+  --label-updates "$LABEL_UPDATES" --batch-size "$BATCH" --lr "$LR" --out "$OUT" --no-progress "$@"
 end=$(date +%s)
 echo "wall clock (training + evaluation): $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
 $PY -c "import json; s = json.load(open('$OUT/summary.json')); print(f\"CIFAR-10 (JPEG copy) knn_top1 = {s['knn_top1']:.2f} %  (train {s['train_time_s']/60:.1f} min, label share {s.get('label_share', 0):.1%})\")"

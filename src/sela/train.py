@@ -348,10 +348,7 @@ class Trainer:
         for h in heads:
             head = self.model.heads[h]
             if not (feats_finite and torch.isfinite(head.weight).all()):
-                raise TrainingDiverged(
-                    f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; the "
-                    f"last good checkpoint in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
-                )
+                raise self._diverged_outputs()
             logits = buffer[: len(rows) * head.out_features].view(len(rows), head.out_features)  # (n_r, K_h)
             for s in range(0, len(rows), 8192):
                 torch.addmm(head.bias, feats[s : s + 8192].float(), head.weight.t(), out=logits[s : s + 8192])
@@ -369,6 +366,12 @@ class Trainer:
         last = self._label_memory or (0, None)
         self._label_memory = (max(last[0], held), peak if last[1] is None else max(last[1], peak or 0))
         return time.perf_counter() - start
+
+    def _diverged_outputs(self) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; the "
+            f"last good checkpoint in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
+        )
 
     def _scheduled_heads(self, n_done: int) -> list[int]:
         """The heads that label step ``n_done + 1`` re-assigns: all, or one in turn (round-robin); the first
@@ -403,10 +406,7 @@ class Trainer:
         start = time.perf_counter()
         for h, logits in record.items():
             if not bool(torch.isfinite(logits).all()):
-                raise TrainingDiverged(
-                    f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; the "
-                    f"last good checkpoint in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
-                )
+                raise self._diverged_outputs()
             result = assign(
                 logits, lam=self.lam, init=self.state.scalings[h], inplace=logits.numel() * 4 > 2**30
             )
