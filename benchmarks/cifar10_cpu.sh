@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu] [more sela train flags ...]
 #
-# Settings (environment): WIDTHS, BATCH, LABEL_UPDATES, HEADS, LR, PROJECTOR; flags after OUT go to
+# Settings (environment): WIDTHS, BATCH, LABEL_UPDATES, HEADS, LR, PROJECTOR, LABEL_INPUTS; flags after OUT go to
 # `sela train` as they are (e.g. --set augment.jitter_p=0.8).
 #
 # The budget covers training (label steps included); the final evaluation (features of 60k images and
@@ -28,13 +28,15 @@ LABEL_UPDATES=${LABEL_UPDATES:-4}
 HEADS=${HEADS:-10}
 LR=${LR:-0.15}
 PROJECTOR=${PROJECTOR:-[]}
-EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" <<'PYEOF'
+LABEL_INPUTS=${LABEL_INPUTS:-eval}   # recorded: label steps from the training pass (one extra pass in all)
+EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" "$LABEL_INPUTS" <<'PYEOF'
 import json, sys, time
 import torch
 from sela.data import BatchAugment
 from sela.models import create_model
 budget_s, widths, batch, updates = float(sys.argv[1]) * 60, json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 heads, projector = int(sys.argv[5]), tuple(json.loads(sys.argv[6]))
+passes = 1 if sys.argv[7] == "recorded" else updates  # recorded: only the first step is a pass
 model = create_model("convnet", [128] * heads, widths=tuple(widths), projector=projector)
 opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 aug = BatchAugment(32)
@@ -49,7 +51,7 @@ step = sorted(times[1:])[len(times[1:]) // 2]
 steps_per_epoch = 50000 // batch
 epoch_s = step * steps_per_epoch
 label_s = epoch_s / 3 * 50000 / (steps_per_epoch * batch)  # one forward pass over the data
-epochs = max(1, int((budget_s - updates * label_s) / epoch_s))
+epochs = max(1, int((budget_s - passes * label_s) / epoch_s))
 print(f"probe: {step:.3f} s/step, ~{epoch_s:.0f} s/epoch -> {epochs} epochs in {budget_s/60:.0f} min", file=sys.stderr)
 print(epochs)
 PYEOF
@@ -58,7 +60,7 @@ rm -rf "$OUT"
 start=$(date +%s)
 .venv/bin/sela train --dataset folder --data-dir "$DATA" --arch convnet --set "widths=$WIDTHS" \
   --set "projector=$PROJECTOR" --heads "$HEADS" --clusters 128 --epochs "$EPOCHS" \
-  --label-updates "$LABEL_UPDATES" --batch-size "$BATCH" --lr "$LR" --out "$OUT" --no-progress "$@"
+  --label-updates "$LABEL_UPDATES" --label-inputs "$LABEL_INPUTS" --batch-size "$BATCH" --lr "$LR" --out "$OUT" --no-progress "$@"
 end=$(date +%s)
 echo "wall clock (training + evaluation): $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
 $PY -c "import json; s = json.load(open('$OUT/summary.json')); print(f\"CIFAR-10 (JPEG copy) knn_top1 = {s['knn_top1']:.2f} %  (train {s['train_time_s']/60:.1f} min, label share {s.get('label_share', 0):.1%})\")"
