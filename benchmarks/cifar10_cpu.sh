@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu] [more sela train flags ...]
 #
-# Settings (environment): WIDTHS, BATCH, LABEL_UPDATES, HEADS, LR, PROJECTOR, LABEL_INPUTS; flags after OUT go to
+# Settings (environment): WIDTHS, BATCH, HEADS, LR, PROJECTOR, LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
+# LABEL_UPDATES (recorded: 1000, i.e. one label step per epoch, merged at epoch ends); flags after OUT go to
 # `sela train` as they are (e.g. --set augment.jitter_p=0.8).
 #
 # The budget covers training (label steps included); the final evaluation (features of 60k images and
@@ -24,11 +25,13 @@ if [ ! -d "$DATA/train" ]; then
 fi
 WIDTHS=${WIDTHS:-[32,64,128]}
 BATCH=${BATCH:-256}
-LABEL_UPDATES=${LABEL_UPDATES:-4}
+LABEL_INPUTS=${LABEL_INPUTS:-recorded}  # recorded: label steps from the training pass; eval: a pass each
+LABEL_HEADS=${LABEL_HEADS:-round-robin}
+LABEL_SPACING=${LABEL_SPACING:-linear}
+LABEL_UPDATES=${LABEL_UPDATES:-$([ "$LABEL_INPUTS" = recorded ] && echo 1000 || echo 4)}  # recorded: every epoch
 HEADS=${HEADS:-10}
 LR=${LR:-0.15}
 PROJECTOR=${PROJECTOR:-[]}
-LABEL_INPUTS=${LABEL_INPUTS:-eval}   # recorded: label steps from the training pass (one extra pass in all)
 EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" "$LABEL_INPUTS" <<'PYEOF'
 import json, sys, time
 import torch
@@ -60,7 +63,8 @@ rm -rf "$OUT"
 start=$(date +%s)
 .venv/bin/sela train --dataset folder --data-dir "$DATA" --arch convnet --set "widths=$WIDTHS" \
   --set "projector=$PROJECTOR" --heads "$HEADS" --clusters 128 --epochs "$EPOCHS" \
-  --label-updates "$LABEL_UPDATES" --label-inputs "$LABEL_INPUTS" --batch-size "$BATCH" --lr "$LR" --out "$OUT" --no-progress "$@"
+  --label-updates "$LABEL_UPDATES" --label-inputs "$LABEL_INPUTS" --label-heads "$LABEL_HEADS" \
+  --label-spacing "$LABEL_SPACING" --batch-size "$BATCH" --lr "$LR" --out "$OUT" --no-progress "$@"
 end=$(date +%s)
 echo "wall clock (training + evaluation): $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
 $PY -c "import json; s = json.load(open('$OUT/summary.json')); print(f\"CIFAR-10 (JPEG copy) knn_top1 = {s['knn_top1']:.2f} %  (train {s['train_time_s']/60:.1f} min, label share {s.get('label_share', 0):.1%})\")"
