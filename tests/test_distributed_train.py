@@ -34,12 +34,7 @@ JOIN_S = 60.0  # no test process may live longer than this
 OFF = {"crop_scale": None, "flip_p": 0.0, "jitter": None, "grayscale_p": 0.0}  # a deterministic augmentation
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------------------------------------

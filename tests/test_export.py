@@ -18,13 +18,7 @@ from sela.export import (
     write_labels_csv,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_csv_round_trip_with_paths_and_confidence(tmp_path):

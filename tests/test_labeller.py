@@ -7,14 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from sela.labeller import SelfLabeller
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: on a shared, oversubscribed CPU, intra-op threads cost far more than they save.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAST = {"epochs": 30, "n_label_updates": 15}

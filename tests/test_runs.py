@@ -16,12 +16,7 @@ SIZES = {"digits": 16}
 N_TRAIN = 1437  # digits training split
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _convnet(ks=(10, 6), **kwargs):

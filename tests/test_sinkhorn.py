@@ -19,14 +19,7 @@ from torch import Tensor
 
 from sela.sinkhorn import Assignment, assign
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small problems: one thread avoids OpenMP overhead and stalls when other processes share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _logits(n: int, k: int, scale: float = 3.0, seed: int = 0) -> Tensor:

@@ -29,12 +29,7 @@ JOIN_S = 90.0  # no worker may outlive this (the whole launch takes about 10 s)
 TOL = 1e-6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cases() -> dict[str, dict]:

@@ -8,13 +8,7 @@ from sela.data import BatchAugment, EvalTransform
 OFF = {"crop_scale": None, "flip_p": 0.0, "jitter": None, "grayscale_p": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny workloads: one thread avoids OpenMP overhead, and stalls when other processes share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(b=8, c=3, h=32, w=32, seed=0) -> torch.Tensor:

@@ -8,13 +8,7 @@ from sela.data import EvalTransform, ImageSet, load_dataset
 from sela.eval.evaluate import evaluate, format_report
 from sela.eval.metrics import cluster_metrics, many_to_one_accuracy
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class LookupModel(nn.Module):

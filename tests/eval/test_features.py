@@ -5,14 +5,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from sela.eval.features import Extracted, extract
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: on a shared, oversubscribed CPU, intra-op threads cost far more than they save.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class TinyModel(nn.Module):

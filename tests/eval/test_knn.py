@@ -6,14 +6,7 @@ import torch
 
 from sela.eval.knn import knn_accuracy, knn_classify
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: on a shared, oversubscribed CPU, intra-op threads cost far more than they save.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _brute_force(train, labels, test, k, temperature, n_classes):

@@ -4,14 +4,7 @@ import torch
 
 from sela.eval.linear import linear_probe
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: on a shared, oversubscribed CPU, intra-op threads cost far more than they save.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gaussians(n_train, n_test, d, n_classes, spread, seed):

@@ -14,13 +14,7 @@ from sela.models import AlexNet, SelaModel, create_model, list_models, load_pret
 EXPECTED = {"alexnet", "convnet", "resnet18", "resnet50", "resnet18_cifar", "resnet50_cifar"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny workloads: one thread avoids OpenMP overhead, and stalls when other processes share the cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _input_size(model: SelaModel) -> int:
