@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu] [more sela train flags ...]
 #
-# Settings (environment): WIDTHS, BATCH, HEADS, LR, PROJECTOR, LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
+# Settings (environment): WIDTHS, BATCH, HEADS, LR, PROJECTOR, PRECISION, OBJECTIVE, LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
 # LABEL_UPDATES (recorded: 1000, i.e. one label step per epoch, merged at epoch ends); flags after OUT go to
 # `sela train` as they are (e.g. --set augment.jitter_p=0.8).
 #
@@ -25,37 +25,48 @@ if [ ! -d "$DATA/train" ]; then
 fi
 WIDTHS=${WIDTHS:-[32,64,128]}
 BATCH=${BATCH:-256}
-LABEL_INPUTS=${LABEL_INPUTS:-recorded}  # recorded: label steps from the training pass; eval: a pass each
+OBJECTIVE=${OBJECTIVE:-sela}  # sela: the paper; swapped: the online SwAV-style deviation (two views)
+LABEL_INPUTS=${LABEL_INPUTS:-$([ "$OBJECTIVE" = swapped ] && echo eval || echo recorded)}  # recorded: label steps from the training pass; eval: a pass each
 LABEL_HEADS=${LABEL_HEADS:-round-robin}
 LABEL_SPACING=${LABEL_SPACING:-linear}
 LABEL_UPDATES=${LABEL_UPDATES:-$([ "$LABEL_INPUTS" = recorded ] && echo 1000 || echo 4)}  # recorded: every epoch
 HEADS=${HEADS:-10}
 LR=${LR:-0.15}
 PROJECTOR=${PROJECTOR:-[]}
-EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" "$LABEL_INPUTS" <<'PYEOF'
-import json, sys, time
+PRECISION=${PRECISION:-auto}  # auto: bfloat16 autocast on CPUs with AVX512-BF16/AMX (about 2x), else fp32
+EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" "$LABEL_INPUTS" \
+  "$PRECISION" "$OBJECTIVE" "$LR" <<'PYEOF'
+import json, sys, tempfile, time
 import torch
-from sela.data import BatchAugment
+from sela.data import BatchAugment, EvalTransform, ImageSet
 from sela.models import create_model
+from sela.train import Trainer
 budget_s, widths, batch, updates = float(sys.argv[1]) * 60, json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-heads, projector = int(sys.argv[5]), tuple(json.loads(sys.argv[6]))
-passes = 1 if sys.argv[7] == "recorded" else updates  # recorded: only the first step is a pass
-model = create_model("convnet", [128] * heads, widths=tuple(widths), projector=projector)
-opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-aug = BatchAugment(32)
-x = torch.randint(0, 256, (batch, 3, 32, 32), dtype=torch.uint8)
-times = []
-for i in range(6):
+heads, projector, inputs, precision, objective = int(sys.argv[5]), tuple(json.loads(sys.argv[6])), *sys.argv[7:10]
+# label passes over the data: each scheduled step (eval/train inputs), or only one (recorded: the first;
+# swapped: the final global step)
+passes = 1 if inputs == "recorded" or objective == "swapped" else updates
+# time the real training step (augmentation, forward, loss, backward, bookkeeping) on random images
+probe_steps = 12
+images = torch.randint(0, 256, (probe_steps * batch, 3, 32, 32), dtype=torch.uint8)
+with tempfile.TemporaryDirectory() as tmp:
+    trainer = Trainer(
+        create_model("convnet", [128] * heads, widths=tuple(widths), projector=projector),
+        ImageSet(images), out_dir=tmp, epochs=1000, batch_size=batch, lr=float(sys.argv[10]),
+        label_updates=1, label_inputs=inputs, augment=BatchAugment(32), eval_transform=EvalTransform(32),
+        device=torch.device("cpu"), progress=False, precision=precision, objective=objective,
+    )
+    trainer.update_labels(0)
+    trainer.train_one_epoch(0)  # warm-up
     t = time.perf_counter()
-    loss = sum(o.logsumexp(1).mean() for o in model(aug(x)))
-    opt.zero_grad(); loss.backward(); opt.step()
-    times.append(time.perf_counter() - t)
-step = sorted(times[1:])[len(times[1:]) // 2]
+    trainer.train_one_epoch(1)
+    step = (time.perf_counter() - t) / probe_steps
 steps_per_epoch = 50000 // batch
 epoch_s = step * steps_per_epoch
-label_s = epoch_s / 3 * 50000 / (steps_per_epoch * batch)  # one forward pass over the data
+label_s = epoch_s / (6 if objective == "swapped" else 3)  # one eval-mode forward pass over the data
 epochs = max(1, int((budget_s - passes * label_s) / epoch_s))
-print(f"probe: {step:.3f} s/step, ~{epoch_s:.0f} s/epoch -> {epochs} epochs in {budget_s/60:.0f} min", file=sys.stderr)
+print(f"probe ({trainer.precision}, {objective}): {step:.3f} s/step, ~{epoch_s:.0f} s/epoch -> {epochs} epochs "
+      f"in {budget_s/60:.0f} min", file=sys.stderr)
 print(epochs)
 PYEOF
 )
@@ -64,7 +75,8 @@ start=$(date +%s)
 .venv/bin/sela train --dataset folder --data-dir "$DATA" --arch convnet --set "widths=$WIDTHS" \
   --set "projector=$PROJECTOR" --heads "$HEADS" --clusters 128 --epochs "$EPOCHS" \
   --label-updates "$LABEL_UPDATES" --label-inputs "$LABEL_INPUTS" --label-heads "$LABEL_HEADS" \
-  --label-spacing "$LABEL_SPACING" --batch-size "$BATCH" --lr "$LR" --out "$OUT" --no-progress "$@"
+  --label-spacing "$LABEL_SPACING" --batch-size "$BATCH" --lr "$LR" --precision "$PRECISION" --objective "$OBJECTIVE" --out "$OUT" \
+  --no-progress "$@"
 end=$(date +%s)
 echo "wall clock (training + evaluation): $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
 $PY -c "import json; s = json.load(open('$OUT/summary.json')); print(f\"CIFAR-10 (JPEG copy) knn_top1 = {s['knn_top1']:.2f} %  (train {s['train_time_s']/60:.1f} min, label share {s.get('label_share', 0):.1%})\")"

@@ -223,6 +223,7 @@ def _trainer(out: Path, *, sync_bn: bool = False, label_inputs: str = "eval"):
         workers=0,
         progress=False,
         sync_bn=sync_bn,
+        precision="fp32",  # compared with one process to 1e-4: bf16 rounding would differ with the split
     )
 
 

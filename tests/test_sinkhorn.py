@@ -17,7 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from sela.sinkhorn import Assignment, assign
+from sela.sinkhorn import Assignment, assign, soft_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -391,3 +391,33 @@ def _bad_inputs() -> list[tuple[str, Tensor, dict, str]]:
 def test_bad_inputs_raise_value_error(logits, kwargs, match):
     with pytest.raises(ValueError, match=match):
         assign(logits, **kwargs)
+
+
+def test_soft_codes_match_pot_sinkhorn_and_are_soft_and_balanced():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(64, 8, generator=g), dim=1)  # cosines
+    codes = soft_codes(scores, epsilon=0.05, n_iter=200)
+    assert torch.allclose(codes.sum(1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(codes.sum(0), torch.full((8,), 64 / 8), atol=1e-2)  # equipartition
+    # the same plan as POT's balanced Sinkhorn with cost -scores, times B
+    a, b = np.full(64, 1 / 64), np.full(8, 1 / 8)
+    ref = ot.sinkhorn(a, b, -scores.double().numpy(), reg=0.05, method="sinkhorn_log", numItermax=2000)
+    assert np.allclose(codes.double().numpy() / 64, ref, atol=1e-4)
+    few = soft_codes(scores, epsilon=0.05)  # SwAV's 3 rounds: rows exact, columns roughly balanced
+    assert torch.allclose(few.sum(1), torch.ones(64), atol=1e-5)
+    assert few.sum(0).max() < 2 * 64 / 8 and few.max() < 1  # soft, not one-hot
+
+
+def test_soft_codes_are_shift_invariant_and_survive_large_scores():
+    scores = torch.randn(32, 5, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(soft_codes(scores), soft_codes(scores + 7.0), atol=1e-5)
+    big = soft_codes(scores * 1e3, epsilon=0.05)
+    assert torch.isfinite(big).all() and torch.allclose(big.sum(1), torch.ones(32), atol=1e-4)
+
+
+@pytest.mark.parametrize("kw", [{"epsilon": 0.0}, {"n_iter": 0}])
+def test_soft_codes_reject_bad_settings(kw):
+    with pytest.raises(ValueError):
+        soft_codes(torch.randn(4, 3), **kw)
+    with pytest.raises(ValueError, match="K >= 2"):
+        soft_codes(torch.randn(4, 1))

@@ -127,7 +127,17 @@ RECORDED = {"label_inputs": "recorded", "label_updates": 3, "label_spacing": "li
 
 
 @pytest.mark.filterwarnings("ignore:epoch")  # the tiny run's loss stays near chance in the recorded case
-@pytest.mark.parametrize("settings", [{}, RECORDED], ids=["eval", "recorded"])
+@pytest.mark.filterwarnings("ignore:the swapped objective")
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"precision": "fp32"},
+        {"precision": "bf16"},
+        {**RECORDED, "precision": "bf16"},
+        {"objective": "swapped", "precision": "fp32"},
+    ],
+    ids=["eval-fp32", "eval-bf16", "recorded-bf16", "swapped"],
+)
 def test_resume_is_exact(tiny_set, tmp_path, settings):
     full = make_trainer(tiny_set, tmp_path / "a", epochs=3, **settings)
     full.fit()
@@ -212,7 +222,7 @@ def test_recorded_outputs_are_the_loss_outputs(tiny_set, tmp_path, monkeypatch):
 def test_label_step_goes_through_the_projector(tiny_set, tmp_path):
     from sela.sinkhorn import assign
 
-    t = make_trainer(tiny_set, tmp_path, projector=(12,), label_heads="all")
+    t = make_trainer(tiny_set, tmp_path, projector=(12,), label_heads="all", precision="fp32")
     t.update_labels(0)  # eval-mode inputs: BatchNorm (the projector's too) calibrated from the data first
     assert t.model.projector[1].num_batches_tracked > 0
     with torch.no_grad():
@@ -220,6 +230,79 @@ def test_label_step_goes_through_the_projector(tiny_set, tmp_path):
     for h, out in enumerate(logits):
         agree = (assign(out, lam=25.0).labels == t.state.labels[h]).float().mean()
         assert agree > 0.98, (h, agree)
+
+
+def test_autocast_dtype_resolves_precision(monkeypatch):
+    import sela.train as train_mod
+
+    cpu = torch.device("cpu")
+    assert train_mod.autocast_dtype("fp32", cpu) is None
+    assert train_mod.autocast_dtype("bf16", cpu) is torch.bfloat16
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    assert train_mod.autocast_dtype("auto", cpu) is None  # emulated bf16 would be slower
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
+    assert train_mod.autocast_dtype("auto", cpu) is torch.bfloat16
+    with pytest.raises(ValueError, match="precision"):
+        train_mod.autocast_dtype("fp16", cpu)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_forward_passes_run_in_the_chosen_precision(tiny_set, tmp_path, monkeypatch, precision):
+    t = make_trainer(tiny_set, tmp_path, epochs=1, precision=precision, **RECORDED)
+    assert t.precision == precision
+    dtypes = []
+    forward = t.net.forward
+    monkeypatch.setattr(t.net, "forward", lambda x: dtypes.append((out := forward(x))[0].dtype) or out)
+    t.fit()
+    expected = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert dtypes and set(dtypes) == {expected}
+    assert t.model.heads[0].weight.dtype == torch.float32  # weights stay float32
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
+def test_swapped_objective_trains_cosine_prototypes_and_labels_all_images(tiny_set, tmp_path, monkeypatch):
+    import sela.train as train_mod
+
+    t = make_trainer(tiny_set, tmp_path, epochs=2, objective="swapped", precision="fp32")
+    assert t.model.normalize_heads and t.label_steps == []
+    solved = []
+    real_assign = train_mod.assign
+    monkeypatch.setattr(train_mod, "assign", lambda x, **kw: solved.append(len(x)) or real_assign(x, **kw))
+    before = [h.weight.detach().clone() for h in t.model.heads]
+    history = t.fit()
+    assert all(math.isfinite(m["loss"]) for m in history)
+    assert solved == [len(tiny_set)] * 2  # no label step until the last epoch ends: one per head
+    assert t.state.n_updates == 1
+    for h, head in enumerate(t.model.heads):
+        assert not torch.allclose(head.weight, before[h])  # the prototypes learn
+        assert torch.allclose(head.weight.norm(dim=1), torch.ones(head.out_features), atol=1e-5)
+        assert torch.equal(head.bias, torch.zeros_like(head.bias))
+        sizes = torch.bincount(t.state.labels[h], minlength=head.out_features)
+        assert sizes.sum() == len(tiny_set) and sizes.min() > 0  # the final global, balanced step
+    with torch.no_grad():  # the heads output cosine similarities
+        scores = t.model.eval()(t.eval_transform(tiny_set.images[:5]))
+    assert all(s.abs().max() <= 1 + 1e-5 for s in scores)
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
+def test_swapped_loss_predicts_the_other_views_codes(tiny_set, tmp_path, monkeypatch):
+    import sela.train as train_mod
+
+    t = make_trainer(tiny_set, tmp_path, epochs=1, objective="swapped", precision="fp32")
+    seen = []
+    real = train_mod.soft_codes
+    monkeypatch.setattr(
+        train_mod, "soft_codes", lambda x, **kw: seen.append((x, out := real(x, **kw))) or out
+    )
+    images, idx = tiny_set.images[:8], torch.arange(8)
+    loss = t._swapped_loss(images, idx, torch.Generator().manual_seed(0))
+    expected = 0.0
+    for scores, codes in seen:  # one per head, (16, K): 8 first views, then 8 second views
+        swapped = torch.cat([codes[8:], codes[:8]])
+        expected += -(swapped * torch.log_softmax(scores / 0.1, 1)).sum(1).mean()
+        assert not torch.allclose(scores[:8], scores[8:])  # two different views
+    assert torch.allclose(loss, expected / len(seen))
+    assert torch.equal(t.state.labels[0, :8], seen[0][1][:8].argmax(1))
 
 
 def test_trainer_validates(tiny_set, tmp_path):
@@ -236,3 +319,23 @@ def test_trainer_validates(tiny_set, tmp_path):
             eval_transform=EvalTransform(8),
             device=torch.device("cpu"),
         )
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"objective": "swav"}, "objective must be one of sela, swapped"),
+        ({"objective": "swapped", "label_inputs": "recorded"}, "--label-inputs eval"),
+        ({"objective": "swapped", "swap_temperature": 0.0}, "temperature"),
+        ({"precision": "fp16"}, "precision must be one of"),
+    ],
+)
+def test_trainer_rejects_bad_objective_settings(tiny_set, tmp_path, settings, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tiny_set, tmp_path, **settings)
+
+
+def test_swapped_objective_warns_when_prototypes_cannot_span_the_features(tiny_set, tmp_path):
+    # make_trainer's heads have 6 and 8 prototypes on 16-d features
+    with pytest.warns(UserWarning, match="collapses to ln K"):
+        make_trainer(tiny_set, tmp_path, objective="swapped")

@@ -48,11 +48,21 @@ _TRAIN_FLAGS = {
         str,
         "eval (un-augmented, eval mode; default), train (augmented, train mode) or recorded (the training pass's outputs, no extra pass)",
     ),
+    "--objective": (
+        "objective",
+        str,
+        "sela (default: the paper's label steps) or swapped (online, SwAV-style: two views predict each other's per-batch codes)",
+    ),
     "--batch-size": ("batch_size", int, "global batch size (over all processes)"),
     "--lr": ("lr", float, "peak learning rate of SGD"),
     "--weight-decay": ("weight_decay", float, "weight decay"),
     "--lr-schedule": ("lr_schedule", str, "cosine (default) or step"),
     "--device": ("device", str, "auto (default), cpu or cuda"),
+    "--precision": (
+        "precision",
+        str,
+        "auto (default: bfloat16 autocast where the device has native bf16, else float32), bf16 or fp32",
+    ),
     "--seed": ("seed", int, "random seed"),
     "--out": ("out", str, "run directory (default runs/sela)"),
     "--workers": ("workers", int, "DataLoader workers for streamed datasets"),
@@ -224,6 +234,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         workers=cfg.workers,
         progress=cfg.progress,
         sync_bn=cfg.sync_bn,
+        precision=cfg.precision,
+        objective=cfg.objective,
+        swap_temperature=cfg.swap_temperature,
+        swap_epsilon=cfg.swap_epsilon,
     )
     created = not out.exists()
     if args.resume:
@@ -240,7 +254,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _say(
         f"sela {sela.__version__}: training {cfg.arch} on {cfg.dataset} ({len(train_set)} images, "
         f"{len(clusters)} heads x {clusters[0] if len(set(clusters)) == 1 else clusters} clusters) "
-        f"on {device} x {dist.world_size()} for {cfg.epochs} epochs -> {out}"
+        f"on {device} x {dist.world_size()} ({trainer.precision}) for {cfg.epochs} epochs -> {out}"
     )
     try:
         trainer.fit()

@@ -53,6 +53,11 @@ class TrainConfig:
     # "eval": un-augmented, eval mode; "train": augmented, train mode; "recorded": the outputs of the
     # training pass itself, label steps at epoch ends (no extra forward pass)
     label_inputs: str = "eval"
+    # "sela": the paper's objective; "swapped": an online deviation (SwAV-style swapped prediction of
+    # per-batch Sinkhorn codes between two views, cosine heads), with its temperature and epsilon
+    objective: str = "sela"
+    swap_temperature: float = 0.1
+    swap_epsilon: float = 0.05
     # optimisation
     epochs: int = 60
     batch_size: int = 128
@@ -63,6 +68,9 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     # runtime
     device: str = "auto"
+    # forward passes: "auto" (bfloat16 autocast where the device has native bf16: CUDA, or CPUs with
+    # AVX512-BF16/AMX; float32 elsewhere), "bf16" or "fp32"
+    precision: str = "auto"
     seed: int = 0
     out: str = "runs/sela"
     workers: int = 4  # DataLoader workers, streamed (large) datasets only

@@ -254,6 +254,7 @@ def load_run(
     if arch in ("convnet", "alexnet"):
         kwargs["input_size"] = out_size
     model = create_model(arch, ks, **kwargs)
+    model.normalize_heads = config.get("objective") == "swapped"  # cosine heads, as trained
     skipped = load_pretrained(model, state)
     untrained = sorted({int(name.split(".")[1]) for name in skipped})
     if untrained:

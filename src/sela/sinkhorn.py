@@ -419,3 +419,39 @@ def _anderson_step(xs: list[Tensor], fs: list[Tensor]) -> Tensor:
     if not torch.isfinite(step).all():
         return x + f
     return step
+
+
+@torch.no_grad()
+def soft_codes(
+    scores: Tensor, *, epsilon: float = 0.05, n_iter: int = 3, distributed: bool | None = None
+) -> Tensor:
+    """Soft balanced assignments of a batch: a few Sinkhorn-Knopp iterations on exp(scores / epsilon).
+
+    The online counterpart of :func:`assign` used by the ``swapped`` objective (SwAV, Caron et al. 2020):
+    Q = diag(a) exp(S / epsilon) diag(b) with rows summing to 1 and columns to B / K each (equipartition
+    within the batch), after ``n_iter`` alternating scalings (not run to convergence: the codes stay soft).
+
+    Args:
+        scores: (B, K) scores of this rank's rows, e.g. cosine similarities in [-1, 1].
+        epsilon: entropic regularisation (1 / lambda on the scores' scale); smaller is harder.
+        n_iter: column/row scaling rounds.
+        distributed: balance over the global batch of all ranks (default: whenever torch.distributed
+            runs more than one process); the column sums are all-reduced.
+
+    Returns:
+        (B, K) float32 codes, each row a probability vector.
+    """
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores must be (B, K) with K >= 2, got shape {tuple(scores.shape)}")
+    if epsilon <= 0 or n_iter < 1:
+        raise ValueError(f"epsilon must be > 0 and n_iter >= 1, got {epsilon}, {n_iter}")
+    use_dist = _use_distributed(distributed)
+    z = scores.float() / epsilon
+    z = (
+        z - z.max(1, keepdim=True).values
+    )  # a per-row shift (absorbed by the row scaling): every row keeps a 1
+    q = z.exp_()  # (B, K)
+    for _ in range(n_iter):
+        q /= _all_reduce(q.sum(0), use_dist).clamp_min_(1e-30)  # columns: 1 each (then x B / K)
+        q /= q.sum(1, keepdim=True).clamp_min_(1e-30)  # rows: 1 each
+    return q

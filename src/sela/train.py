@@ -31,10 +31,12 @@ from tqdm.auto import tqdm
 from sela import distributed as dist
 from sela.data import BatchAugment, EvalTransform, ImageSet, make_loader
 from sela.eval.metrics import cluster_sizes
-from sela.sinkhorn import assign
+from sela.sinkhorn import assign, soft_codes
 
 CHECKPOINT = "checkpoint.pt"
 LABEL_INPUTS = ("eval", "train", "recorded")
+PRECISIONS = ("auto", "fp32", "bf16")
+OBJECTIVES = ("sela", "swapped")
 METRICS = "metrics.jsonl"
 
 
@@ -61,6 +63,34 @@ def label_epochs(steps: list[int], steps_per_epoch: int) -> list[int]:
     """Epochs (1-based) at whose end a recorded-output label step runs: scheduled step s > 0 moves to the
     first epoch boundary at or after it (epoch ceil(s / steps_per_epoch)); collisions are merged."""
     return sorted({-(-s // steps_per_epoch) for s in steps if s > 0})
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively: any CUDA GPU with bf16 support, or a CPU with
+    AVX512-BF16 or AMX instructions (where oneDNN's bf16 convolutions run about twice as fast as float32;
+    on other CPUs bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch >= 2.1; absent: assume no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the forward passes for a ``precision`` setting, None for float32.
+
+    ``auto``: bfloat16 where the device has it natively (see :func:`native_bf16`), else float32;
+    ``bf16``: bfloat16 (an error where the device cannot); ``fp32``: float32 throughout.
+    Weights, optimiser state, the loss and the Sinkhorn solve stay float32 in every case.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
+        return None
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"precision bf16 is not available on {device.type}; use --precision fp32")
+    return torch.bfloat16
 
 
 def lr_at(step: int, total_steps: int, *, base_lr: float, schedule: str, warmup_steps: int) -> float:
@@ -102,6 +132,14 @@ class Trainer:
         config: the resolved configuration, recorded in the checkpoint and checked on resume.
         workers: DataLoader workers for streamed datasets.
         progress: show tqdm bars (rank 0 only).
+        objective: ``sela`` (the paper: cross-entropy against labels from global label steps) or
+            ``swapped`` (an online deviation, as SwAV: two views per image, each predicts the other's
+            per-batch Sinkhorn codes over cosine-similarity heads; one global label step at the end
+            gives the exported labels).
+        swap_temperature, swap_epsilon: the ``swapped`` objective's softmax temperature and the
+            entropic regularisation of its per-batch codes (SwAV's 0.1 and 0.05).
+        precision: ``auto`` (bfloat16 autocast where the device has native bf16, else float32), ``bf16``
+            or ``fp32``; see :func:`autocast_dtype`.
     """
 
     def __init__(
@@ -130,6 +168,10 @@ class Trainer:
         workers: int = 4,
         progress: bool = True,
         sync_bn: bool = False,
+        precision: str = "auto",
+        objective: str = "sela",
+        swap_temperature: float = 0.1,
+        swap_epsilon: float = 0.05,
     ):
         n = len(train_set)
         world = dist.world_size()
@@ -141,10 +183,37 @@ class Trainer:
             raise ValueError(f"label_heads must be 'all' or 'round-robin', got {label_heads!r}")
         if label_inputs not in LABEL_INPUTS:
             raise ValueError(f"label_inputs must be one of {', '.join(LABEL_INPUTS)}, got {label_inputs!r}")
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        if objective == "swapped" and label_inputs == "recorded":
+            raise ValueError(
+                "label_inputs 'recorded' needs the 'sela' objective (the swapped objective has no label "
+                "steps during training); use --label-inputs eval"
+            )
+        if swap_temperature <= 0 or swap_epsilon <= 0:
+            raise ValueError(
+                f"swap temperature and epsilon must be > 0, got {swap_temperature}, {swap_epsilon}"
+            )
         if max(model.n_clusters) > n:
             raise ValueError(
                 f"{max(model.n_clusters)} clusters but only {n} training images; use --clusters <= {n}"
             )
+        self.objective = objective
+        self.swap_temperature = swap_temperature
+        self.swap_epsilon = swap_epsilon
+        if objective == "swapped":  # the heads become prototypes: cosine similarity, no bias
+            if min(model.n_clusters) < model.head_dim:
+                warnings.warn(
+                    f"the swapped objective with {min(model.n_clusters)} prototypes in a {model.head_dim}-d "
+                    "space: the features can turn orthogonal to them all and the loss collapses to ln K "
+                    f"(seen on digits); use --clusters >= {model.head_dim} or a narrower head input",
+                    stacklevel=2,
+                )
+            model.normalize_heads = True
+            for head in model.heads:
+                head.bias.data.zero_()
+                head.bias.requires_grad_(False)
+            _normalize_prototypes(model)
         self.model = model.to(device)
         self.device = device
         if device.type == "cuda":
@@ -177,7 +246,9 @@ class Trainer:
         self.lam = lam
         self.label_steps = label_schedule(label_updates, self.total_steps, label_spacing)
         self.label_epochs: list[int] = []
-        if label_inputs == "recorded":  # the first step needs a pass; the others use the epoch's outputs
+        if objective == "swapped":  # labels come online; one global step after the last epoch
+            self.label_steps = []
+        elif label_inputs == "recorded":  # the first step needs a pass; the others use the epoch's outputs
             self.label_epochs = label_epochs(self.label_steps, self.steps_per_epoch)
             self.label_steps = [0]
         self.label_heads = label_heads
@@ -191,7 +262,9 @@ class Trainer:
         n_heads = len(model.n_clusters)
         self.state = LabelState(labels=torch.zeros(n_heads, n, dtype=torch.long), scalings=[None] * n_heads)
         self.epoch = 0  # epochs completed
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+        amp = autocast_dtype(precision, device)
+        self.precision = "fp32" if amp is None else "bf16"  # what "auto" resolved to
+        self.autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
         self._label_memory: tuple[int, int | None] | None = None  # (buffers, peak) bytes, this epoch
 
     def lr_at(self, step: int) -> float:
@@ -249,19 +322,22 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
             # forward, loss averaged over heads, backward
-            views = self.augment(images, generator=aug_gen)  # (b, C, S, S)
-            if self.device.type == "cuda":
-                views = views.contiguous(memory_format=torch.channels_last)
-            targets = self.state.labels[:, idx].to(self.device, non_blocking=True)  # (H, b)
-            with self.autocast:
-                outputs = self.net(views)  # H x (b, K_h)
-                loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, targets, strict=True))
-                loss = loss / len(outputs)
-            for h, buf in record.items():
-                buf[i * len(idx) : (i + 1) * len(idx)] = outputs[h].detach()  # every batch holds B / W rows
+            if self.objective == "swapped":
+                loss = self._swapped_loss(images, idx, aug_gen)
+            else:
+                views = self._views(images, aug_gen)  # (b, C, S, S)
+                targets = self.state.labels[:, idx].to(self.device, non_blocking=True)  # (H, b)
+                with self.autocast:
+                    outputs = self.net(views)  # H x (b, K_h)
+                    loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, targets, strict=True))
+                    loss = loss / len(outputs)
+                for h, buf in record.items():
+                    buf[i * len(idx) : (i + 1) * len(idx)] = outputs[h].detach()  # every batch: B / W rows
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.objective == "swapped":
+                _normalize_prototypes(self.model)
             # bookkeeping (one host sync per step keeps the bar honest)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -277,6 +353,8 @@ class Trainer:
         bar.close()
         if record:
             label_time += self._labels_from_records(rows, record)
+        if self.objective == "swapped" and epoch + 1 == self.epochs:
+            label_time += self.update_labels()  # the exported labels: one global, balanced assignment
         total = time.perf_counter() - start
         stats = {
             "epoch": epoch + 1,
@@ -293,6 +371,36 @@ class Trainer:
             ],
         }
         return stats
+
+    def _views(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        """Augmented float views (b, C, S, S) of a uint8 batch, in the device's preferred memory format."""
+        views = self.augment(images, generator=generator)
+        if self.device.type == "cuda":
+            views = views.contiguous(memory_format=torch.channels_last)
+        return views
+
+    def _swapped_loss(self, images: Tensor, idx: Tensor, generator: torch.Generator) -> Tensor:
+        """The ``swapped`` objective on a batch, averaged over heads (a scalar with its graph).
+
+        Two augmented views of each image go through the network together; each head's cosine scores
+        (2b, K_h) give per-batch balanced codes (:func:`sela.sinkhorn.soft_codes`, no gradient), and each
+        view is trained to predict the other view's codes: cross-entropy of softmax(scores / T). The
+        first view's hard codes are kept as the images' current labels.
+        """
+        b = len(idx)
+        views = torch.cat([self._views(images, generator), self._views(images, generator)])  # (2b, C, S, S)
+        with self.autocast:
+            outputs = self.net(views)  # H x (2b, K_h), cosine similarities
+        loss, labels = 0.0, []
+        for scores in outputs:
+            scores = scores.float()
+            codes = soft_codes(scores.detach(), epsilon=self.swap_epsilon)  # (2b, K_h)
+            codes = torch.cat([codes[b:], codes[:b]])  # swapped: view 1 predicts view 2's codes and back
+            logp = F.log_softmax(scores / self.swap_temperature, dim=1)
+            loss = loss + -(codes * logp).sum(1).mean()
+            labels.append(codes[b:].argmax(1))  # the first view's codes
+        self.state.labels[:, idx] = torch.stack(labels).cpu()  # (H, b), one transfer
+        return loss / len(outputs)
 
     def _rank_seed(self, epoch: int) -> int:
         """This rank's seed for an epoch's augmentation and dropout (rank 0: a single process's)."""
@@ -338,7 +446,7 @@ class Trainer:
         measured = dist.reset_peak_memory(self.device)
         heads = self._scheduled_heads(self.state.n_updates)
         rows = dist.shard_rows(len(self.train_set))  # (n_r,) global rows of this rank
-        if self.state.n_updates == 0 and self.label_inputs == "eval":
+        if self.state.n_updates == 0 and self.label_inputs == "eval" and self.objective == "sela":
             self._calibrate_batchnorm(rows[:4096])
         dist.average_buffers(self.model)  # one network on all ranks: their BatchNorm statistics drift apart
         feats = self._features(rows)  # (n_r, P)
@@ -551,6 +659,13 @@ class Trainer:
             )
 
 
+@torch.no_grad()
+def _normalize_prototypes(model: nn.Module) -> None:
+    """Scale every head's weight rows (the prototypes) to unit L2 norm, in place."""
+    for head in model.heads:
+        head.weight.div_(head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
 _MUST_MATCH = (
     "dataset",
     "arch",
@@ -563,6 +678,7 @@ _MUST_MATCH = (
     "label_spacing",
     "label_heads",
     "seed",
+    "objective",
 )
 
 

@@ -29,12 +29,15 @@ class SelaModel(nn.Module):
         head_dim: P, the heads' input width.
         heads: ``nn.ModuleList`` of ``nn.Linear(P, K_h)``, the paper's linear heads.
         default_input_size: the image side (px) the model is designed for.
+        normalize_heads: L2-normalise the heads' input (B, P) rows, so that heads with unit-norm weights
+            and no bias output cosine similarities (the ``swapped`` objective's prototypes); off by default.
     """
 
     feature_dim: int
     n_clusters: list[int]
     heads: nn.ModuleList
     default_input_size: int
+    normalize_heads: bool = False
 
     def _build_heads(self, feature_dim: int, n_clusters: list[int], projector: tuple[int, ...] = ()) -> None:
         """Linear heads (P -> K_h) on the features, through an MLP projector of the given widths if any.
@@ -96,6 +99,8 @@ class SelaModel(nn.Module):
     def forward_head(self, features: Tensor) -> list[Tensor]:
         """(B, D) features -> list of H logits tensors, the h-th of shape (B, K_h)."""
         z = self.head_inputs(features)  # (B, P)
+        if self.normalize_heads:
+            z = F.normalize(z, dim=1)
         return [head(z) for head in self.heads]
 
     def forward(self, x: Tensor) -> list[Tensor]:
