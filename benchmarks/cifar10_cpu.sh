@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# SeLa on CIFAR-10 (the shared JPEG copy) on this CPU within a wall-clock budget; prints knn_top1.
+# Self-labelling on CIFAR-10 (the shared JPEG copy) on this CPU within a wall-clock budget; prints knn_top1.
+# The default is the best measured setting, the online `--objective swapped` deviation (56.8 % in 30 min);
+# OBJECTIVE=sela runs the paper's objective (recorded label inputs, one head re-labelled per epoch).
 #
 #   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu] [more sela train flags ...]
 #
-# Settings (environment): WIDTHS, BATCH, HEADS, LR, PROJECTOR, PRECISION, OBJECTIVE, LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
+# Settings (environment): WIDTHS, BATCH, HEADS, CLUSTERS, LR, PROJECTOR, PRECISION, OBJECTIVE, LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
 # LABEL_UPDATES (recorded: 1000, i.e. one label step per epoch, merged at epoch ends); flags after OUT go to
 # `sela train` as they are (e.g. --set augment.jitter_p=0.8).
 #
@@ -25,17 +27,18 @@ if [ ! -d "$DATA/train" ]; then
 fi
 WIDTHS=${WIDTHS:-[32,64,128]}
 BATCH=${BATCH:-256}
-OBJECTIVE=${OBJECTIVE:-sela}  # sela: the paper; swapped: the online SwAV-style deviation (two views)
+OBJECTIVE=${OBJECTIVE:-swapped}  # swapped: the online SwAV-style deviation (best measured); sela: the paper
 LABEL_INPUTS=${LABEL_INPUTS:-$([ "$OBJECTIVE" = swapped ] && echo eval || echo recorded)}  # recorded: label steps from the training pass; eval: a pass each
 LABEL_HEADS=${LABEL_HEADS:-round-robin}
 LABEL_SPACING=${LABEL_SPACING:-linear}
 LABEL_UPDATES=${LABEL_UPDATES:-$([ "$LABEL_INPUTS" = recorded ] && echo 1000 || echo 4)}  # recorded: every epoch
 HEADS=${HEADS:-10}
+CLUSTERS=${CLUSTERS:-128}
 LR=${LR:-0.15}
 PROJECTOR=${PROJECTOR:-[]}
 PRECISION=${PRECISION:-auto}  # auto: bfloat16 autocast on CPUs with AVX512-BF16/AMX (about 2x), else fp32
 EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" "$LABEL_INPUTS" \
-  "$PRECISION" "$OBJECTIVE" "$LR" <<'PYEOF'
+  "$PRECISION" "$OBJECTIVE" "$LR" "$CLUSTERS" <<'PYEOF'
 import json, sys, tempfile, time
 import torch
 from sela.data import BatchAugment, EvalTransform, ImageSet
@@ -51,7 +54,7 @@ probe_steps = 12
 images = torch.randint(0, 256, (probe_steps * batch, 3, 32, 32), dtype=torch.uint8)
 with tempfile.TemporaryDirectory() as tmp:
     trainer = Trainer(
-        create_model("convnet", [128] * heads, widths=tuple(widths), projector=projector),
+        create_model("convnet", [int(sys.argv[11])] * heads, widths=tuple(widths), projector=projector),
         ImageSet(images), out_dir=tmp, epochs=1000, batch_size=batch, lr=float(sys.argv[10]),
         label_updates=1, label_inputs=inputs, augment=BatchAugment(32), eval_transform=EvalTransform(32),
         device=torch.device("cpu"), progress=False, precision=precision, objective=objective,
@@ -73,7 +76,7 @@ PYEOF
 rm -rf "$OUT"
 start=$(date +%s)
 .venv/bin/sela train --dataset folder --data-dir "$DATA" --arch convnet --set "widths=$WIDTHS" \
-  --set "projector=$PROJECTOR" --heads "$HEADS" --clusters 128 --epochs "$EPOCHS" \
+  --set "projector=$PROJECTOR" --heads "$HEADS" --clusters "$CLUSTERS" --epochs "$EPOCHS" \
   --label-updates "$LABEL_UPDATES" --label-inputs "$LABEL_INPUTS" --label-heads "$LABEL_HEADS" \
   --label-spacing "$LABEL_SPACING" --batch-size "$BATCH" --lr "$LR" --precision "$PRECISION" --objective "$OBJECTIVE" --out "$OUT" \
   --no-progress "$@"
