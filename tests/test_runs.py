@@ -61,6 +61,15 @@ def test_projector_widths_are_read_from_the_checkpoint(tmp_path):
         assert torch.equal(run.model.state_dict()[key], value), key
 
 
+@pytest.mark.parametrize("objective", ["sela", "swapped"])
+def test_swapped_runs_get_their_cosine_heads_back(tmp_path, objective):
+    model = _convnet()
+    config = {"dataset": "digits", "arch": "convnet", "objective": objective}
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "c.pt")
+    run = load_run(tmp_path / "c.pt", default_image_size=SIZES, test_split=False)
+    assert run.model.normalize_heads == (objective == "swapped")
+
+
 def test_flags_override_the_run(tmp_path):
     _fake_run(tmp_path)
     run = load_run(tmp_path, image_size=12, default_image_size=SIZES, test_split=False)
