@@ -5,7 +5,9 @@
 #
 #   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu] [more sela train flags ...]
 #
-# Settings (environment): WIDTHS, BATCH, HEADS, CLUSTERS, LR, PROJECTOR, PRECISION, OBJECTIVE, LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
+# Settings (environment): WIDTHS, BATCH, HEADS, CLUSTERS, LR, PROJECTOR, PRECISION, OBJECTIVE, CROP_SIZE (side of the training
+# views, default 32: smaller is faster, evaluation stays at 32 px), SMALL_CROPS (multi-crop: extra views
+# of half CROP_SIZE per image, swapped only), LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
 # LABEL_UPDATES (recorded: 1000, i.e. one label step per epoch, merged at epoch ends); flags after OUT go to
 # `sela train` as they are (e.g. --set augment.jitter_p=0.8).
 #
@@ -36,12 +38,14 @@ HEADS=${HEADS:-10}
 CLUSTERS=${CLUSTERS:-128}
 LR=${LR:-0.15}
 PROJECTOR=${PROJECTOR:-[]}
+CROP_SIZE=${CROP_SIZE:-32}
+SMALL_CROPS=${SMALL_CROPS:-0}
 PRECISION=${PRECISION:-auto}  # auto: bfloat16 autocast on CPUs with AVX512-BF16/AMX (about 2x), else fp32
 EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" "$LABEL_INPUTS" \
-  "$PRECISION" "$OBJECTIVE" "$LR" "$CLUSTERS" <<'PYEOF'
+  "$PRECISION" "$OBJECTIVE" "$LR" "$CLUSTERS" "$SMALL_CROPS" "$DATA" "$CROP_SIZE" <<'PYEOF'
 import json, sys, tempfile, time
 import torch
-from sela.data import BatchAugment, EvalTransform, ImageSet
+from sela.data import BatchAugment, EvalTransform, ImageSet, load_dataset
 from sela.models import create_model
 from sela.train import Trainer
 budget_s, widths, batch, updates = float(sys.argv[1]) * 60, json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
@@ -49,21 +53,28 @@ heads, projector, inputs, precision, objective = int(sys.argv[5]), tuple(json.lo
 # label passes over the data: each scheduled step (eval/train inputs), or only one (recorded: the first;
 # swapped: the final global step)
 passes = 1 if inputs == "recorded" or objective == "swapped" else updates
-# time the real training step (augmentation, forward, loss, backward, bookkeeping) on random images
+# time the real training step (augmentation, forward, loss, backward, bookkeeping) on the first images
+# of the data, best of two short epochs (the older probe, on random images, said 58 s per epoch where
+# the runs took 50-52 s)
 probe_steps = 12
-images = torch.randint(0, 256, (probe_steps * batch, 3, 32, 32), dtype=torch.uint8)
+crop = int(sys.argv[14])
+images = load_dataset("folder", sys.argv[13], "train").images[: probe_steps * batch]
 with tempfile.TemporaryDirectory() as tmp:
     trainer = Trainer(
         create_model("convnet", [int(sys.argv[11])] * heads, widths=tuple(widths), projector=projector),
         ImageSet(images), out_dir=tmp, epochs=1000, batch_size=batch, lr=float(sys.argv[10]),
-        label_updates=1, label_inputs=inputs, augment=BatchAugment(32), eval_transform=EvalTransform(32),
+        label_updates=1, label_inputs=inputs, augment=BatchAugment(crop), eval_transform=EvalTransform(32),
         device=torch.device("cpu"), progress=False, precision=precision, objective=objective,
+        small_crops=int(sys.argv[12]), small_augment=BatchAugment(crop // 2, crop_scale=(0.1, 0.4)),
     )
     trainer.update_labels(0)
     trainer.train_one_epoch(0)  # warm-up
-    t = time.perf_counter()
-    trainer.train_one_epoch(1)
-    step = (time.perf_counter() - t) / probe_steps
+    times = []
+    for epoch in (1, 2):
+        t = time.perf_counter()
+        trainer.train_one_epoch(epoch)
+        times.append((time.perf_counter() - t) / probe_steps)
+    step = min(times)
 steps_per_epoch = 50000 // batch
 epoch_s = step * steps_per_epoch
 label_s = epoch_s / (6 if objective == "swapped" else 3)  # one eval-mode forward pass over the data
@@ -78,7 +89,8 @@ start=$(date +%s)
 .venv/bin/sela train --dataset folder --data-dir "$DATA" --arch convnet --set "widths=$WIDTHS" \
   --set "projector=$PROJECTOR" --heads "$HEADS" --clusters "$CLUSTERS" --epochs "$EPOCHS" \
   --label-updates "$LABEL_UPDATES" --label-inputs "$LABEL_INPUTS" --label-heads "$LABEL_HEADS" \
-  --label-spacing "$LABEL_SPACING" --batch-size "$BATCH" --lr "$LR" --precision "$PRECISION" --objective "$OBJECTIVE" --out "$OUT" \
+  --label-spacing "$LABEL_SPACING" --batch-size "$BATCH" --lr "$LR" --precision "$PRECISION" --objective "$OBJECTIVE" \
+  --crop-size "$CROP_SIZE" --small-crops "$SMALL_CROPS" --out "$OUT" \
   --no-progress "$@"
 end=$(date +%s)
 echo "wall clock (training + evaluation): $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"

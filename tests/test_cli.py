@@ -56,6 +56,23 @@ def test_train_tiny_run_on_digits(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--resume", *TINY]) == 0
 
 
+@pytest.mark.filterwarnings("ignore:the swapped objective")
+def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
+    from sela.data import BatchAugment
+
+    sides = set()
+    forward = BatchAugment.forward
+    monkeypatch.setattr(
+        BatchAugment, "forward", lambda self, x, **kw: sides.add((out := forward(self, x, **kw)).shape[-1]) or out
+    )
+    out = tmp_path / "run"
+    extra = ["--objective", "swapped", "--crop-size", "12", "--small-crops", "2"]
+    assert main(["train", "--out", str(out), *TINY, *extra]) == 0
+    assert sides == {12, 6}  # training views at --crop-size, small views at half of it; images are 16 px
+    config = json.loads((out / "config.json").read_text())
+    assert config["crop_size"] == 12 and config["small_crops"] == 2 and config["image_size"] == 16
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -68,6 +85,8 @@ def test_train_tiny_run_on_digits(tmp_path, capsys):
         (["--device", "tpu"], "--device"),
         (["--set", "epochs=two"], "integer"),
         (["--config", "/nonexistent.toml"], "does not exist"),
+        (["--crop-size", "0"], "crop_size must be a positive number of px"),
+        (["--small-crops", "2"], "need the swapped objective"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, args, message):

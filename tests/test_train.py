@@ -2,6 +2,7 @@
 
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -305,6 +306,53 @@ def test_swapped_loss_predicts_the_other_views_codes(tiny_set, tmp_path, monkeyp
     assert torch.equal(t.state.labels[0, :8], seen[0][1][:8].argmax(1))
 
 
+@pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
+def test_multicrop_small_views_predict_the_full_views_codes(tiny_set, tmp_path, monkeypatch):
+    import sela.train as train_mod
+
+    small = BatchAugment(4, crop_scale=(0.2, 0.5), mean=tiny_set.mean, std=tiny_set.std)
+    t = make_trainer(tiny_set, tmp_path, objective="swapped", precision="fp32", small_crops=3, small_augment=small)
+    seen, inputs = [], []
+    real = train_mod.soft_codes
+    monkeypatch.setattr(train_mod, "soft_codes", lambda x, **kw: seen.append(out := real(x, **kw)) or out)
+    forward = t.net.forward
+    monkeypatch.setattr(t.net, "forward", lambda x: inputs.append(x) or forward(x))
+    b, c = 8, tiny_set.images.shape[1]
+    loss = t._swapped_loss(tiny_set.images[:b], torch.arange(b), torch.Generator().manual_seed(0))
+    (views,) = inputs  # one forward call: a list of the full and the small views
+    assert [tuple(v.shape) for v in views] == [(2 * b, c, 8, 8), (3 * b, c, 4, 4)]
+    with torch.no_grad():
+        scores = forward(views)  # the same batch: train-mode BatchNorm gives the same outputs
+    expected = 0.0
+    for h, codes in enumerate(seen):
+        assert codes.shape == (2 * b, t.model.n_clusters[h])  # codes of the two full views only
+        logp = torch.log_softmax(scores[h] / 0.1, 1).view(5, b, -1)
+        q = codes.view(2, b, -1)
+        terms = [-(q[v] * logp[u]).sum(1).mean() for v in range(2) for u in range(5) if u != v]
+        assert len(terms) == 2 * 4
+        expected += sum(terms) / len(terms)
+    assert torch.allclose(loss, expected / len(seen), atol=1e-6)
+    assert torch.equal(t.state.labels[0, :b], seen[0][:b].argmax(1))  # the first full view's codes
+    loss.backward()  # the small views' branch is part of the graph
+    assert t.model.stem[0].weight.grad is not None
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")
+def test_multicrop_run_resumes_exactly(tiny_set, tmp_path):
+    small = dict(small_crops=2, small_augment=BatchAugment(4, mean=tiny_set.mean, std=tiny_set.std))
+    kw = dict(epochs=2, objective="swapped", precision="fp32", **small)
+    full = make_trainer(tiny_set, tmp_path / "a", **kw)
+    full.fit()
+    part = make_trainer(tiny_set, tmp_path / "b", **kw)
+    part.fit(max_epochs=1)
+    again = make_trainer(tiny_set, tmp_path / "b", init_seed=7, **kw)
+    again.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    again.fit()
+    for (name, x), (_, y) in zip(full.model.state_dict().items(), again.model.state_dict().items(), strict=True):
+        assert torch.equal(x, y), name
+    assert torch.equal(full.state.labels, again.state.labels)
+
+
 def test_trainer_validates(tiny_set, tmp_path):
     model = create_model("convnet", [300], widths=(8,), input_size=8)
     with pytest.raises(ValueError, match="clusters"):
@@ -328,6 +376,9 @@ def test_trainer_validates(tiny_set, tmp_path):
         ({"objective": "swapped", "label_inputs": "recorded"}, "--label-inputs eval"),
         ({"objective": "swapped", "swap_temperature": 0.0}, "temperature"),
         ({"precision": "fp16"}, "precision must be one of"),
+        ({"small_crops": 2, "small_augment": BatchAugment(4)}, "need the swapped objective"),
+        ({"objective": "swapped", "small_crops": -1}, "count >= 0"),
+        ({"objective": "swapped", "small_crops": 2}, "needs small_augment"),
     ],
 )
 def test_trainer_rejects_bad_objective_settings(tiny_set, tmp_path, settings, match):
@@ -339,3 +390,18 @@ def test_swapped_objective_warns_when_prototypes_cannot_span_the_features(tiny_s
     # make_trainer's heads have 6 and 8 prototypes on 16-d features
     with pytest.warns(UserWarning, match="collapses to ln K"):
         make_trainer(tiny_set, tmp_path, objective="swapped")
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")
+@pytest.mark.parametrize(("objective", "advice"), [("sela", "larger --lam"), ("swapped", "fewer --clusters")])
+def test_health_warns_about_chance_level_loss_and_empty_clusters(tiny_set, tmp_path, objective, advice):
+    t = make_trainer(tiny_set, tmp_path, objective=objective)
+    healthy = {"min": 3, "n_empty": 0}
+    stats = {"epoch": 3, "loss": 0.5, "heads": [healthy, healthy]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t._check_health(stats)  # learning, no empty cluster: silent
+    with pytest.warns(UserWarning, match="chance level ln K"):
+        t._check_health({**stats, "loss": math.log(7.0)})  # heads of 6 and 8 clusters: ln K about 1.9
+    with pytest.warns(UserWarning, match=rf"heads \[1\].*{advice}"):
+        t._check_health({**stats, "heads": [healthy, {"min": 0, "n_empty": 2}]})

@@ -53,6 +53,16 @@ _TRAIN_FLAGS = {
         str,
         "sela (default: the paper's label steps) or swapped (online, SwAV-style: two views predict each other's per-batch codes)",
     ),
+    "--crop-size": (
+        "crop_size",
+        int,
+        "side (px) of the training views (default: the image size); smaller trains faster, evaluation stays at the image size",
+    ),
+    "--small-crops": (
+        "small_crops",
+        int,
+        "swapped objective only: extra small views per image (multi-crop, SwAV), half the image size by default",
+    ),
     "--batch-size": ("batch_size", int, "global batch size (over all processes)"),
     "--lr": ("lr", float, "peak learning rate of SGD"),
     "--weight-decay": ("weight_decay", float, "weight decay"),
@@ -185,6 +195,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.arch not in list_models():
         raise UsageError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(list_models())}")
     clusters = _clusters_per_head(cfg)
+    for key in ("crop_size", "small_crop_size"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise UsageError(f"{key} must be a positive number of px (or unset), got {getattr(cfg, key)}")
     size = cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -198,16 +211,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, clusters, **_model_kwargs(cfg, out_size, train_set))
     a = cfg.augment
-    augment = BatchAugment(
-        out_size,
-        crop_scale=tuple(a.crop_scale) if a.crop_scale else None,
-        flip_p=a.flip_p,
-        jitter=tuple(a.jitter) if a.jitter else None,
-        jitter_p=a.jitter_p,
-        grayscale_p=a.grayscale_p,
-        blur_p=a.blur_p,
-        mean=train_set.mean,
-        std=train_set.std,
+    augment, small_augment = (
+        BatchAugment(
+            side,
+            crop_scale=tuple(scale) if scale else None,
+            flip_p=a.flip_p,
+            jitter=tuple(a.jitter) if a.jitter else None,
+            jitter_p=a.jitter_p,
+            grayscale_p=a.grayscale_p,
+            blur_p=a.blur_p,
+            mean=train_set.mean,
+            std=train_set.std,
+        )
+        for side, scale in (
+            (cfg.crop_size or out_size, a.crop_scale),
+            (cfg.small_crop_size or max((cfg.crop_size or out_size) // 2, 1), a.small_crop_scale),
+        )
     )
     eval_transform = EvalTransform(out_size, mean=train_set.mean, std=train_set.std)
     trainer = Trainer(
@@ -238,6 +257,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         objective=cfg.objective,
         swap_temperature=cfg.swap_temperature,
         swap_epsilon=cfg.swap_epsilon,
+        small_crops=cfg.small_crops,
+        small_augment=small_augment.to(device),
     )
     created = not out.exists()
     if args.resume:

@@ -28,6 +28,8 @@ class AugmentConfig:
     jitter_p: float = 1.0
     grayscale_p: float = 0.2
     blur_p: float = 0.0
+    # the multi-crop small views' crop area range (``small_crops`` > 0 only)
+    small_crop_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
 
 
 @dataclass
@@ -58,6 +60,13 @@ class TrainConfig:
     objective: str = "sela"
     swap_temperature: float = 0.1
     swap_epsilon: float = 0.05
+    # side (px) of the augmented training views; None: the image size. Smaller views train faster;
+    # the label step and evaluation still see whole images at image_size
+    crop_size: int | None = None
+    # multi-crop (swapped only): extra small views per image, of small_crop_size px (None: half the
+    # training view size), cropped with augment.small_crop_scale
+    small_crops: int = 0
+    small_crop_size: int | None = None
     # optimisation
     epochs: int = 60
     batch_size: int = 128

@@ -138,6 +138,9 @@ class Trainer:
             gives the exported labels).
         swap_temperature, swap_epsilon: the ``swapped`` objective's softmax temperature and the
             entropic regularisation of its per-batch codes (SwAV's 0.1 and 0.05).
+        small_crops, small_augment: multi-crop for the ``swapped`` objective (SwAV): this many extra,
+            smaller views per image, made by ``small_augment``, also predict the two full views' codes
+            (codes come from the full views only). Each costs about (s / S)^2 of a full view.
         precision: ``auto`` (bfloat16 autocast where the device has native bf16, else float32), ``bf16``
             or ``fp32``; see :func:`autocast_dtype`.
     """
@@ -172,6 +175,8 @@ class Trainer:
         objective: str = "sela",
         swap_temperature: float = 0.1,
         swap_epsilon: float = 0.05,
+        small_crops: int = 0,
+        small_augment: BatchAugment | None = None,
     ):
         n = len(train_set)
         world = dist.world_size()
@@ -194,6 +199,13 @@ class Trainer:
             raise ValueError(
                 f"swap temperature and epsilon must be > 0, got {swap_temperature}, {swap_epsilon}"
             )
+        if small_crops < 0 or (small_crops and objective != "swapped"):
+            raise ValueError(
+                f"small crops (multi-crop) need the swapped objective and a count >= 0, got {small_crops} "
+                f"with objective {objective!r}; add --objective swapped or drop --small-crops"
+            )
+        if small_crops and small_augment is None:
+            raise ValueError("small_crops > 0 needs small_augment, the augmentation that makes them")
         if max(model.n_clusters) > n:
             raise ValueError(
                 f"{max(model.n_clusters)} clusters but only {n} training images; use --clusters <= {n}"
@@ -201,6 +213,8 @@ class Trainer:
         self.objective = objective
         self.swap_temperature = swap_temperature
         self.swap_epsilon = swap_epsilon
+        self.small_crops = small_crops
+        self.small_augment = small_augment
         if objective == "swapped":  # the heads become prototypes: cosine similarity, no bias
             if min(model.n_clusters) < model.head_dim:
                 warnings.warn(
@@ -372,9 +386,10 @@ class Trainer:
         }
         return stats
 
-    def _views(self, images: Tensor, generator: torch.Generator) -> Tensor:
-        """Augmented float views (b, C, S, S) of a uint8 batch, in the device's preferred memory format."""
-        views = self.augment(images, generator=generator)
+    def _views(self, images: Tensor, generator: torch.Generator, augment: BatchAugment | None = None) -> Tensor:
+        """Augmented float views (b, C, S, S) of a uint8 batch (by ``augment``, default the training
+        augmentation), in the device's preferred memory format."""
+        views = (augment or self.augment)(images, generator=generator)
         if self.device.type == "cuda":
             views = views.contiguous(memory_format=torch.channels_last)
         return views
@@ -382,23 +397,29 @@ class Trainer:
     def _swapped_loss(self, images: Tensor, idx: Tensor, generator: torch.Generator) -> Tensor:
         """The ``swapped`` objective on a batch, averaged over heads (a scalar with its graph).
 
-        Two augmented views of each image go through the network together; each head's cosine scores
-        (2b, K_h) give per-batch balanced codes (:func:`sela.sinkhorn.soft_codes`, no gradient), and each
-        view is trained to predict the other view's codes: cross-entropy of softmax(scores / T). The
-        first view's hard codes are kept as the images' current labels.
+        Two full augmented views of each image (and ``small_crops`` smaller ones) go through the network
+        in one call; each head's cosine scores of the full views (2b, K_h) give per-batch balanced codes
+        (:func:`sela.sinkhorn.soft_codes`, no gradient). Each full view's codes are the targets of every
+        other view: cross-entropy of softmax(scores / T), averaged over the 1 + small_crops predicting
+        views and the two targets (SwAV's loss). The first view's hard codes are kept as the images'
+        current labels.
         """
-        b = len(idx)
+        b, m = len(idx), self.small_crops
         views = torch.cat([self._views(images, generator), self._views(images, generator)])  # (2b, C, S, S)
+        if m:  # multi-crop: (m b, C, s, s) small views, one more backbone pass in the same forward call
+            small = torch.cat([self._views(images, generator, self.small_augment) for _ in range(m)])
+            views = [views, small]
         with self.autocast:
-            outputs = self.net(views)  # H x (2b, K_h), cosine similarities
+            outputs = self.net(views)  # H x ((2 + m) b, K_h), cosine similarities
         loss, labels = 0.0, []
         for scores in outputs:
             scores = scores.float()
-            codes = soft_codes(scores.detach(), epsilon=self.swap_epsilon)  # (2b, K_h)
-            codes = torch.cat([codes[b:], codes[:b]])  # swapped: view 1 predicts view 2's codes and back
-            logp = F.log_softmax(scores / self.swap_temperature, dim=1)
-            loss = loss + -(codes * logp).sum(1).mean()
-            labels.append(codes[b:].argmax(1))  # the first view's codes
+            codes = soft_codes(scores[: 2 * b].detach(), epsilon=self.swap_epsilon)  # (2b, K_h)
+            logp = F.log_softmax(scores / self.swap_temperature, dim=1).view(2 + m, b, -1)  # (2 + m, b, K_h)
+            # cross-entropy of every view against each full view's codes: (2, 2 + m) mean over images
+            ce = -torch.einsum("vbk,ubk->vu", codes.view(2, b, -1), logp) / b
+            loss = loss + (ce.sum() - ce[0, 0] - ce[1, 1]) / (2 * (1 + m))  # a view never predicts itself
+            labels.append(codes[:b].argmax(1))  # the first view's codes
         self.state.labels[:, idx] = torch.stack(labels).cpu()  # (H, b), one transfer
         return loss / len(outputs)
 
@@ -651,7 +672,13 @@ class Trainer:
                 stacklevel=2,
             )
         empty = [h for h, s in enumerate(stats["heads"]) if s["n_empty"] > 0]
-        if empty:
+        if empty and self.objective == "swapped":  # online codes, balanced within each batch only
+            warnings.warn(
+                f"epoch {stats['epoch']}: heads {empty} have prototypes that no image's codes chose this "
+                "epoch; harmless if it passes after the first epochs, else use fewer --clusters",
+                stacklevel=2,
+            )
+        elif empty:
             warnings.warn(
                 f"epoch {stats['epoch']}: heads {empty} have empty clusters (partial collapse); "
                 "more label updates or a larger --lam keep clusters balanced",
@@ -679,6 +706,7 @@ _MUST_MATCH = (
     "label_heads",
     "seed",
     "objective",
+    "small_crops",
 )
 
 

@@ -153,6 +153,20 @@ def test_unknown_model_lists_names():
         create_model("resnet1000")
 
 
+@pytest.mark.parametrize("name", ["convnet", "resnet18_cifar"])
+def test_forward_on_a_list_of_view_sizes(name):
+    torch.manual_seed(0)
+    model = create_model(name, [7, 5]).eval()  # eval mode: BatchNorm does not mix the two batches
+    full, small = torch.randn(4, 3, 32, 32), torch.randn(6, 3, 16, 16)
+    with torch.no_grad():
+        both = model([full, small])  # multi-crop: one call, heads once on all features
+        apart = [torch.cat(pair) for pair in zip(model(full), model(small), strict=True)]
+    assert [tuple(t.shape) for t in both] == [(10, 7), (10, 5)]
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(both, apart, strict=True))
+    with pytest.raises(ValueError, match="non-empty list"):
+        model([])
+
+
 def test_register_duplicate_name():
     with pytest.raises(ValueError, match="already registered"):
         register_model("convnet")(lambda n_clusters: None)

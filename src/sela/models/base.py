@@ -103,8 +103,17 @@ class SelaModel(nn.Module):
             z = F.normalize(z, dim=1)
         return [head(z) for head in self.heads]
 
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, C, H, W) images -> list of H logits tensors (B, K_h)."""
+    def forward(self, x: Tensor | list[Tensor]) -> list[Tensor]:
+        """(B, C, H, W) images -> list of H logits tensors (B, K_h).
+
+        A list of batches (B_i, C, H_i, W_i), e.g. views at different sizes (multi-crop), runs the backbone
+        once per batch (BatchNorm statistics per batch) and the heads once on all features: logits
+        (sum B_i, K_h), rows in the list's order. One call, so one DistributedDataParallel forward.
+        """
+        if isinstance(x, (list, tuple)):
+            if not x:
+                raise ValueError("expected a non-empty list of image batches")
+            return self.forward_head(torch.cat([self.forward_features(v) for v in x]))
         return self.forward_head(self.forward_features(x))
 
 
