@@ -63,7 +63,9 @@ def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
     sides = set()
     forward = BatchAugment.forward
     monkeypatch.setattr(
-        BatchAugment, "forward", lambda self, x, **kw: sides.add((out := forward(self, x, **kw)).shape[-1]) or out
+        BatchAugment,
+        "forward",
+        lambda self, x, **kw: sides.add((out := forward(self, x, **kw)).shape[-1]) or out,
     )
     out = tmp_path / "run"
     extra = ["--objective", "swapped", "--crop-size", "12", "--small-crops", "2"]

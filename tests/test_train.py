@@ -311,7 +311,9 @@ def test_multicrop_small_views_predict_the_full_views_codes(tiny_set, tmp_path, 
     import sela.train as train_mod
 
     small = BatchAugment(4, crop_scale=(0.2, 0.5), mean=tiny_set.mean, std=tiny_set.std)
-    t = make_trainer(tiny_set, tmp_path, objective="swapped", precision="fp32", small_crops=3, small_augment=small)
+    t = make_trainer(
+        tiny_set, tmp_path, objective="swapped", precision="fp32", small_crops=3, small_augment=small
+    )
     seen, inputs = [], []
     real = train_mod.soft_codes
     monkeypatch.setattr(train_mod, "soft_codes", lambda x, **kw: seen.append(out := real(x, **kw)) or out)
@@ -348,7 +350,9 @@ def test_multicrop_run_resumes_exactly(tiny_set, tmp_path):
     again = make_trainer(tiny_set, tmp_path / "b", init_seed=7, **kw)
     again.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
     again.fit()
-    for (name, x), (_, y) in zip(full.model.state_dict().items(), again.model.state_dict().items(), strict=True):
+    for (name, x), (_, y) in zip(
+        full.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
         assert torch.equal(x, y), name
     assert torch.equal(full.state.labels, again.state.labels)
 

@@ -386,7 +386,9 @@ class Trainer:
         }
         return stats
 
-    def _views(self, images: Tensor, generator: torch.Generator, augment: BatchAugment | None = None) -> Tensor:
+    def _views(
+        self, images: Tensor, generator: torch.Generator, augment: BatchAugment | None = None
+    ) -> Tensor:
         """Augmented float views (b, C, S, S) of a uint8 batch (by ``augment``, default the training
         augmentation), in the device's preferred memory format."""
         views = (augment or self.augment)(images, generator=generator)
