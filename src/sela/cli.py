@@ -195,9 +195,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.arch not in list_models():
         raise UsageError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(list_models())}")
     clusters = _clusters_per_head(cfg)
-    for key in ("crop_size", "small_crop_size"):
-        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
-            raise UsageError(f"{key} must be a positive number of px (or unset), got {getattr(cfg, key)}")
+    for key, value in (("crop_size", cfg.crop_size), ("small_crop_size", cfg.small_crop_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{key} must be a positive number of px (or unset), got {value}")
     size = cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -211,8 +211,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, clusters, **_model_kwargs(cfg, out_size, train_set))
     a = cfg.augment
-    augment, small_augment = (
-        BatchAugment(
+
+    def batch_augment(side: int, scale: list[float] | None) -> BatchAugment:
+        return BatchAugment(
             side,
             crop_scale=tuple(scale) if scale else None,
             flip_p=a.flip_p,
@@ -223,11 +224,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             mean=train_set.mean,
             std=train_set.std,
         )
-        for side, scale in (
-            (cfg.crop_size or out_size, a.crop_scale),
-            (cfg.small_crop_size or max((cfg.crop_size or out_size) // 2, 1), a.small_crop_scale),
-        )
-    )
+
+    view_size = cfg.crop_size or out_size  # training views; the label step and evaluation use out_size
+    augment = batch_augment(view_size, a.crop_scale)
+    small_augment = batch_augment(cfg.small_crop_size or max(view_size // 2, 1), a.small_crop_scale)
     eval_transform = EvalTransform(out_size, mean=train_set.mean, std=train_set.std)
     trainer = Trainer(
         model,

@@ -674,18 +674,15 @@ class Trainer:
                 stacklevel=2,
             )
         empty = [h for h, s in enumerate(stats["heads"]) if s["n_empty"] > 0]
-        if empty and self.objective == "swapped":  # online codes, balanced within each batch only
-            warnings.warn(
-                f"epoch {stats['epoch']}: heads {empty} have prototypes that no image's codes chose this "
-                "epoch; harmless if it passes after the first epochs, else use fewer --clusters",
-                stacklevel=2,
+        if empty:
+            what = (  # swapped: online codes, balanced within each batch only
+                "prototypes that no image's codes chose this epoch; harmless if it passes after the first "
+                "epochs, else use fewer --clusters"
+                if self.objective == "swapped"
+                else "empty clusters (partial collapse); more label updates or a larger --lam keep clusters "
+                "balanced"
             )
-        elif empty:
-            warnings.warn(
-                f"epoch {stats['epoch']}: heads {empty} have empty clusters (partial collapse); "
-                "more label updates or a larger --lam keep clusters balanced",
-                stacklevel=2,
-            )
+            warnings.warn(f"epoch {stats['epoch']}: heads {empty} have {what}", stacklevel=2)
 
 
 @torch.no_grad()
