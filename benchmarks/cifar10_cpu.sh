@@ -11,9 +11,9 @@
 # the evaluation stay at 32 px), SMALL_CROPS (multi-crop: extra views of half CROP_SIZE per image, swapped
 # only), LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
 # LABEL_UPDATES (recorded: 1000, i.e. one label step per epoch, merged at epoch ends), JITTER and JITTER_P
-# (colour jitter strengths and probability; default the SeLa CIFAR recipe [0.4,0.4,0.4,0.4] at 1.0; the
+# (colour jitter strengths and probability; unset: sela's default, the SeLa CIFAR recipe; the
 # SimCLR-style [0.4,0.4,0.4,0.1] at 0.8 gave 55.4 % vs 52.5 % in 24-epoch runs); flags after OUT go to
-# `sela train` as they are (e.g. --set augment.jitter_p=0.8).
+# `sela train` as they are (e.g. --set augment.grayscale_p=0.1).
 #
 # The budget covers training (label steps included); the final evaluation (features of 60k images and
 # the weighted kNN, k = 200, T = 0.1) comes after it. The number of epochs that fits is estimated from a
@@ -44,8 +44,9 @@ LR=${LR:-0.15}
 PROJECTOR=${PROJECTOR:-[]}
 CROP_SIZE=${CROP_SIZE:-16}  # 16 px views: 63.0 %; 24 px and 12 px lost to it at equal time, 32 px 58.3 %
 SMALL_CROPS=${SMALL_CROPS:-0}
-JITTER=${JITTER:-[0.4,0.4,0.4,0.4]}
-JITTER_P=${JITTER_P:-1.0}
+AUGMENT=()  # only what is set: the defaults stay those of sela's config
+[ -n "${JITTER:-}" ] && AUGMENT+=(--set "augment.jitter=$JITTER")
+[ -n "${JITTER_P:-}" ] && AUGMENT+=(--set "augment.jitter_p=$JITTER_P")
 PRECISION=${PRECISION:-auto}  # auto: bfloat16 autocast on CPUs with AVX512-BF16/AMX (about 2x), else fp32
 EPOCHS=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" "$LABEL_INPUTS" \
   "$PRECISION" "$OBJECTIVE" "$LR" "$CLUSTERS" "$SMALL_CROPS" "$DATA" "$CROP_SIZE" <<'PYEOF'
@@ -96,8 +97,7 @@ start=$(date +%s)
   --set "projector=$PROJECTOR" --heads "$HEADS" --clusters "$CLUSTERS" --epochs "$EPOCHS" \
   --label-updates "$LABEL_UPDATES" --label-inputs "$LABEL_INPUTS" --label-heads "$LABEL_HEADS" \
   --label-spacing "$LABEL_SPACING" --batch-size "$BATCH" --lr "$LR" --precision "$PRECISION" --objective "$OBJECTIVE" \
-  --crop-size "$CROP_SIZE" --small-crops "$SMALL_CROPS" --set "augment.jitter=$JITTER" \
-  --set "augment.jitter_p=$JITTER_P" --out "$OUT" \
+  --crop-size "$CROP_SIZE" --small-crops "$SMALL_CROPS" "${AUGMENT[@]}" --out "$OUT" \
   --no-progress "$@"
 end=$(date +%s)
 echo "wall clock (training + evaluation): $(( (end - start) / 60 )) min $(( (end - start) % 60 )) s"
