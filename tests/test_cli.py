@@ -89,6 +89,7 @@ def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
         (["--config", "/nonexistent.toml"], "does not exist"),
         (["--crop-size", "0"], "crop_size must be a positive number of px"),
         (["--small-crops", "2"], "need the swapped objective"),
+        (["--time-limit", "0"], "time limit must be > 0 minutes"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, args, message):
@@ -97,3 +98,12 @@ def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, args, message
     err = capsys.readouterr().err.strip()
     assert err.startswith("sela: error:") and message in err and "\n" not in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_train_time_limit_replans_the_epochs(tmp_path, capsys):
+    # a budget of 6 ms: the first epoch spends it, so the first plan of 5 epochs becomes 2
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY, "--epochs", "5", "--time-limit", "0.0001"]) == 0
+    assert "0.0001 min (about 5 epochs, re-planned each epoch)" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["time_limit"] == 0.0001
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2

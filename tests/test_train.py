@@ -9,7 +9,16 @@ import torch
 
 from sela.data import BatchAugment, EvalTransform, ImageSet, load_dataset
 from sela.models import create_model
-from sela.train import Trainer, TrainingDiverged, compare_configs, label_epochs, label_schedule, lr_at
+from sela.train import (
+    Trainer,
+    TrainingDiverged,
+    compare_configs,
+    label_epochs,
+    label_schedule,
+    lr_at,
+    planned_epochs,
+    schedule_progress,
+)
 
 
 def test_label_schedule_quadratic_dense_early():
@@ -45,6 +54,26 @@ def test_lr_warmup_cosine_and_step():
     assert lr_at(100, 110, schedule="step", **kw) == pytest.approx(0.01)
     with pytest.raises(ValueError):
         lr_at(0, 10, base_lr=1.0, schedule="linear", warmup_steps=0)
+
+
+def test_lr_anchor_continues_the_decay_to_the_new_end():
+    kw = dict(base_lr=1.0, warmup_steps=10, schedule="cosine")
+    # the plan was 110 steps; at step 60 (half the decay) it becomes 210 steps
+    anchor = (60, schedule_progress(60, 110, warmup_steps=10))
+    assert anchor[1] == pytest.approx(0.5)
+    assert lr_at(60, 210, anchor=anchor, **kw) == pytest.approx(lr_at(60, 110, **kw))  # continuous
+    assert lr_at(135, 210, anchor=anchor, **kw) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.75)))
+    assert lr_at(209, 210, anchor=anchor, **kw) < 0.001  # reaches 0 at the new end
+    assert lr_at(500, 210, anchor=anchor, **kw) == pytest.approx(0.0)  # clamped, never back up
+    assert lr_at(5, 210, anchor=anchor, **kw) == pytest.approx(0.6)  # warm-up unchanged
+
+
+def test_planned_epochs_fill_the_budget():
+    assert planned_epochs(2, [10.0, 10.0], 100.0) == 10  # 80 s left at 10 s per epoch
+    assert planned_epochs(3, [10.0, 30.0, 20.0], 160.0) == 3 + 5  # 100 s left at the median 20 s
+    assert planned_epochs(5, [10.0] * 5, 40.0) == 6  # budget spent: the next epoch is the last
+    # the median of the last five ignores an outlier epoch (e.g. one with a long label step)
+    assert planned_epochs(6, [100.0, 10.0, 10.0, 10.0, 10.0, 10.0], 250.0) == 6 + 10
 
 
 def test_label_epochs_round_steps_up_to_epoch_ends():
@@ -409,3 +438,61 @@ def test_health_warns_about_chance_level_loss_and_empty_clusters(tiny_set, tmp_p
         t._check_health({**stats, "loss": math.log(7.0)})  # heads of 6 and 8 clusters: ln K about 1.9
     with pytest.warns(UserWarning, match=rf"heads \[1\].*{advice}"):
         t._check_health({**stats, "heads": [healthy, {"min": 0, "n_empty": 2}]})
+
+
+def _fixed_epoch_time(trainer: Trainer, seconds: float) -> None:
+    """Make every epoch of ``trainer`` report ``seconds`` (the time budget's clock), deterministically."""
+    train_one_epoch = trainer.train_one_epoch
+
+    def timed(epoch: int) -> dict:
+        return {**train_one_epoch(epoch), "time_s": seconds}
+
+    trainer.train_one_epoch = timed
+
+
+@pytest.mark.filterwarnings("ignore:epoch")
+@pytest.mark.parametrize("settings", [{}, RECORDED], ids=["eval", "recorded"])
+def test_time_limit_replans_the_run_to_fill_the_budget(tiny_set, tmp_path, settings):
+    # 10 s per epoch and 60 s: the first plan of 2 epochs grows to 6 after the first epoch
+    t = make_trainer(tiny_set, tmp_path, epochs=2, time_limit_s=60.0, **settings)
+    _fixed_epoch_time(t, 10.0)
+    lrs = []
+    step = t.optimizer.step
+
+    def record_lr(*a, **kw):
+        lrs.append(t.optimizer.param_groups[0]["lr"])
+        return step(*a, **kw)
+
+    t.optimizer.step = record_lr
+    history = t.fit()
+    assert len(history) == t.epochs == t.epoch == 6 and t.total_steps == 36
+    assert t.lr_anchor == (6, 0.0)  # re-planned at the end of the one-epoch warm-up
+    decay = lrs[6:]
+    assert decay == sorted(decay, reverse=True) and decay[0] == pytest.approx(0.05) and decay[-1] < 1e-3
+    # the label schedule follows the new length: 4 updates over 36 steps, not over the first plan's 12
+    if settings:
+        # step 0 and the first plan's end of epoch 1 (12 * 1 / 3 steps), then the new plan's epochs 2, 4
+        assert t.label_epochs == [2, 4] and t.state.n_updates == 4
+    else:
+        # 36 * (i / 4)^2 from step 6 on; epoch 1 ran the first plan's steps 0 and 3 (12 * (i / 4)^2)
+        assert t.label_steps == [9, 20] and t.state.n_updates == 4
+    assert [m["epoch"] for m in map(json.loads, open(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
+
+
+def test_time_limit_shrinks_the_plan_and_resume_counts_time_spent(tiny_set, tmp_path):
+    # a first plan of 8 epochs at 10 s each does not fit 30 s: after epoch 1 the run becomes 3 epochs
+    first = make_trainer(tiny_set, tmp_path, epochs=8, time_limit_s=30.0, objective="swapped")
+    _fixed_epoch_time(first, 10.0)
+    first.fit(max_epochs=2)
+    assert first.epochs == 3 and first.epoch == 2 and first.state.n_updates == 0
+    resumed = make_trainer(tiny_set, tmp_path, epochs=8, time_limit_s=30.0, objective="swapped")
+    resumed.load_checkpoint(tmp_path / "checkpoint.pt")
+    assert (resumed.epochs, resumed.epoch_times, resumed.lr_anchor) == (3, [10.0, 10.0], first.lr_anchor)
+    _fixed_epoch_time(resumed, 10.0)
+    assert len(resumed.fit()) == 1 and resumed.epoch == 3
+    assert resumed.state.n_updates == 1  # the swapped objective's final label step ran in the last epoch
+
+
+def test_time_limit_must_be_positive(tiny_set, tmp_path):
+    with pytest.raises(ValueError, match="time limit must be > 0"):
+        make_trainer(tiny_set, tmp_path, time_limit_s=0.0)

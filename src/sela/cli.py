@@ -36,7 +36,12 @@ _TRAIN_FLAGS = {
         "resize images to this many px (default: the dataset's own; digits 16)",
     ),
     "--arch": ("arch", str, "network: see `sela models` (default convnet)"),
-    "--epochs": ("epochs", int, "training epochs"),
+    "--epochs": ("epochs", int, "training epochs (with --time-limit: the first plan)"),
+    "--time-limit": (
+        "time_limit",
+        float,
+        "wall-clock budget for training in minutes: the number of epochs is re-planned every epoch to fill it",
+    ),
     "--heads": ("heads", int, "number of clustering heads H"),
     "--clusters": ("clusters", str, "clusters K per head: one number, or a comma list (one per head)"),
     "--lam": ("lam", float, "lambda: 1/strength of the entropic regularisation of the label step (25)"),
@@ -259,6 +264,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         swap_epsilon=cfg.swap_epsilon,
         small_crops=cfg.small_crops,
         small_augment=small_augment.to(device),
+        time_limit_s=None if cfg.time_limit is None else cfg.time_limit * 60,
     )
     created = not out.exists()
     if args.resume:
@@ -272,10 +278,13 @@ def cmd_train(args: argparse.Namespace) -> int:
             "_world_size": dist.world_size(),
         }
         (out / "config.json").write_text(json.dumps(record, indent=2))
+    length = f"{cfg.epochs} epochs"
+    if cfg.time_limit is not None:
+        length = f"{cfg.time_limit:g} min (about {trainer.epochs} epochs, re-planned each epoch)"
     _say(
         f"sela {sela.__version__}: training {cfg.arch} on {cfg.dataset} ({len(train_set)} images, "
         f"{len(clusters)} heads x {clusters[0] if len(set(clusters)) == 1 else clusters} clusters) "
-        f"on {device} x {dist.world_size()} ({trainer.precision}) for {cfg.epochs} epochs -> {out}"
+        f"on {device} x {dist.world_size()} ({trainer.precision}) for {length} -> {out}"
     )
     try:
         trainer.fit()

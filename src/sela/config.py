@@ -69,6 +69,9 @@ class TrainConfig:
     small_crop_size: int | None = None
     # optimisation
     epochs: int = 60
+    # wall-clock budget for training in minutes (None: none); epochs is then the first plan, re-planned
+    # each epoch to fill the budget at the measured speed (see sela.train.Trainer)
+    time_limit: float | None = None
     batch_size: int = 128
     lr: float = 0.1
     momentum: float = 0.9

@@ -93,16 +93,49 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def lr_at(step: int, total_steps: int, *, base_lr: float, schedule: str, warmup_steps: int) -> float:
-    """Learning rate at an optimisation step: linear warm-up, then cosine to 0 or steps of 0.1 at 50/75 %."""
+def schedule_progress(
+    step: int, total_steps: int, *, warmup_steps: int, anchor: tuple[int, float] | None = None
+) -> float:
+    """How far the decay after warm-up has come at ``step``: 0 at the end of warm-up, 1 at ``total_steps``.
+
+    ``anchor`` = (s0, t0) says the progress was t0 at step s0 under an earlier plan (a time budget
+    re-plans the run's length); from there it goes on linearly to 1 at the new ``total_steps``, so the
+    learning rate stays continuous when the plan changes. Clamped to [0, 1].
+    """
+    start, t0 = anchor or (warmup_steps, 0.0)
+    t = t0 + (1 - t0) * (step - start) / max(1, total_steps - start)
+    return min(max(t, 0.0), 1.0)
+
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    *,
+    base_lr: float,
+    schedule: str,
+    warmup_steps: int,
+    anchor: tuple[int, float] | None = None,
+) -> float:
+    """Learning rate at an optimisation step: linear warm-up, then cosine to 0 or steps of 0.1 at 50/75 %
+    of the decay (its progress as :func:`schedule_progress`, ``anchor`` included)."""
+    if schedule not in ("cosine", "step"):
+        raise ValueError(f"lr schedule must be 'cosine' or 'step', got {schedule!r}")
     if step < warmup_steps:
         return base_lr * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    t = schedule_progress(step, total_steps, warmup_steps=warmup_steps, anchor=anchor)
     if schedule == "cosine":
         return base_lr * 0.5 * (1 + math.cos(math.pi * t))
-    if schedule == "step":
-        return base_lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
-    raise ValueError(f"lr schedule must be 'cosine' or 'step', got {schedule!r}")
+    return base_lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
+
+
+def planned_epochs(done: int, times_s: list[float], limit_s: float) -> int:
+    """The run's length in epochs for a time budget: ``done`` epochs finished, which took ``times_s``
+    seconds each, and as many more whole epochs as the rest of ``limit_s`` holds at the median of the last
+    five epochs' times (always at least one more: the epoch about to start is then the last one)."""
+    recent = sorted(times_s[-5:])
+    per_epoch = recent[len(recent) // 2]
+    remaining = limit_s - sum(times_s)
+    return done + max(1, math.floor(remaining / max(per_epoch, 1e-9) + 1e-9))
 
 
 @dataclass
@@ -143,6 +176,13 @@ class Trainer:
             (codes come from the full views only). Each costs about (s / S)^2 of a full view.
         precision: ``auto`` (bfloat16 autocast where the device has native bf16, else float32), ``bf16``
             or ``fp32``; see :func:`autocast_dtype`.
+        time_limit_s: a wall-clock budget for training (seconds, label steps included; the final
+            evaluation comes after it). ``epochs`` is then the first plan only: before each epoch from the
+            second on, the run's length is re-planned to fill the rest of the budget at the measured epoch
+            time (:func:`planned_epochs`), the learning-rate decay is stretched or squeezed from that step on
+            (continuously) and the label schedule is laid out again for the new length. The run ends at
+            the last epoch that fits at the measured speed (a slower last epoch can overrun it). Timing decides the epoch count, so such a run is not
+            bit-reproducible; resuming counts the time already spent.
     """
 
     def __init__(
@@ -177,6 +217,7 @@ class Trainer:
         swap_epsilon: float = 0.05,
         small_crops: int = 0,
         small_augment: BatchAugment | None = None,
+        time_limit_s: float | None = None,
     ):
         n = len(train_set)
         world = dist.world_size()
@@ -206,6 +247,8 @@ class Trainer:
             )
         if small_crops and small_augment is None:
             raise ValueError("small_crops > 0 needs small_augment, the augmentation that makes them")
+        if time_limit_s is not None and not time_limit_s > 0:
+            raise ValueError(f"the time limit must be > 0 minutes (or unset), got {time_limit_s / 60:g}")
         if max(model.n_clusters) > n:
             raise ValueError(
                 f"{max(model.n_clusters)} clusters but only {n} training images; use --clusters <= {n}"
@@ -253,20 +296,21 @@ class Trainer:
         self.base_lr = lr
         self.lr_schedule = lr_schedule
         self.warmup_steps = int(warmup_epochs * self.steps_per_epoch)
+        self.lr_anchor: tuple[int, float] | None = None  # set when a time budget re-plans the length
         self.lr_at(0)  # validates the schedule name
+        self.time_limit_s = time_limit_s
+        self.epoch_times: list[float] = []  # seconds per finished epoch (mean over ranks)
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False
         )
         self.lam = lam
-        self.label_steps = label_schedule(label_updates, self.total_steps, label_spacing)
-        self.label_epochs: list[int] = []
-        if objective == "swapped":  # labels come online; one global step after the last epoch
-            self.label_steps = []
-        elif label_inputs == "recorded":  # the first step needs a pass; the others use the epoch's outputs
-            self.label_epochs = label_epochs(self.label_steps, self.steps_per_epoch)
-            self.label_steps = [0]
+        self.label_updates = label_updates
+        self.label_spacing = label_spacing
         self.label_heads = label_heads
         self.label_inputs = label_inputs
+        self.label_steps: list[int] = []  # optimisation steps before which a label step runs
+        self.label_epochs: list[int] = []  # epochs (1-based) after which a recorded label step runs
+        self._lay_out_label_steps(0)
         self.augment = augment
         self.eval_transform = eval_transform
         self.seed = seed
@@ -288,7 +332,37 @@ class Trainer:
             base_lr=self.base_lr,
             schedule=self.lr_schedule,
             warmup_steps=self.warmup_steps,
+            anchor=self.lr_anchor,
         )
+
+    def _lay_out_label_steps(self, step: int) -> None:
+        """The label schedule for the planned length, from optimisation step ``step`` on."""
+        steps = label_schedule(self.label_updates, self.total_steps, self.label_spacing)
+        if self.objective == "swapped":  # labels come online; one global step after the last epoch
+            self.label_steps = []
+        elif (
+            self.label_inputs == "recorded"
+        ):  # the first step needs a pass, the others use an epoch's outputs
+            self.label_epochs = [
+                e for e in label_epochs(steps, self.steps_per_epoch) if e > step // self.steps_per_epoch
+            ]
+            self.label_steps = [0] if step == 0 else []
+        else:
+            self.label_steps = [s for s in steps if s >= step]
+
+    def plan(self, epochs: int) -> None:
+        """Change the run's length to ``epochs`` from the next epoch on (a time budget's re-plan): the
+        learning-rate decay continues from where it is to 0 at the new end, the label schedule is laid out
+        again for the new length from here on."""
+        step = self.epoch * self.steps_per_epoch  # the next optimisation step
+        start = max(step, self.warmup_steps)
+        progress = schedule_progress(
+            start, self.total_steps, warmup_steps=self.warmup_steps, anchor=self.lr_anchor
+        )
+        self.lr_anchor = (start, progress)
+        self.epochs = epochs
+        self.total_steps = epochs * self.steps_per_epoch
+        self._lay_out_label_steps(step)
 
     # ----------------------------------------------------------------------------------------------------
     # the loop
@@ -296,11 +370,18 @@ class Trainer:
     def fit(self, max_epochs: int | None = None) -> list[dict]:
         """Train from ``self.epoch`` to ``epochs`` (or for at most ``max_epochs`` epochs now, e.g. to stop
         and resume later); returns the metrics of the epochs run now."""
-        history = []
-        stop = self.epochs if max_epochs is None else min(self.epochs, self.epoch + max_epochs)
-        for epoch in range(self.epoch, stop):
+        history: list[dict] = []
+        while max_epochs is None or len(history) < max_epochs:
+            if self.time_limit_s and self.epoch_times and self.epoch < self.epochs:
+                epochs = planned_epochs(self.epoch, self.epoch_times, self.time_limit_s)
+                if epochs != self.epochs:
+                    self.plan(epochs)
+            if self.epoch >= self.epochs:
+                break
+            epoch = self.epoch
             stats = self.train_one_epoch(epoch)
             self.epoch = epoch + 1
+            self.epoch_times.append(dist.all_reduce_mean(stats["time_s"], self.device))
             if dist.is_main():
                 self._append_metrics(stats)
                 self.save_checkpoint()
@@ -626,6 +707,13 @@ class Trainer:
             "scalings": self.state.scalings,
             "label_updates_done": self.state.n_updates,
             "epoch": self.epoch,
+            "plan": {  # the run's length and schedules as planned now (a time budget changes them)
+                "epochs": self.epochs,
+                "lr_anchor": self.lr_anchor,
+                "label_steps": self.label_steps,
+                "label_epochs": self.label_epochs,
+                "epoch_times": self.epoch_times,
+            },
             "config": self.config,
             "rng": {"torch": torch.get_rng_state()},
         }
@@ -656,6 +744,12 @@ class Trainer:
             ckpt["label_updates_done"],
         )
         self.epoch = ckpt["epoch"]
+        plan = ckpt.get("plan")
+        if plan:
+            self.epochs, self.total_steps = plan["epochs"], plan["epochs"] * self.steps_per_epoch
+            self.lr_anchor = tuple(plan["lr_anchor"]) if plan["lr_anchor"] else None
+            self.label_steps, self.label_epochs = plan["label_steps"], plan["label_epochs"]
+            self.epoch_times = plan["epoch_times"]
 
     def _append_metrics(self, stats: dict) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -706,6 +800,7 @@ _MUST_MATCH = (
     "seed",
     "objective",
     "small_crops",
+    "time_limit",
 )
 
 
