@@ -181,8 +181,9 @@ class Trainer:
             second on, the run's length is re-planned to fill the rest of the budget at the measured epoch
             time (:func:`planned_epochs`), the learning-rate decay is stretched or squeezed from that step on
             (continuously) and the label schedule is laid out again for the new length. The run ends at
-            the last epoch that fits at the measured speed (a slower last epoch can overrun it). Timing decides the epoch count, so such a run is not
-            bit-reproducible; resuming counts the time already spent.
+            the last epoch that fits at the measured speed (a slower last epoch can overrun it). Timing
+            decides the epoch count, so such a run is not bit-reproducible; resuming counts the time
+            already spent.
     """
 
     def __init__(
@@ -292,7 +293,6 @@ class Trainer:
         self.epochs = epochs
         self.batch_size = batch_size
         self.steps_per_epoch = n // batch_size
-        self.total_steps = epochs * self.steps_per_epoch
         self.base_lr = lr
         self.lr_schedule = lr_schedule
         self.warmup_steps = int(warmup_epochs * self.steps_per_epoch)
@@ -325,6 +325,11 @@ class Trainer:
         self.autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
         self._label_memory: tuple[int, int | None] | None = None  # (buffers, peak) bytes, this epoch
 
+    @property
+    def total_steps(self) -> int:
+        """Optimisation steps of the whole run as planned now."""
+        return self.epochs * self.steps_per_epoch
+
     def lr_at(self, step: int) -> float:
         return lr_at(
             step,
@@ -337,12 +342,11 @@ class Trainer:
 
     def _lay_out_label_steps(self, step: int) -> None:
         """The label schedule for the planned length, from optimisation step ``step`` on."""
-        steps = label_schedule(self.label_updates, self.total_steps, self.label_spacing)
         if self.objective == "swapped":  # labels come online; one global step after the last epoch
             self.label_steps = []
-        elif (
-            self.label_inputs == "recorded"
-        ):  # the first step needs a pass, the others use an epoch's outputs
+            return
+        steps = label_schedule(self.label_updates, self.total_steps, self.label_spacing)
+        if self.label_inputs == "recorded":  # the first step needs a pass, the others an epoch's outputs
             self.label_epochs = [
                 e for e in label_epochs(steps, self.steps_per_epoch) if e > step // self.steps_per_epoch
             ]
@@ -361,7 +365,6 @@ class Trainer:
         )
         self.lr_anchor = (start, progress)
         self.epochs = epochs
-        self.total_steps = epochs * self.steps_per_epoch
         self._lay_out_label_steps(step)
 
     # ----------------------------------------------------------------------------------------------------
@@ -746,7 +749,7 @@ class Trainer:
         self.epoch = ckpt["epoch"]
         plan = ckpt.get("plan")
         if plan:
-            self.epochs, self.total_steps = plan["epochs"], plan["epochs"] * self.steps_per_epoch
+            self.epochs = plan["epochs"]
             self.lr_anchor = tuple(plan["lr_anchor"]) if plan["lr_anchor"] else None
             self.label_steps, self.label_epochs = plan["label_steps"], plan["label_epochs"]
             self.epoch_times = plan["epoch_times"]
