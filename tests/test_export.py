@@ -123,6 +123,8 @@ def test_load_features_formats_and_errors(tmp_path):
         "cube.npy": (np.zeros((2, 2, 2)), "must be \\(N, D\\)"),
         "dict.pt": ({"features": torch.zeros(2, 2)}, "holds a dict"),
         "text.npy": (np.array([["a", "b"]]), "real numbers"),
+        "nan.npy": (np.array([[np.nan, 1.0], [0.0, 1.0]]), "NaN or inf"),
+        "bool.pt": (torch.ones(2, 2, dtype=torch.bool), "real numbers"),
     }
     for name, (value, message) in cases.items():
         if name.endswith(".npy"):

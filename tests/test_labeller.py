@@ -98,6 +98,7 @@ def test_reading_before_fit_raises(method):
         (np.zeros((0, 4)), {}, "empty"),
         (np.zeros(10), {}, "2-D"),
         (np.array([[0.0, np.nan], [1.0, 2.0], [3.0, 4.0]]), {"n_clusters": 2}, "NaN"),
+        (np.ones((5, 3), dtype=bool), {"n_clusters": 2}, "real numbers"),
         (np.random.rand(5, 3), {"n_clusters": 6}, "fewer clusters"),
         (np.random.rand(5, 3), {"n_clusters": 1}, "at least 2"),
         (np.random.rand(5, 3), {"n_clusters": 2, "n_heads": 0}, "n_heads"),

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from sela.data import EvalTransform, make_loader
 from sela.data.folder import IMAGE_EXTENSIONS, decode_image
 from sela.eval.features import extract
-from sela.labeller import SelfLabeller
+from sela.labeller import SelfLabeller, feature_matrix
 from sela.runs import Run
 from sela.sinkhorn import assign
 
@@ -224,15 +224,7 @@ def load_features(path: str | os.PathLike) -> Tensor:
         x = torch.from_numpy(x)
     if not isinstance(x, Tensor):
         raise ValueError(f"{path} holds a {type(x).__name__}, not one array; save only the (N, D) tensor")
-    if x.ndim != 2:
-        raise ValueError(
-            f"{path} holds an array of shape {tuple(x.shape)}; it must be (N, D), one row per item"
-        )
-    if x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{path} is empty (shape {tuple(x.shape)}); it needs at least one row and column")
-    if x.dtype == torch.bool or x.is_complex():
-        raise ValueError(f"{path} must hold real numbers, got {x.dtype}")
-    return x.float()
+    return feature_matrix(x, str(path))
 
 
 def cluster_features(

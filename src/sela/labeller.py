@@ -23,6 +23,27 @@ from sela.sinkhorn import assign
 ArrayLike = np.ndarray | Tensor
 
 
+def feature_matrix(x: ArrayLike, name: str = "X") -> Tensor:
+    """Check and convert a feature matrix: real, finite (N, D) with N, D >= 1 -> float32 (N, D).
+
+    Raises:
+        ValueError: naming ``name`` and what to change (shape, emptiness, dtype, NaN or inf).
+    """
+    x = torch.as_tensor(x)
+    if x.ndim != 2:
+        raise ValueError(
+            f"{name} must be (N, D), a 2-D array with one row per item, got shape {tuple(x.shape)}; reshape it"
+        )
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one row and one column")
+    if x.dtype == torch.bool or x.is_complex():
+        raise ValueError(f"{name} must hold real numbers, got {x.dtype}; cast it to float32")
+    x = x.to(torch.float32)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} holds NaN or inf; drop or impute those rows first")
+    return x
+
+
 class _HiddenHead(nn.Module):
     """Linear -> BatchNorm -> ReLU -> Linear, (B, D) -> (B, K).
 
@@ -151,18 +172,7 @@ class SelfLabeller(ClusterMixin, BaseEstimator):
                 raise ValueError(message)
 
     def _as_features(self, X: ArrayLike, n_features: int | None = None) -> Tensor:
-        x = torch.as_tensor(X)
-        if x.ndim != 2:
-            raise ValueError(
-                f"X must be a 2-D (N, D) array of features, got shape {tuple(x.shape)}; reshape it"
-            )
-        if x.shape[0] == 0 or x.shape[1] == 0:
-            raise ValueError(f"X is empty (shape {tuple(x.shape)}); pass at least one sample and one feature")
-        if x.dtype == torch.bool or x.is_complex():
-            raise ValueError(f"X must hold real numbers, got {x.dtype}; cast it to float32")
-        x = x.to(torch.float32)
-        if not torch.isfinite(x).all():
-            raise ValueError("X holds NaN or inf; drop or impute those rows before fitting")
+        x = feature_matrix(X)
         if n_features is not None and x.shape[1] != n_features:
             raise ValueError(f"X has {x.shape[1]} features but the labeller was fitted on {n_features}")
         return x
