@@ -165,8 +165,9 @@ RECORDED = {"label_inputs": "recorded", "label_updates": 3, "label_spacing": "li
         {"precision": "bf16"},
         {**RECORDED, "precision": "bf16"},
         {"objective": "swapped", "precision": "fp32"},
+        {"objective": "swapped", "precision": "fp32", "swap_queue": 100},
     ],
-    ids=["eval-fp32", "eval-bf16", "recorded-bf16", "swapped"],
+    ids=["eval-fp32", "eval-bf16", "recorded-bf16", "swapped", "swapped-queue"],
 )
 def test_resume_is_exact(tiny_set, tmp_path, settings):
     full = make_trainer(tiny_set, tmp_path / "a", epochs=3, **settings)
@@ -336,6 +337,46 @@ def test_swapped_loss_predicts_the_other_views_codes(tiny_set, tmp_path, monkeyp
 
 
 @pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
+def test_swapped_queue_joins_the_balancing_scored_by_the_current_prototypes(tiny_set, tmp_path, monkeypatch):
+    import sela.train as train_mod
+
+    t = make_trainer(tiny_set, tmp_path, objective="swapped", precision="fp32", swap_queue=40)
+    seen = []
+    real = train_mod.soft_codes
+    monkeypatch.setattr(
+        train_mod, "soft_codes", lambda x, **kw: seen.append((x, out := real(x, **kw))) or out
+    )
+    b, gen = 8, torch.Generator().manual_seed(0)
+    t._swapped_loss(tiny_set.images[:b], torch.arange(b), gen)  # empty queue: the batch alone
+    assert [x.shape[0] for x, _ in seen] == [2 * b, 2 * b]
+    first_rows = t._queue.clone()
+    assert first_rows.shape == (2 * b, t.model.head_dim)
+    assert torch.allclose(first_rows.norm(dim=1), torch.ones(2 * b))  # unit-norm head inputs
+    with torch.no_grad():  # the prototypes move between steps; the queue is scored by the new ones
+        for head in t.model.heads:
+            head.weight.copy_(torch.nn.functional.normalize(torch.randn_like(head.weight), dim=1))
+    seen.clear()
+    images = tiny_set.images[b : 2 * b]
+    loss = t._swapped_loss(images, torch.arange(b, 2 * b), gen)
+    expected = 0.0
+    for h, (x, balanced) in enumerate(seen):
+        assert x.shape[0] == 4 * b  # the batch's 2b views and the queue's 2b rows
+        assert torch.allclose(x[2 * b :], first_rows @ t.model.heads[h].weight.t(), atol=1e-6)
+        codes = balanced[: 2 * b]  # only the batch's codes are targets
+        assert not torch.allclose(codes, real(x[: 2 * b], epsilon=t.swap_epsilon))  # the queue mattered
+        scores = x[: 2 * b]  # the batch's own scores come first
+        swapped = torch.cat([codes[b:], codes[:b]])
+        expected += -(swapped * torch.log_softmax(scores / 0.1, 1)).sum(1).mean()
+    assert torch.allclose(loss, expected / len(seen), atol=1e-6)
+    assert t._queue.shape[0] == 4 * b and torch.equal(t._queue[2 * b :], first_rows)  # newest first
+    t._swapped_loss(tiny_set.images[:b], torch.arange(b), gen)
+    assert t._queue.shape[0] == 40  # capped: the oldest rows dropped
+    assert torch.equal(t._queue[4 * b :], first_rows[:8])  # the first batch's newest 8 rows remain
+    t.train_one_epoch(0)
+    assert len(t._queue) == 40
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
 def test_multicrop_small_views_predict_the_full_views_codes(tiny_set, tmp_path, monkeypatch):
     import sela.train as train_mod
 
@@ -347,7 +388,7 @@ def test_multicrop_small_views_predict_the_full_views_codes(tiny_set, tmp_path, 
     real = train_mod.soft_codes
     monkeypatch.setattr(train_mod, "soft_codes", lambda x, **kw: seen.append(out := real(x, **kw)) or out)
     forward = t.net.forward
-    monkeypatch.setattr(t.net, "forward", lambda x: inputs.append(x) or forward(x))
+    monkeypatch.setattr(t.net, "forward", lambda x, **kw: inputs.append(x) or forward(x, **kw))
     b, c = 8, tiny_set.images.shape[1]
     loss = t._swapped_loss(tiny_set.images[:b], torch.arange(b), torch.Generator().manual_seed(0))
     (views,) = inputs  # one forward call: a list of the full and the small views
@@ -412,6 +453,8 @@ def test_trainer_validates(tiny_set, tmp_path):
         ({"small_crops": 2, "small_augment": BatchAugment(4)}, "need the swapped objective"),
         ({"objective": "swapped", "small_crops": -1}, "count >= 0"),
         ({"objective": "swapped", "small_crops": 2}, "needs small_augment"),
+        ({"swap_queue": 64}, "queue .* needs the swapped objective"),
+        ({"objective": "swapped", "swap_queue": -1}, "size >= 0"),
     ],
 )
 def test_trainer_rejects_bad_objective_settings(tiny_set, tmp_path, settings, match):

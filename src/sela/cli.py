@@ -262,6 +262,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         objective=cfg.objective,
         swap_temperature=cfg.swap_temperature,
         swap_epsilon=cfg.swap_epsilon,
+        swap_queue=cfg.swap_queue,
         small_crops=cfg.small_crops,
         small_augment=small_augment.to(device),
         time_limit_s=None if cfg.time_limit is None else cfg.time_limit * 60,

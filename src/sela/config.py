@@ -60,6 +60,9 @@ class TrainConfig:
     objective: str = "sela"
     swap_temperature: float = 0.1
     swap_epsilon: float = 0.05
+    # swapped: head inputs of this many recent full views (per process) join each batch's Sinkhorn
+    # balancing, scored against the current prototypes (SwAV's queue); 0: the batch alone
+    swap_queue: int = 0
     # side (px) of the augmented training views; None: the image size. Smaller views train faster;
     # the label step and evaluation still see whole images at image_size
     crop_size: int | None = None

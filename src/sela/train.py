@@ -171,6 +171,11 @@ class Trainer:
             gives the exported labels).
         swap_temperature, swap_epsilon: the ``swapped`` objective's softmax temperature and the
             entropic regularisation of its per-batch codes (SwAV's 0.1 and 0.05).
+        swap_queue: the ``swapped`` objective's queue (SwAV): the L2-normalised head inputs of the last
+            this-many full views (per process, no gradient) are scored against the current prototypes
+            and balanced together with the batch, so that each batch's codes share the K clusters with
+            more images than the batch holds; only the batch's codes are used. Emptied at every epoch
+            start (so a resumed run continues exactly). Memory: swap_queue x P x 4 bytes; 0: no queue.
         small_crops, small_augment: multi-crop for the ``swapped`` objective (SwAV): this many extra,
             smaller views per image, made by ``small_augment``, also predict the two full views' codes
             (codes come from the full views only). Each costs about (s / S)^2 of a full view.
@@ -216,6 +221,7 @@ class Trainer:
         objective: str = "sela",
         swap_temperature: float = 0.1,
         swap_epsilon: float = 0.05,
+        swap_queue: int = 0,
         small_crops: int = 0,
         small_augment: BatchAugment | None = None,
         time_limit_s: float | None = None,
@@ -241,6 +247,11 @@ class Trainer:
             raise ValueError(
                 f"swap temperature and epsilon must be > 0, got {swap_temperature}, {swap_epsilon}"
             )
+        if swap_queue < 0 or (swap_queue and objective != "swapped"):
+            raise ValueError(
+                f"the queue (swap_queue) needs the swapped objective and a size >= 0, got {swap_queue} with "
+                f"objective {objective!r}; add --objective swapped or drop swap_queue"
+            )
         if small_crops < 0 or (small_crops and objective != "swapped"):
             raise ValueError(
                 f"small crops (multi-crop) need the swapped objective and a count >= 0, got {small_crops} "
@@ -257,6 +268,8 @@ class Trainer:
         self.objective = objective
         self.swap_temperature = swap_temperature
         self.swap_epsilon = swap_epsilon
+        self.swap_queue = swap_queue
+        self._queue = torch.empty(0, model.head_dim, device=device)  # (n_q, P), newest rows first
         self.small_crops = small_crops
         self.small_augment = small_augment
         if objective == "swapped":  # the heads become prototypes: cosine similarity, no bias
@@ -410,6 +423,7 @@ class Trainer:
             unit="batch",
         )
         rows = self._epoch_rows(epoch, gen)  # (n_r,) global rows, this rank's part of the epoch, in order
+        self._queue = self._queue[:0]  # the swapped objective's queue starts empty every epoch
         record = self._recorder(epoch, len(rows))  # {head: (n_r, K_h) buffer} when labels come from this pass
         for i, (images, idx) in enumerate(self._batches(rows)):
             step = first + i
@@ -485,7 +499,8 @@ class Trainer:
 
         Two full augmented views of each image (and ``small_crops`` smaller ones) go through the network
         in one call; each head's cosine scores of the full views (2b, K_h) give per-batch balanced codes
-        (:func:`sela.sinkhorn.soft_codes`, no gradient). Each full view's codes are the targets of every
+        (:func:`sela.sinkhorn.soft_codes`, no gradient; balanced together with the queue's scores when
+        ``swap_queue`` is set). Each full view's codes are the targets of every
         other view: cross-entropy of softmax(scores / T), averaged over the 1 + small_crops predicting
         views and the two targets (SwAV's loss). The first view's hard codes are kept as the images'
         current labels.
@@ -496,17 +511,24 @@ class Trainer:
             small = torch.cat([self._views(images, generator, self.small_augment) for _ in range(m)])
             views = [views, small]
         with self.autocast:
-            outputs = self.net(views)  # H x ((2 + m) b, K_h), cosine similarities
+            # H x ((2 + m) b, K_h) cosine similarities; ((2 + m) b, P) unit-norm head inputs
+            outputs, z = self.net(views, embeddings=True)
         loss, labels = 0.0, []
-        for scores in outputs:
+        for h, scores in enumerate(outputs):
             scores = scores.float()
-            codes = soft_codes(scores[: 2 * b].detach(), epsilon=self.swap_epsilon)  # (2b, K_h)
+            balanced = scores[: 2 * b].detach()  # (2b, K_h)
+            if len(self._queue):  # (2b + n_q, K_h): the queue scored by the current prototypes
+                prototypes = self.model.heads[h].weight.detach().float()  # (K_h, P), unit rows
+                balanced = torch.cat([balanced, self._queue @ prototypes.t()])
+            codes = soft_codes(balanced, epsilon=self.swap_epsilon)[: 2 * b]  # (2b, K_h)
             logp = F.log_softmax(scores / self.swap_temperature, dim=1).view(2 + m, b, -1)  # (2 + m, b, K_h)
             # cross-entropy of every view against each full view's codes: (2, 2 + m) mean over images
             ce = -torch.einsum("vbk,ubk->vu", codes.view(2, b, -1), logp) / b
             loss = loss + (ce.sum() - ce[0, 0] - ce[1, 1]) / (2 * (1 + m))  # a view never predicts itself
             labels.append(codes[:b].argmax(1))  # the first view's codes
         self.state.labels[:, idx] = torch.stack(labels).cpu()  # (H, b), one transfer
+        if self.swap_queue:  # newest first, the oldest rows drop out
+            self._queue = torch.cat([z[: 2 * b].detach().float(), self._queue])[: self.swap_queue]
         return loss / len(outputs)
 
     def _rank_seed(self, epoch: int) -> int:

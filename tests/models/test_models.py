@@ -273,6 +273,12 @@ def test_projector_sits_between_features_and_heads(name):
     assert [tuple(t.shape) for t in logits] == [(4, 7), (4, 5)]
     for out, head in zip(logits, model.heads, strict=True):
         assert torch.allclose(out, head(z), atol=1e-6)
+    again, rows = model(x, embeddings=True)  # the heads' inputs too (the swapped objective's queue)
+    assert torch.equal(rows, z) and all(torch.equal(a, b) for a, b in zip(again, logits, strict=True))
+    model.normalize_heads = True  # cosine heads: the rows they see are unit-norm
+    _, unit = model([x, x[:2]], embeddings=True)
+    assert unit.shape == (6, 16) and torch.allclose(unit.norm(dim=1), torch.ones(6))
+    model.normalize_heads = False
     sum(t.logsumexp(1).mean() for t in logits).backward()
     assert model.projector[0].weight.grad.abs().sum() > 0
     plain = create_model(name, [7, 5])  # no projector: an identity, and no extra state-dict keys

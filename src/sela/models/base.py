@@ -96,25 +96,31 @@ class SelaModel(nn.Module):
         """(B, D) features -> (B, P) inputs of the heads (the projector's output; the features without one)."""
         return self.projector(features)
 
-    def forward_head(self, features: Tensor) -> list[Tensor]:
-        """(B, D) features -> list of H logits tensors, the h-th of shape (B, K_h)."""
+    def forward_head(self, features: Tensor, *, embeddings: bool = False) -> list[Tensor] | tuple:
+        """(B, D) features -> list of H logits tensors, the h-th of shape (B, K_h).
+
+        With ``embeddings=True``: (that list, the (B, P) rows the heads saw, L2-normalised when
+        ``normalize_heads``).
+        """
         z = self.head_inputs(features)  # (B, P)
         if self.normalize_heads:
             z = F.normalize(z, dim=1)
-        return [head(z) for head in self.heads]
+        logits = [head(z) for head in self.heads]
+        return (logits, z) if embeddings else logits
 
-    def forward(self, x: Tensor | list[Tensor]) -> list[Tensor]:
+    def forward(self, x: Tensor | list[Tensor], *, embeddings: bool = False) -> list[Tensor] | tuple:
         """(B, C, H, W) images -> list of H logits tensors (B, K_h).
 
         A list of batches (B_i, C, H_i, W_i), e.g. views at different sizes (multi-crop), runs the backbone
         once per batch (BatchNorm statistics per batch) and the heads once on all features: logits
         (sum B_i, K_h), rows in the list's order. One call, so one DistributedDataParallel forward.
+        ``embeddings=True`` also returns the heads' (sum B_i, P) inputs (see :meth:`forward_head`).
         """
         if isinstance(x, (list, tuple)):
             if not x:
                 raise ValueError("expected a non-empty list of image batches")
-            return self.forward_head(torch.cat([self.forward_features(v) for v in x]))
-        return self.forward_head(self.forward_features(x))
+            return self.forward_head(torch.cat([self.forward_features(v) for v in x]), embeddings=embeddings)
+        return self.forward_head(self.forward_features(x), embeddings=embeddings)
 
 
 def _pool(x: Tensor) -> Tensor:
