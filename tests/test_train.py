@@ -522,6 +522,8 @@ def test_time_limit_replans_the_run_to_fill_the_budget(tiny_set, tmp_path, setti
     assert [m["epoch"] for m in map(json.loads, open(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
 
 
+@pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
+@pytest.mark.filterwarnings("ignore:epoch")  # the tiny run's loss stays near chance
 def test_time_limit_shrinks_the_plan_and_resume_counts_time_spent(tiny_set, tmp_path):
     # a first plan of 8 epochs at 10 s each does not fit 30 s: after epoch 1 the run becomes 3 epochs
     first = make_trainer(tiny_set, tmp_path, epochs=8, time_limit_s=30.0, objective="swapped")
