@@ -5,8 +5,8 @@
 # 64.5 %, 81 epochs; 1 head: 64.2 %, 87 epochs; a 32-64-192 convnet with PROJECTOR=[128]: 64.7 % and 64.4 %
 # with 75 and 60 epochs; 10 heads the same day as the 64.5 %: 63.8 %, 73 epochs, and 64.2 % on faster days
 # with 87 and 79 epochs; 10 heads at lr 0.3: 64.1 %, 81 epochs; lr 0.15: 62.4 %, 73 epochs on a slower day;
-# the SeLa jitter at lr 0.15: 63.0 %, 97 epochs on a fast day); OBJECTIVE=sela runs the paper's objective (recorded label inputs, one head
-# re-labelled per epoch).
+# the SeLa jitter at lr 0.15: 63.0 %, 97 epochs on a fast day); OBJECTIVE=sela runs the paper's objective
+# (recorded label inputs, one head re-labelled per epoch).
 #
 #   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu] [more sela train flags ...]
 #
