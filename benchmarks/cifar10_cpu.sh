@@ -47,7 +47,7 @@ LABEL_SPACING=${LABEL_SPACING:-linear}
 LABEL_UPDATES=${LABEL_UPDATES:-$([ "$LABEL_INPUTS" = recorded ] && echo 1000 || echo 4)}  # recorded: every epoch
 HEADS=${HEADS:-5}  # 64.5 % (81 epochs) against 63.8 % (73) for 10 the same day; 1: 64.2 % (87); 24 epochs: 1 59.4 %, 5 57.7, 10 56.2
 CLUSTERS=${CLUSTERS:-128}
-LR=${LR:-0.25}  # 64.2 % in 30 min (87 epochs); 0.15: 62.4 % (73 epochs, a slower day), 55.4 % vs 56.2 % in 24 epochs
+LR=${LR:-0.25}  # with 10 heads: 64.2 % in 30 min (87 epochs); 0.15: 62.4 % (73 epochs, a slower day), 55.4 % vs 56.2 % in 24 epochs
 PROJECTOR=${PROJECTOR:-[]}
 CROP_SIZE=${CROP_SIZE:-16}  # 16 px views: 63.0 %; 24 px and 12 px lost to it at equal time, 32 px 58.3 %
 SMALL_CROPS=${SMALL_CROPS:-0}
