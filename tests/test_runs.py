@@ -61,6 +61,17 @@ def test_projector_widths_are_read_from_the_checkpoint(tmp_path):
         assert torch.equal(run.model.state_dict()[key], value), key
 
 
+def test_unpooled_blocks_are_read_from_the_config(tmp_path):
+    model = _convnet(pools=(True, False)).eval()  # the weights alone look like a pooled convnet
+    config = {"dataset": "digits", "arch": "convnet", "pools": [True, False]}
+    torch.save({"model": model.state_dict(), "config": config}, tmp_path / "c.pt")
+    run = load_run(tmp_path / "c.pt", default_image_size=SIZES, test_split=False)
+    assert run.model.pools == (True, False)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(run.model.forward_features(x), model.forward_features(x))
+
+
 @pytest.mark.parametrize("objective", ["sela", "swapped"])
 def test_swapped_runs_get_their_cosine_heads_back(tmp_path, objective):
     model = _convnet()

@@ -85,6 +85,8 @@ def test_label_epochs_round_steps_up_to_epoch_ends():
 def test_compare_configs_names_differences():
     assert compare_configs({"arch": "convnet", "lr": 1}, {"arch": "convnet", "lr": 2}) == []
     assert compare_configs({"arch": "convnet"}, {"arch": "resnet18"}) == ["arch: 'convnet' -> 'resnet18'"]
+    # the same weights' names, another network: an un-pooled block
+    assert compare_configs({"pools": None}, {"pools": [True, False]}) == ["pools: None -> [True, False]"]
 
 
 @pytest.fixture(scope="module")

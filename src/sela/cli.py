@@ -323,6 +323,10 @@ def _model_kwargs(cfg: TrainConfig, size: int, train_set) -> dict:
         if cfg.arch != "convnet":
             raise UsageError("widths applies to --arch convnet only")
         kwargs["widths"] = tuple(cfg.widths)
+    if cfg.pools:
+        if cfg.arch != "convnet":
+            raise UsageError("pools applies to --arch convnet only")
+        kwargs["pools"] = tuple(cfg.pools)
     if cfg.projector:
         if cfg.arch == "alexnet":
             raise UsageError("projector applies to convnet and the resnets; alexnet has its own fc layers")

@@ -46,6 +46,7 @@ class TrainConfig:
     heads: int = 4
     clusters: list[int] = field(default_factory=lambda: [30])  # one K for all heads, or one per head
     widths: list[int] | None = None  # convnet block widths (default 64-128-256)
+    pools: list[bool] | None = None  # convnet: whether each block max-pools (default: all do)
     projector: list[int] = field(default_factory=list)  # MLP widths between features and heads (none)
     # self-labelling
     lam: float = 25.0

@@ -251,6 +251,10 @@ def load_run(
     ks = ks or list(clusters or [2])
     channels = _input_channels(state) or 3
     kwargs: dict[str, Any] = {"in_channels": channels, **_shape_kwargs(arch, state)}
+    if arch == "convnet" and config.get(
+        "pools"
+    ):  # not in the weights: un-pooled blocks have none of their own
+        kwargs["pools"] = tuple(config["pools"])
     if arch in ("convnet", "alexnet"):
         kwargs["input_size"] = out_size
     model = create_model(arch, ks, **kwargs)

@@ -814,6 +814,9 @@ def _normalize_prototypes(model: nn.Module) -> None:
 _MUST_MATCH = (
     "dataset",
     "arch",
+    "widths",
+    "pools",
+    "projector",
     "heads",
     "clusters",
     "image_size",

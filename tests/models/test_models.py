@@ -132,6 +132,22 @@ def test_convnet_is_cheap():
     assert create_model("convnet", 10, widths=(32, 64, 128, 256)).feature_dim == 256
 
 
+def test_convnet_pools_leave_a_block_unpooled():
+    pooled = create_model("convnet", 8, widths=(8, 16, 32))
+    model = create_model("convnet", 8, widths=(8, 16, 32), pools=(True, True, False))
+    assert model.state_dict().keys() == pooled.state_dict().keys()  # checkpoints keep their names
+    sides = []
+    model.blocks[-1].register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+    pooled.blocks[-1].register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+    model(torch.randn(2, 3, 16, 16))
+    pooled(torch.randn(2, 3, 16, 16))
+    assert sides == [4, 2]  # 16 -> 8 -> 4 (-> 2 only when pooled)
+    assert _conv_macs(model, 16) > _conv_macs(pooled, 16)
+    for bad in [(True, False), (True, True, 0), "yes"]:
+        with pytest.raises(ValueError, match="pools needs one true/false per block"):
+            create_model("convnet", 8, widths=(8, 16, 32), pools=bad)
+
+
 def test_convnet_channels_last_gives_same_output():
     torch.manual_seed(0)
     a = create_model("convnet", 5).eval()
