@@ -828,6 +828,7 @@ _MUST_MATCH = (
     "seed",
     "objective",
     "small_crops",
+    "crop_size",
     "time_limit",
 )
 
