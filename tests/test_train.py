@@ -70,7 +70,11 @@ def test_lr_anchor_continues_the_decay_to_the_new_end():
 
 def test_planned_epochs_fill_the_budget():
     assert planned_epochs(2, [10.0, 10.0], 100.0) == 10  # 80 s left at 10 s per epoch
-    assert planned_epochs(3, [10.0, 30.0, 20.0], 160.0) == 3 + 5  # 100 s left at the median 20 s
+    # 100 s left at the median 20 s, less 10 s kept for an epoch as slow as the slowest recent one (30 s)
+    assert planned_epochs(3, [10.0, 30.0, 20.0], 160.0) == 3 + 4
+    assert (
+        planned_epochs(3, [10.0, 30.0, 20.0], 170.0) == 3 + 5
+    )  # 110 s left: 4 epochs of 20 s and one of 30 s
     assert planned_epochs(5, [10.0] * 5, 40.0) == 6  # budget spent: the next epoch is the last
     # the median of the last five ignores an outlier epoch (e.g. one with a long label step)
     assert planned_epochs(6, [100.0, 10.0, 10.0, 10.0, 10.0, 10.0], 250.0) == 6 + 10

@@ -131,10 +131,12 @@ def lr_at(
 def planned_epochs(done: int, times_s: list[float], limit_s: float) -> int:
     """The run's length in epochs for a time budget: ``done`` epochs finished, which took ``times_s``
     seconds each, and as many more whole epochs as the rest of ``limit_s`` holds at the median of the last
-    five epochs' times (always at least one more: the epoch about to start is then the last one)."""
+    five epochs' times, less a reserve so that one of them may be as slow as the slowest of those five
+    (the last epoch then overruns the budget only when it is slower still). Always at least one more:
+    the epoch about to start is then the last one."""
     recent = sorted(times_s[-5:])
     per_epoch = recent[len(recent) // 2]
-    remaining = limit_s - sum(times_s)
+    remaining = limit_s - sum(times_s) - (recent[-1] - per_epoch)
     return done + max(1, math.floor(remaining / max(per_epoch, 1e-9) + 1e-9))
 
 
@@ -186,7 +188,8 @@ class Trainer:
             second on, the run's length is re-planned to fill the rest of the budget at the measured epoch
             time (:func:`planned_epochs`), the learning-rate decay is stretched or squeezed from that step on
             (continuously) and the label schedule is laid out again for the new length. The run ends at
-            the last epoch that fits at the measured speed (a slower last epoch can overrun it). Timing
+            the last epoch that fits at the measured speed, with room for one epoch as slow as the
+            slowest of the last five (a slower last epoch can still overrun it). Timing
             decides the epoch count, so such a run is not bit-reproducible; resuming counts the time
             already spent.
     """
