@@ -251,9 +251,8 @@ def load_run(
     ks = ks or list(clusters or [2])
     channels = _input_channels(state) or 3
     kwargs: dict[str, Any] = {"in_channels": channels, **_shape_kwargs(arch, state)}
-    if arch == "convnet" and config.get(
-        "pools"
-    ):  # not in the weights: un-pooled blocks have none of their own
+    # pools are not in the weights (an un-pooled block has the same parameters): the config says
+    if arch == "convnet" and config.get("pools"):
         kwargs["pools"] = tuple(config["pools"])
     if arch in ("convnet", "alexnet"):
         kwargs["input_size"] = out_size
