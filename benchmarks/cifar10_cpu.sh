@@ -2,8 +2,8 @@
 # Self-labelling on CIFAR-10 (the shared JPEG copy) on this CPU within a wall-clock budget; prints knn_top1.
 # The default is the best measured setting: the online `--objective swapped` deviation on 16 px training
 # views of the 32 px images, SimCLR-style colour jitter, lr 0.25, 5 heads and a 32-64-96 convnet whose last
-# block does not pool (its 16 px views keep a 4x4 map; in 30 min 65.7 %, 64.8 % and 65.9 % with 81, 83 and
-# 90 epochs). With every block pooled
+# block does not pool (its 16 px views keep a 4x4 map; in 30 min 65.7, 64.8, 65.9 and 65.6 % with 81, 83, 90
+# and 82 epochs). With every block pooled
 # (32-64-128, the default before): 64.9 % (84 epochs) and 64.5 % (81); with that net, 1 head: 64.2 %, 87
 # epochs; 32-64-192 with PROJECTOR=[128]: 64.7 % and 64.4 % with 75 and 60 epochs; 10 heads: 63.8 %, 73
 # epochs, and 64.2 % with 87 and 79 epochs; 10 heads at lr 0.3: 64.1 %, 81 epochs; lr 0.15: 62.4 %, 73
