@@ -319,14 +319,11 @@ def _model_kwargs(cfg: TrainConfig, size: int, train_set) -> dict:
     kwargs: dict = {"in_channels": channels}
     if cfg.arch in ("convnet", "alexnet"):
         kwargs["input_size"] = size
-    if cfg.widths:
-        if cfg.arch != "convnet":
-            raise UsageError("widths applies to --arch convnet only")
-        kwargs["widths"] = tuple(cfg.widths)
-    if cfg.pools:
-        if cfg.arch != "convnet":
-            raise UsageError("pools applies to --arch convnet only")
-        kwargs["pools"] = tuple(cfg.pools)
+    for key in ("widths", "pools"):  # convnet-only shape settings
+        if getattr(cfg, key):
+            if cfg.arch != "convnet":
+                raise UsageError(f"{key} applies to --arch convnet only")
+            kwargs[key] = tuple(getattr(cfg, key))
     if cfg.projector:
         if cfg.arch == "alexnet":
             raise UsageError("projector applies to convnet and the resnets; alexnet has its own fc layers")
