@@ -12,7 +12,7 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from sela.cli import main
 from sela.data import load_dataset
-from sela.export import read_labels_csv
+from sela.rundir import read_labels_csv
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -203,6 +203,7 @@ def _images():
 
 def _trainer(out: Path, *, sync_bn: bool = False, label_inputs: str = "eval"):
     from sela.data import BatchAugment, EvalTransform
+    from sela.objectives import SelaObjective
     from sela.train import Trainer
 
     train_set = _images()
@@ -210,6 +211,7 @@ def _trainer(out: Path, *, sync_bn: bool = False, label_inputs: str = "eval"):
     return Trainer(
         _plain_net([4, 6]),
         train_set,
+        objective=SelaObjective(BatchAugment(8, **OFF, mean=train_set.mean, std=train_set.std)),
         out_dir=out,
         epochs=2,
         batch_size=16,
@@ -217,7 +219,6 @@ def _trainer(out: Path, *, sync_bn: bool = False, label_inputs: str = "eval"):
         warmup_epochs=0.5,
         label_updates=3,  # before steps 0, 1 and 5 of 12; recorded: step 0 and the end of epoch 1
         label_inputs=label_inputs,
-        augment=BatchAugment(8, **OFF, mean=train_set.mean, std=train_set.std),
         eval_transform=EvalTransform(8, mean=train_set.mean, std=train_set.std),
         device=torch.device("cpu"),
         workers=0,
@@ -240,7 +241,7 @@ def _assert_same(a: dict[str, Tensor], b: dict[str, Tensor], atol: float = 1e-4)
 
 @pytest.mark.filterwarnings("ignore:epoch")  # health warnings about this tiny run's clusters
 def test_two_processes_train_like_one(two_process_run, tmp_path):
-    from sela.train import METRICS
+    from sela.rundir import METRICS
 
     single = _trainer(tmp_path / "single")
     single.fit()

@@ -1,4 +1,4 @@
-"""Tests for sela.export: labels CSV round trips, labelling images, feature files, clustering."""
+"""Tests for sela.export: labelling images, feature files, clustering."""
 
 import numpy as np
 import pytest
@@ -14,45 +14,9 @@ from sela.export import (
     list_images,
     load_features,
     load_images,
-    read_labels_csv,
-    write_labels_csv,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def test_csv_round_trip_with_paths_and_confidence(tmp_path):
-    labels = torch.randint(0, 7, (3, 25))
-    conf = torch.rand(3, 25)
-    paths = [f"/data/img, {i}.png" for i in range(25)]  # a comma inside a path survives
-    write_labels_csv(tmp_path / "l.csv", labels, paths=paths, confidence=conf)
-    table = read_labels_csv(tmp_path / "l.csv")
-    assert table.id_column == "path" and table.ids == paths
-    assert torch.equal(table.labels, labels)
-    assert torch.allclose(table.confidence, conf, atol=5e-5)
-    header = (tmp_path / "l.csv").read_text().splitlines()[0]
-    assert header == "path,head0,head1,head2,confidence0,confidence1,confidence2"
-
-
-def test_reads_the_labels_csv_of_sela_train(tmp_path):
-    labels = torch.randint(0, 5, (2, 9))
-    write_labels_csv(tmp_path / "labels.csv", labels)  # what sela train writes its labels.csv with
-    table = read_labels_csv(tmp_path / "labels.csv")
-    assert table.id_column == "index" and table.ids == [str(i) for i in range(9)]
-    assert torch.equal(table.labels, labels) and table.confidence is None
-
-
-def test_bad_csv_and_bad_shapes(tmp_path):
-    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="not a sela labels CSV"):
-        read_labels_csv(tmp_path / "x.csv")
-    (tmp_path / "y.csv").write_text("index,head0\n0,zero\n")
-    with pytest.raises(ValueError, match="malformed row"):
-        read_labels_csv(tmp_path / "y.csv")
-    with pytest.raises(FileNotFoundError):
-        read_labels_csv(tmp_path / "none.csv")
-    with pytest.raises(ValueError, match="one path per image"):
-        write_labels_csv(tmp_path / "z.csv", torch.zeros(1, 3, dtype=torch.long), paths=["a"])
 
 
 def test_argmax_and_balanced_assignment():

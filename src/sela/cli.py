@@ -15,8 +15,10 @@ from pathlib import Path
 
 import sela
 from sela.config import TrainConfig, apply_overrides, load_toml, to_dict, train_defaults
+from sela.eval.knn import KNN_K, KNN_TEMPERATURE
+from sela.labeller import DEFAULT_LAM
 
-DEFAULT_IMAGE_SIZE = {"digits": 16}
+DEFAULT_IMAGE_SIZE = {"digits": 16}  # px the embedded digits (8 px) are upsampled to
 
 
 class UsageError(ValueError):
@@ -44,7 +46,11 @@ _TRAIN_FLAGS = {
     ),
     "--heads": ("heads", int, "number of clustering heads H"),
     "--clusters": ("clusters", str, "clusters K per head: one number, or a comma list (one per head)"),
-    "--lam": ("lam", float, "lambda: 1/strength of the entropic regularisation of the label step (25)"),
+    "--lam": (
+        "lam",
+        float,
+        f"lambda: 1/strength of the entropic regularisation of the label step ({DEFAULT_LAM:g})",
+    ),
     "--label-updates": ("label_updates", int, "label assignments over the whole run (the first at step 0)"),
     "--label-spacing": ("label_spacing", str, "quadratic (dense early, default) or linear"),
     "--label-heads": ("label_heads", str, "all heads per update (default) or round-robin"),
@@ -178,171 +184,219 @@ def _device(name: str):
     return torch.device(name)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import torch
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
 
-    from sela import distributed as dist
-    from sela.data import BatchAugment, EvalTransform, load_dataset
-    from sela.models import create_model, list_models
-    from sela.train import CHECKPOINT, Trainer, TrainingDiverged, finish_run
 
-    cfg = resolve_train_config(args)
-    device = _device(cfg.device)
-    dist.init_from_env(device)
-    if device.type == "cuda" and dist.is_initialized():
-        device = torch.device("cuda", torch.cuda.current_device())
-    out = Path(cfg.out)
-    if args.resume and not (out / CHECKPOINT).is_file():
-        raise UsageError(f"--resume: no {CHECKPOINT} in {out}; point --out at an existing run")
-    if not args.resume and (out / CHECKPOINT).exists():
+def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
+    """Everything that can be checked before data is read or the run directory exists."""
+    from sela import rundir
+    from sela.config import compare_configs
+    from sela.models import list_models
+
+    positive_or_unset = ("image_size", "crop_size", "small_crop_size")
+    checks = [
+        (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
+        (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
+        (_finite(cfg.lam) and cfg.lam > 0, f"--lam must be a positive number, got {cfg.lam}"),
+        (_finite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}"),
+        (
+            cfg.heads >= 1 and bool(cfg.clusters) and min(cfg.clusters) >= 2,
+            "need --heads >= 1 and --clusters >= 2 per head",
+        ),
+        (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
+        (
+            cfg.arch in list_models(),
+            f"unknown architecture {cfg.arch!r}; choose one of {', '.join(list_models())}",
+        ),
+    ]
+    checks += [
+        (
+            getattr(cfg, key) is None or getattr(cfg, key) >= 1,
+            f"{key} must be a positive number of px (or unset)",
+        )
+        for key in positive_or_unset
+    ]
+    if cfg.time_limit is not None:
+        checks.append(
+            (_finite(cfg.time_limit) and cfg.time_limit > 0, "the time limit must be > 0 minutes (or unset)")
+        )
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    _clusters_per_head(cfg)
+    has_run = (out / rundir.CHECKPOINT).exists()
+    if resume and not has_run:
+        raise UsageError(f"--resume: no {rundir.CHECKPOINT} in {out}; point --out at an existing run")
+    if not resume and has_run:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    # validate everything before the run directory is created
-    if cfg.arch not in list_models():
-        raise UsageError(f"unknown architecture {cfg.arch!r}; choose one of {', '.join(list_models())}")
-    clusters = _clusters_per_head(cfg)
-    for key, value in (("crop_size", cfg.crop_size), ("small_crop_size", cfg.small_crop_size)):
-        if value is not None and value < 1:
-            raise UsageError(f"{key} must be a positive number of px (or unset), got {value}")
+    if resume:
+        mismatched = compare_configs(rundir.read_json(out / rundir.CONFIG), to_dict(cfg))
+        if mismatched:
+            raise UsageError(
+                f"{out} was trained with different settings ({'; '.join(mismatched)}); resume with the "
+                "same settings or start a new --out directory"
+            )
+
+
+def _load_train_data(cfg: TrainConfig):
+    """The training and test splits (warnings printed as one line each); a UsageError when empty."""
+    from sela.data import load_dataset
+    from sela.runs import load_test_split
+
     size = cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train_set = load_dataset(cfg.dataset, cfg.data_dir, "train", image_size=size, strict=cfg.strict)
-        test_set = _test_split(cfg, size)
+        test_set = load_test_split(cfg.dataset, cfg.data_dir, size, strict=cfg.strict)
     for w in caught:
         print(f"sela: warning: {w.message}", file=sys.stderr)
     if len(train_set) == 0:
         raise UsageError(f"the {cfg.dataset} training split is empty; check --data-dir")
-    out_size = size or int(train_set.images.shape[-1] if train_set.in_memory else 224)
+    return train_set, test_set
+
+
+def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
+    """The model, the objective and the Trainer that a configuration describes."""
+    import torch
+
+    from sela.data import EvalTransform
+    from sela.models import create_model
+    from sela.objectives import SelaObjective, SwappedObjective
+    from sela.train import Trainer
+
+    side = train_set.side(cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset))
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, clusters, **_model_kwargs(cfg, out_size, train_set))
-    a = cfg.augment
-
-    def batch_augment(side: int, scale: list[float] | None) -> BatchAugment:
-        return BatchAugment(
-            side,
-            crop_scale=tuple(scale) if scale else None,
-            flip_p=a.flip_p,
-            jitter=tuple(a.jitter) if a.jitter else None,
-            jitter_p=a.jitter_p,
-            grayscale_p=a.grayscale_p,
-            blur_p=a.blur_p,
-            mean=train_set.mean,
-            std=train_set.std,
-        )
-
-    view_size = cfg.crop_size or out_size  # training views; the label step and evaluation use out_size
-    augment = batch_augment(view_size, a.crop_scale)
-    small_augment = batch_augment(cfg.small_crop_size or max(view_size // 2, 1), a.small_crop_scale)
-    eval_transform = EvalTransform(out_size, mean=train_set.mean, std=train_set.std)
-    trainer = Trainer(
+    model = create_model(cfg.arch, _clusters_per_head(cfg), **_model_kwargs(cfg, side, train_set.channels))
+    view = cfg.crop_size or side  # training views; the label step and evaluation use the image side
+    augment = _batch_augment(cfg.augment, view, cfg.augment.crop_scale, train_set).to(device)
+    if cfg.objective == "swapped":
+        small_side = cfg.small_crop_size or max(view // 2, 1)
+        small = _batch_augment(cfg.augment, small_side, cfg.augment.small_crop_scale, train_set).to(device)
+        objective = SwappedObjective(
+            augment, temperature=cfg.swap_temperature, epsilon=cfg.swap_epsilon, queue=cfg.swap_queue,
+            small_crops=cfg.small_crops, small_augment=small,
+        )  # fmt: skip
+    elif cfg.objective == "sela":
+        if cfg.swap_queue or cfg.small_crops:
+            raise UsageError(
+                "swap_queue and --small-crops need the swapped objective: add --objective swapped or drop them"
+            )
+        objective = SelaObjective(augment)
+    else:
+        raise UsageError(f"--objective must be sela or swapped, got {cfg.objective!r}")
+    names = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lam")
+    names += ("label_updates", "label_spacing", "label_heads", "label_inputs", "seed", "workers", "progress")
+    names += ("sync_bn", "precision")
+    return Trainer(
         model,
         train_set,
+        objective=objective,
         out_dir=out,
-        epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        lr_schedule=cfg.lr_schedule,
-        warmup_epochs=cfg.warmup_epochs,
-        lam=cfg.lam,
-        label_updates=cfg.label_updates,
-        label_spacing=cfg.label_spacing,
-        label_heads=cfg.label_heads,
-        label_inputs=cfg.label_inputs,
-        augment=augment.to(device),
-        eval_transform=eval_transform.to(device),
+        eval_transform=EvalTransform(side, mean=train_set.mean, std=train_set.std).to(device),
         device=device,
-        seed=cfg.seed,
-        config=to_dict(cfg),
-        workers=cfg.workers,
-        progress=cfg.progress,
-        sync_bn=cfg.sync_bn,
-        precision=cfg.precision,
-        objective=cfg.objective,
-        swap_temperature=cfg.swap_temperature,
-        swap_epsilon=cfg.swap_epsilon,
-        swap_queue=cfg.swap_queue,
-        small_crops=cfg.small_crops,
-        small_augment=small_augment.to(device),
         time_limit_s=None if cfg.time_limit is None else cfg.time_limit * 60,
+        metadata=to_dict(cfg),
+        **{name: getattr(cfg, name) for name in names},
     )
-    created = not out.exists()
-    if args.resume:
-        trainer.load_checkpoint(out / CHECKPOINT)
+
+
+def _batch_augment(a, side: int, scale: list[float] | None, train_set):
+    from sela.data import BatchAugment
+
+    jitter = tuple(a.jitter) if a.jitter else None
+    return BatchAugment(
+        side, crop_scale=tuple(scale) if scale else None, flip_p=a.flip_p, jitter=jitter, jitter_p=a.jitter_p,
+        grayscale_p=a.grayscale_p, blur_p=a.blur_p, mean=train_set.mean, std=train_set.std,
+    )  # fmt: skip
+
+
+def _start_run(trainer, cfg: TrainConfig, out: Path, *, resume: bool) -> None:
+    """Resume from the checkpoint, or record the new run's config.json (rank 0)."""
+    from sela import distributed as dist
+    from sela import rundir
+
+    if resume:
+        trainer.load_checkpoint(out / rundir.CHECKPOINT)
     elif dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        record = {
-            **to_dict(cfg),
-            "_command": sys.argv,
-            "_version": sela.__version__,
-            "_world_size": dist.world_size(),
-        }
-        (out / "config.json").write_text(json.dumps(record, indent=2))
-    length = f"{cfg.epochs} epochs"
-    if cfg.time_limit is not None:
-        length = f"{cfg.time_limit:g} min (about {trainer.epochs} epochs, re-planned each epoch)"
-    _say(
-        f"sela {sela.__version__}: training {cfg.arch} on {cfg.dataset} ({len(train_set)} images, "
-        f"{len(clusters)} heads x {clusters[0] if len(set(clusters)) == 1 else clusters} clusters) "
-        f"on {device} x {dist.world_size()} ({trainer.precision}) for {length} -> {out}"
-    )
+        record = {**to_dict(cfg), "_command": sys.argv, "_version": sela.__version__}
+        rundir.write_json(out / rundir.CONFIG, {**record, "_world_size": dist.world_size()})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """resolve -> check -> build -> fit -> report."""
+    from sela import distributed as dist
+    from sela import rundir
+    from sela.train import TrainingDiverged, finish_run
+
+    cfg = resolve_train_config(args)
+    device = _init_device(cfg.device)
+    out = Path(cfg.out)
+    _check_train_config(cfg, out, resume=args.resume)
+    train_set, test_set = _load_train_data(cfg)
+    trainer = _build_trainer(cfg, train_set, device, out)
+    created = not out.exists()
+    lock = rundir.RunLock(out).acquire() if dist.is_main() else None
     try:
+        _start_run(trainer, cfg, out, resume=args.resume)
+        _say(_train_banner(cfg, trainer, train_set, device, out))
         trainer.fit()
+        summary = finish_run(trainer, test_set, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature)
     except TrainingDiverged as e:
         print(f"sela: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ValueError):
         if created and trainer.epoch == 0 and dist.is_main():
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping
         raise
-    summary = finish_run(trainer, test_set, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature)
+    finally:
+        if lock is not None:
+            lock.release()
     if dist.is_main():
         _print_summary(summary, out)
     return 0
 
 
-def _test_split(cfg: TrainConfig, size: int | None):
-    from sela.data import SPLITS, load_dataset
+def _init_device(name: str):
+    """The device, with the process group joined under torchrun (each rank on its own GPU)."""
+    import torch
 
-    for split in ("test", "val"):
-        if split in SPLITS.get(cfg.dataset, ()):
-            try:
-                return load_dataset(cfg.dataset, cfg.data_dir, split, image_size=size, strict=cfg.strict)
-            except FileNotFoundError:
-                continue
-    return None
+    from sela import distributed as dist
+
+    device = _device(name)
+    dist.init_from_env(device)
+    if device.type == "cuda" and dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
-def _model_kwargs(cfg: TrainConfig, size: int, train_set) -> dict:
-    channels = int(train_set.images.shape[1]) if train_set.in_memory else 3
-    kwargs: dict = {"in_channels": channels}
-    if cfg.arch in ("convnet", "alexnet"):
-        kwargs["input_size"] = size
-    for key in ("widths", "pools"):  # convnet-only shape settings
-        if getattr(cfg, key):
-            if cfg.arch != "convnet":
-                raise UsageError(f"{key} applies to --arch convnet only")
-            kwargs[key] = tuple(getattr(cfg, key))
-    if cfg.projector:
-        if cfg.arch == "alexnet":
-            raise UsageError("projector applies to convnet and the resnets; alexnet has its own fc layers")
-        kwargs["projector"] = tuple(cfg.projector)
+def _train_banner(cfg: TrainConfig, trainer, train_set, device, out: Path) -> str:
+    from sela import distributed as dist
+
+    clusters = _clusters_per_head(cfg)
+    length = f"{cfg.epochs} epochs"
+    if cfg.time_limit is not None:
+        length = f"{cfg.time_limit:g} min (about {trainer.epochs} epochs, re-planned each epoch)"
+    return (
+        f"sela {sela.__version__}: training {cfg.arch} on {cfg.dataset} ({len(train_set)} images, "
+        f"{len(clusters)} heads x {clusters[0] if len(set(clusters)) == 1 else clusters} clusters) "
+        f"on {device} x {dist.world_size()} ({trainer.precision}) for {length} -> {out}"
+    )
+
+
+def _model_kwargs(cfg: TrainConfig, side: int, channels: int) -> dict:
+    """create_model's keyword arguments beyond the heads: what the config sets, the images' channels and
+    side (each architecture rejects a setting it does not take)."""
+    kwargs: dict = {"in_channels": channels, "input_size": side}
+    kwargs.update(
+        {key: tuple(getattr(cfg, key)) for key in ("widths", "pools", "projector") if getattr(cfg, key)}
+    )
     return kwargs
 
 
 def _print_summary(summary: dict, out: Path) -> None:
-    keys = [
-        "knn_top1",
-        "knn_top5",
-        "nmi",
-        "kmeans_pixels_nmi",
-        "ari",
-        "accuracy",
-        "best_head",
-        "train_time_s",
-        "label_share",
-    ]
+    keys = ["knn_top1", "knn_top5", "nmi", "ami", "many_to_one", "best_head", "train_time_s", "label_share"]
+    keys.append("eval_time_s")
     width = max(len(k) for k in keys)
     print(f"run: {out}")
     for k in keys:
@@ -350,9 +404,12 @@ def _print_summary(summary: dict, out: Path) -> None:
             v = summary[k]
             print(f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     for h in summary.get("heads", []):
-        print(
-            f"  head {h['head']} (K={h['k']}): nmi {h['nmi']:.4f}  ari {h['ari']:.4f}  acc {h['accuracy']:.2f}"
-        )
+        s = h.get("self_labels")
+        if s:
+            print(
+                f"  head {h['head']} (K={h['k']}) self-labels: nmi {s['nmi']:.4f}  ami {s['ami']:.4f}  "
+                f"ari {s['ari']:.4f}  many-to-one {s['many_to_one']:.2f}"
+            )
 
 
 def _say(msg: str) -> None:
@@ -430,8 +487,13 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     _add_source_flags(p)
     p.add_argument("--head", type=int, help="report this head (default: the best NMI on the training split)")
     p.add_argument("--layer", help="features from this layer (e.g. block2, layer3; default: pooled output)")
-    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the kNN classifier (200)")
-    p.add_argument("--knn-t", type=float, default=0.1, help="temperature of the kNN votes (0.1)")
+    p.add_argument("--knn-k", type=int, default=KNN_K, help=f"neighbours of the kNN classifier ({KNN_K})")
+    p.add_argument(
+        "--knn-t",
+        type=float,
+        default=KNN_TEMPERATURE,
+        help=f"temperature of the kNN votes ({KNN_TEMPERATURE})",
+    )
     p.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     p.add_argument("-o", "--output", help="eval.json path (default: RUN_DIR/eval.json, else ./eval.json)")
     p.set_defaults(func=cmd_eval)
@@ -496,7 +558,9 @@ def _add_labels(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", default="labels.csv", help="CSV path (default ./labels.csv)")
     p.add_argument("--images", metavar="PATH", help="a folder of images or a text file with one path a line")
     p.add_argument("--balanced", action="store_true", help="with --images: equal-sized clusters (Sinkhorn)")
-    p.add_argument("--lam", type=float, default=25.0, help="lambda of the balanced assignment (25)")
+    p.add_argument(
+        "--lam", type=float, default=DEFAULT_LAM, help=f"lambda of the balanced assignment ({DEFAULT_LAM:g})"
+    )
     _add_source_flags(p)
     p.set_defaults(func=cmd_labels)
 
@@ -577,7 +641,9 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument("features", metavar="FEATURES", help="an (N, D) array saved with np.save or torch.save")
     p.add_argument("--k", type=int, default=10, help="clusters per head (10)")
     p.add_argument("--heads", type=int, default=1, help="number of heads (1)")
-    p.add_argument("--lam", type=float, default=25.0, help="lambda of the label step (25)")
+    p.add_argument(
+        "--lam", type=float, default=DEFAULT_LAM, help=f"lambda of the label step ({DEFAULT_LAM:g})"
+    )
     p.add_argument(
         "--epochs",
         type=int,
@@ -596,7 +662,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from sela.eval.metrics import cluster_sizes
     from sela.export import cluster_features, load_features, write_labels_csv
 
-    if args.k < 2 or args.heads < 1 or args.epochs < 1 or args.lam <= 0:
+    if args.k < 2 or args.heads < 1 or args.epochs < 1 or not (_finite(args.lam) and args.lam > 0):
         raise UsageError("need --k >= 2, --heads >= 1, --epochs >= 1 and --lam > 0")
     device = _device(args.device)
     x = load_features(args.features)  # (N, D)

@@ -2,13 +2,17 @@
 
 Precedence, lowest first: the defaults below, a TOML file (``--config run.toml``), command-line flags,
 then ``--set section.key=value`` overrides (minGPT style). The resolved configuration is written into
-every run directory as ``config.json``. This module imports nothing of sela: the CLI turns a config into
-the explicit keyword arguments that the lower layers take.
+every run directory as ``config.json``. This module and ``cli.py`` are the only ones that know the
+configuration's schema: the CLI turns a config into the explicit keyword arguments of the layers below.
+Each default is the component's own (read from its signature here), so it is written once.
+
+Options reference: docs/training.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import tomllib
 import types
@@ -17,24 +21,42 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sela.data import BatchAugment
+from sela.eval.knn import KNN_K, KNN_TEMPERATURE
+from sela.labeller import DEFAULT_LAM
+from sela.objectives import SwappedObjective
+from sela.train import Trainer
+
+
+def _default(component: Any, name: str) -> Any:
+    """The default of keyword ``name`` of ``component`` (a function or a class's __init__)."""
+    value = inspect.signature(component).parameters[name].default
+    if value is inspect.Parameter.empty:
+        raise TypeError(f"{component.__qualname__}({name}) has no default")
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _list_default(component: Any, name: str):
+    return field(default_factory=lambda: _default(component, name))
+
 
 @dataclass
 class AugmentConfig:
-    """On-device batch augmentation (defaults: the original SeLa CIFAR recipe)."""
+    """On-device batch augmentation (defaults: :class:`sela.data.BatchAugment`'s, the SeLa CIFAR recipe)."""
 
-    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
-    flip_p: float = 0.5
-    jitter: list[float] = field(default_factory=lambda: [0.4, 0.4, 0.4, 0.4])
-    jitter_p: float = 1.0
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0
+    crop_scale: list[float] = _list_default(BatchAugment, "crop_scale")
+    flip_p: float = _default(BatchAugment, "flip_p")
+    jitter: list[float] = _list_default(BatchAugment, "jitter")
+    jitter_p: float = _default(BatchAugment, "jitter_p")
+    grayscale_p: float = _default(BatchAugment, "grayscale_p")
+    blur_p: float = _default(BatchAugment, "blur_p")
     # the multi-crop small views' crop area range (``small_crops`` > 0 only)
     small_crop_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
 
 
 @dataclass
 class TrainConfig:
-    """Everything a ``sela train`` run needs; see the README for each option."""
+    """Everything a ``sela train`` run needs; docs/training.md describes each option."""
 
     # data
     dataset: str = "digits"
@@ -45,31 +67,31 @@ class TrainConfig:
     arch: str = "convnet"
     heads: int = 4
     clusters: list[int] = field(default_factory=lambda: [30])  # one K for all heads, or one per head
-    widths: list[int] | None = None  # convnet block widths (default 64-128-256)
-    pools: list[bool] | None = None  # convnet: whether each block max-pools (default: all do)
+    widths: list[int] | None = None  # convnet block widths (None: the model's default)
+    pools: list[bool] | None = None  # convnet: whether each block max-pools (None: all do)
     projector: list[int] = field(default_factory=list)  # MLP widths between features and heads (none)
     # self-labelling
-    lam: float = 25.0
-    label_updates: int = 40
-    label_spacing: str = "quadratic"  # or "linear"
-    label_heads: str = "all"  # or "round-robin": one head per update
+    lam: float = DEFAULT_LAM
+    label_updates: int = _default(Trainer, "label_updates")
+    label_spacing: str = _default(Trainer, "label_spacing")  # "quadratic" or "linear"
+    label_heads: str = _default(Trainer, "label_heads")  # "all" or "round-robin": one head per update
     # "eval": un-augmented, eval mode; "train": augmented, train mode; "recorded": the outputs of the
     # training pass itself, label steps at epoch ends (no extra forward pass)
-    label_inputs: str = "eval"
+    label_inputs: str = _default(Trainer, "label_inputs")
     # "sela": the paper's objective; "swapped": an online deviation (SwAV-style swapped prediction of
     # per-batch Sinkhorn codes between two views, cosine heads), with its temperature and epsilon
     objective: str = "sela"
-    swap_temperature: float = 0.1
-    swap_epsilon: float = 0.05
+    swap_temperature: float = _default(SwappedObjective, "temperature")
+    swap_epsilon: float = _default(SwappedObjective, "epsilon")
     # swapped: head inputs of this many recent full views (per process) join each batch's Sinkhorn
     # balancing, scored against the current prototypes (SwAV's queue); 0: the batch alone
-    swap_queue: int = 0
+    swap_queue: int = _default(SwappedObjective, "queue")
     # side (px) of the augmented training views; None: the image size. Smaller views train faster;
     # the label step and evaluation still see whole images at image_size
     crop_size: int | None = None
     # multi-crop (swapped only): extra small views per image, of small_crop_size px (None: half the
     # training view size), cropped with augment.small_crop_scale
-    small_crops: int = 0
+    small_crops: int = _default(SwappedObjective, "small_crops")
     small_crop_size: int | None = None
     # optimisation
     epochs: int = 60
@@ -78,23 +100,23 @@ class TrainConfig:
     time_limit: float | None = None
     batch_size: int = 128
     lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    lr_schedule: str = "cosine"  # or "step"
-    warmup_epochs: float = 1.0
+    momentum: float = _default(Trainer, "momentum")
+    weight_decay: float = _default(Trainer, "weight_decay")
+    lr_schedule: str = _default(Trainer, "lr_schedule")  # "cosine" or "step"
+    warmup_epochs: float = _default(Trainer, "warmup_epochs")
     # runtime
     device: str = "auto"
     # forward passes: "auto" (bfloat16 autocast where the device has native bf16: CUDA, or CPUs with
     # AVX512-BF16/AMX; float32 elsewhere), "bf16" or "fp32"
-    precision: str = "auto"
-    seed: int = 0
+    precision: str = _default(Trainer, "precision")
+    seed: int = _default(Trainer, "seed")
     out: str = "runs/sela"
-    workers: int = 4  # DataLoader workers, streamed (large) datasets only
-    sync_bn: bool = False
-    progress: bool = True
+    workers: int = _default(Trainer, "workers")  # DataLoader workers, streamed (large) datasets only
+    sync_bn: bool = _default(Trainer, "sync_bn")
+    progress: bool = _default(Trainer, "progress")
     # evaluation at the end (when the dataset has ground truth)
-    knn_k: int = 200
-    knn_temperature: float = 0.1
+    knn_k: int = KNN_K
+    knn_temperature: float = KNN_TEMPERATURE
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -121,6 +143,60 @@ DATASET_PRESETS: dict[str, dict[str, Any]] = {
         },
     },
 }
+
+# Settings that must agree between a run and its --resume: they change the network, the data, the
+# plan or the randomness (the others, e.g. workers or progress, may differ).
+MUST_MATCH = (
+    "dataset",
+    "arch",
+    "widths",
+    "pools",
+    "projector",
+    "heads",
+    "clusters",
+    "image_size",
+    "batch_size",
+    "epochs",
+    "label_updates",
+    "label_spacing",
+    "label_heads",
+    "seed",
+    "objective",
+    "small_crops",
+    "crop_size",
+    "time_limit",
+)
+
+
+def compare_configs(saved: dict, current: dict) -> list[str]:
+    """The settings that must agree for an exact resume and differ: 'key: saved -> current'."""
+    return [
+        f"{k}: {saved[k]!r} -> {current[k]!r}"
+        for k in MUST_MATCH
+        if k in saved and k in current and saved[k] != current[k]
+    ]
+
+
+def data_settings(config: dict) -> dict[str, Any]:
+    """What a run's recorded configuration says about its data: ``dataset``, ``data_dir``,
+    ``image_size`` (None where it does not say)."""
+    return {key: config.get(key) for key in ("dataset", "data_dir", "image_size")}
+
+
+def legacy_model_spec(config: dict, in_channels: int, input_size: int) -> dict[str, Any]:
+    """The model spec of a run written before checkpoints recorded one (format 1), from its config:
+    ``create_model(**spec)`` rebuilds its network. ``in_channels``, ``input_size``: the channels and side
+    (px) of the run's images, as training gave them to the model."""
+    heads, clusters = config.get("heads", 1), list(config.get("clusters") or [])
+    spec: dict[str, Any] = {
+        "arch": config["arch"],
+        "n_clusters": clusters * heads if len(clusters) == 1 else clusters,
+        "normalize_heads": config.get("objective") == "swapped",
+        "in_channels": in_channels,
+        "input_size": input_size,
+    }
+    spec.update({k: config[k] for k in ("widths", "pools", "projector") if config.get(k)})
+    return spec
 
 
 def train_defaults(dataset: str) -> TrainConfig:

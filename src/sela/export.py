@@ -1,19 +1,15 @@
-"""Labels in and out of sela: CSV export and import, labelling new images, clustering a feature file.
+"""Labels out of sela: a run's self-labels with confidences, labelling new images, clustering a feature file.
 
-The CSV format (written by :func:`write_labels_csv`, read back by :func:`read_labels_csv`) has one line
-per image: its ``path`` (or ``index``), its cluster under each head (``head0`` .. ``head{H-1}``) and,
-optionally, each head's confidence (``confidence0`` ..): the largest softmax probability of that head's
-logits on the un-augmented image, in 0..1. ``sela train``'s labels.csv is the same format without the
-confidence columns.
+The labels CSV format is :mod:`sela.rundir`'s (``path`` or ``index``, ``head0`` .., ``confidence0`` ..);
+a confidence is the largest softmax probability of that head's logits on the un-augmented image, in
+0..1. ``sela train``'s labels.csv is the same format without the confidence columns.
 
 Letters: N images, H heads, K_h clusters of head h, D features.
 """
 
 from __future__ import annotations
 
-import csv
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,86 +17,12 @@ import torch
 from torch import Tensor, nn
 
 from sela.data import EvalTransform, make_loader
-from sela.data.folder import IMAGE_EXTENSIONS, decode_image
+from sela.data.folder import IMAGE_EXTENSIONS, decode_images
 from sela.eval.features import extract
-from sela.labeller import SelfLabeller, feature_matrix
+from sela.labeller import DEFAULT_LAM, SelfLabeller, feature_matrix
+from sela.rundir import load_file, write_labels_csv
 from sela.runs import Run
 from sela.sinkhorn import assign
-
-
-@dataclass
-class LabelTable:
-    """The contents of a labels CSV.
-
-    Attributes:
-        ids: the first column of each row (a path, or an index as text).
-        id_column: ``"path"`` or ``"index"``.
-        labels: (H, N) int64 clusters.
-        confidence: (H, N) float32 confidences, or None when the file has none.
-    """
-
-    ids: list[str]
-    id_column: str
-    labels: Tensor
-    confidence: Tensor | None = None
-
-
-def write_labels_csv(
-    path: str | os.PathLike,
-    labels: Tensor,
-    *,
-    paths: list[str] | None = None,
-    confidence: Tensor | None = None,
-) -> Path:
-    """Write (H, N) labels (and (H, N) confidences) as CSV, one row per image; returns the path."""
-    labels = torch.as_tensor(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"labels must be (H, N), got shape {tuple(labels.shape)}")
-    h, n = labels.shape
-    if paths is not None and len(paths) != n:
-        raise ValueError(f"{len(paths)} paths for {n} labels; pass one path per image")
-    if confidence is not None and tuple(confidence.shape) != (h, n):
-        raise ValueError(f"confidence must be (H, N) = ({h}, {n}), got {tuple(confidence.shape)}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        out = csv.writer(f)
-        header = ["path" if paths is not None else "index"] + [f"head{i}" for i in range(h)]
-        if confidence is not None:
-            header += [f"confidence{i}" for i in range(h)]
-        out.writerow(header)
-        cols = labels.t().tolist()  # (N, H)
-        conf = confidence.t().tolist() if confidence is not None else None  # (N, H)
-        for i, row in enumerate(cols):
-            extra = [f"{c:.4f}" for c in conf[i]] if conf is not None else []
-            out.writerow([paths[i] if paths is not None else i, *row, *extra])
-    return path
-
-
-def read_labels_csv(path: str | os.PathLike) -> LabelTable:
-    """Read a labels CSV written by :func:`write_labels_csv` or ``sela train``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; pass a labels CSV written by `sela labels`")
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0][:1] not in (["path"], ["index"]):
-        raise ValueError(f"{path} is not a sela labels CSV (its header must start with path or index)")
-    header = rows[0]
-    heads = [i for i, name in enumerate(header) if name.startswith("head")]
-    confs = [i for i, name in enumerate(header) if name.startswith("confidence")]
-    if not heads or (confs and len(confs) != len(heads)):
-        raise ValueError(f"{path} has no head0.. columns, or not one confidence column per head")
-    body = rows[1:]
-    try:
-        labels = torch.tensor([[int(r[i]) for r in body] for i in heads], dtype=torch.int64)
-        confidence = (
-            torch.tensor([[float(r[i]) for r in body] for i in confs], dtype=torch.float32) if confs else None
-        )
-    except (ValueError, IndexError) as e:
-        raise ValueError(f"{path} has a malformed row ({e}); rewrite it with `sela labels`") from None
-    return LabelTable([r[0] for r in body], header[0], labels.reshape(len(heads), len(body)), confidence)
-
 
 # ------------------------------------------------------------------------------------------ model outputs
 
@@ -130,7 +52,7 @@ def confidences(logits: list[Tensor]) -> Tensor:
     return torch.stack([lg.float().softmax(dim=1).amax(dim=1) for lg in logits])
 
 
-def assign_labels(logits: list[Tensor], *, balanced: bool = False, lam: float = 25.0) -> Tensor:
+def assign_labels(logits: list[Tensor], *, balanced: bool = False, lam: float = DEFAULT_LAM) -> Tensor:
     """(H, N) clusters from each head's (N, K_h) logits: argmax, or equal-sized clusters by Sinkhorn.
 
     ``balanced`` spreads the N images as evenly as possible over each head's K_h clusters
@@ -186,16 +108,11 @@ def list_images(source: str | os.PathLike) -> list[str]:
 
 def load_images(paths: list[str], size: int, *, channels: int = 3) -> Tensor:
     """Decode image files into uint8 (N, C, size, size) (shorter side to ``size``, center crop)."""
-    images, failed = [], []
-    for p in paths:
-        try:
-            images.append(decode_image(p, (size, size)))  # (S, S, 3)
-        except (OSError, ValueError, SyntaxError) as e:
-            failed.append(f"{p} ({type(e).__name__})")
+    images, _, failed = decode_images(paths, (size, size), None)
     if failed:
         more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
         raise ValueError(f"could not read {len(failed)} image(s): {', '.join(failed[:3])}{more}; remove them")
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
     if channels == 1:
         x = x.float().mul(torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
         x = x.round().clamp(0, 255).to(torch.uint8)  # (N, 1, S, S)
@@ -211,13 +128,10 @@ def load_features(path: str | os.PathLike) -> Tensor:
         raise ValueError(f"{path} must be a .npy or .pt file; save the features with np.save or torch.save")
     if path.stat().st_size == 0:
         raise ValueError(f"{path} is an empty file; save an (N, D) array into it")
-    try:
-        if path.suffix == ".npy":
-            x = np.load(path, allow_pickle=False)
-        else:
-            x = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, EOFError, RuntimeError, ValueError) as e:
-        raise ValueError(f"{path} is not a readable array ({str(e).strip().splitlines()[0]})") from None
+    if path.suffix == ".npy":
+        x = _load_npy(path)
+    else:
+        x = load_file(path, "feature file")
     if isinstance(x, np.ndarray):
         if x.dtype.kind not in "biuf":
             raise ValueError(f"{path} must hold real numbers, got dtype {x.dtype}")
@@ -227,12 +141,22 @@ def load_features(path: str | os.PathLike) -> Tensor:
     return feature_matrix(x, str(path))
 
 
+def _load_npy(path: Path) -> np.ndarray:
+    """A .npy array, memory-mapped first so that a header claiming more than the file holds is caught
+    before anything is allocated; pickled object arrays are refused."""
+    try:
+        x = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable array ({str(e).strip().splitlines()[0]})") from None
+    return np.array(x)  # reads the data (a header that claims more than the file holds fails above)
+
+
 def cluster_features(
     features: Tensor,
     *,
     n_clusters: int,
     n_heads: int = 1,
-    lam: float = 25.0,
+    lam: float = DEFAULT_LAM,
     epochs: int = 200,
     seed: int = 0,
     device: torch.device | str = "cpu",
@@ -282,9 +206,13 @@ def export_run_labels(
             f"{run.source} holds no self-labels of these {len(run.train_set)} training images; "
             "pass the run directory of `sela train` with its own data"
         )
-    source = run.train_set.images if run.train_set.in_memory else run.train_set
     logits = head_outputs(
-        run.model, source, transform=run.transform, batch_size=batch_size, workers=workers, progress=progress
+        run.model,
+        run.train_set.source(),
+        transform=run.transform,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
     )
     path = write_labels_csv(out, run.labels, paths=run.train_set.paths, confidence=confidences(logits))
     return path, size_histograms(run.labels, list(run.model.n_clusters), path)
@@ -296,7 +224,7 @@ def label_images(
     out: str | os.PathLike,
     *,
     balanced: bool = False,
-    lam: float = 25.0,
+    lam: float = DEFAULT_LAM,
     batch_size: int = 256,
     progress: bool | None = None,
 ) -> tuple[Path, list[Path], Tensor]:
@@ -308,8 +236,7 @@ def label_images(
     if run.untrained_heads:
         raise ValueError(f"heads {run.untrained_heads} of {run.source} are untrained; label with a sela run")
     paths = list_images(images)
-    channels = int(run.train_set.images.shape[1]) if run.train_set.in_memory else 3
-    x = load_images(paths, run.image_size, channels=channels)  # (M, C, S, S)
+    x = load_images(paths, run.image_size, channels=run.train_set.channels)  # (M, C, S, S)
     logits = head_outputs(run.model, x, transform=run.transform, batch_size=batch_size, progress=progress)
     labels = assign_labels(logits, balanced=balanced, lam=lam)  # (H, M)
     path = write_labels_csv(out, labels, paths=paths, confidence=confidences(logits))

@@ -6,8 +6,14 @@ possible (an optimal-transport problem solved by Sinkhorn-Knopp, :func:`sela.sin
 given the labels, train the heads by cross-entropy. Here the features are fixed, so only the heads
 learn; this is the ``sela cluster`` estimator for features extracted once from a frozen backbone.
 
-Letters: N samples, D features, H heads, K_h clusters of head h, B batch.
+The label layer, :class:`LabelState`, holds the (H, N) labels with each head's solver scaling and does
+the warm-started, rank-aware label step (:meth:`LabelState.relabel`); both the training loop and
+``SelfLabeller`` use it.
+
+Letters: N samples, D features, H heads, K_h clusters of head h, B batch, W ranks, n_r rows of one rank.
 """
+
+from __future__ import annotations
 
 import math
 
@@ -18,9 +24,97 @@ from sklearn.base import BaseEstimator, ClusterMixin
 from sklearn.exceptions import NotFittedError
 from torch import Tensor, nn
 
-from sela.sinkhorn import assign
+from sela import distributed as dist
+from sela.eval.linear import feature_moments
+from sela.schedule import even_epochs
+from sela.sinkhorn import Assignment, assign
 
 ArrayLike = np.ndarray | Tensor
+
+DEFAULT_LAM = 25.0  # the paper's lambda (Asano et al. 2020, Sec. 4); the one default every caller reads
+_INPLACE_BYTES = 2**30  # solve in place (no second n_r x K buffer) when one rank's kernel exceeds 1 GiB
+
+
+class LabelState:
+    """The self-labels of N items under H heads, each head's solver scaling, and the update count.
+
+    ``relabel`` re-assigns one head's labels from its logits with :func:`sela.sinkhorn.assign`,
+    warm-started from that head's previous scaling. Under ``torch.distributed`` each rank passes the
+    logits of its own rows: the solve is global (the solver all-reduces K-sized vectors) and the labels
+    are combined on every rank with one all-reduce of N integers.
+
+    Args:
+        n_heads: H.
+        n: N, the number of items labelled.
+        lam: lambda of the label step (larger follows the logits more closely, smaller balances harder).
+        fill: the label of an item before its first assignment.
+        device: where ``labels`` lives.
+
+    Attributes:
+        labels: (H, N) int64.
+        scalings: H column scalings (K_h,) of the last solve, or None (the next solve starts cold).
+        n_updates: label steps done (the trainer counts one per step, whichever heads it re-assigned).
+    """
+
+    def __init__(
+        self,
+        n_heads: int,
+        n: int,
+        *,
+        lam: float = DEFAULT_LAM,
+        fill: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if not lam > 0 or not math.isfinite(lam):
+            raise ValueError(
+                f"lam must be a positive, finite number, got {lam}; the paper uses {DEFAULT_LAM:g}"
+            )
+        self.labels = torch.full((n_heads, n), fill, dtype=torch.int64, device=device)  # (H, N)
+        self.scalings: list[Tensor | None] = [None] * n_heads
+        self.n_updates = 0
+        self.lam = lam
+
+    def relabel(self, head: int, logits: Tensor, rows: Tensor | None = None) -> Assignment:
+        """Re-assign ``head``'s labels of ``rows`` from ``logits`` (n_r, K_h); returns the solver's result.
+
+        ``rows`` (n_r,) are the global indices of this rank's logits, disjoint between ranks (None: all N
+        rows in order, single process); rows that no rank passes keep their labels. The logits buffer may
+        be overwritten (solved in place) when it is large.
+        """
+        n = self.labels.shape[1]
+        if rows is None:
+            rows = torch.arange(n)
+        # decided from the largest shard, so that every rank takes the same path through the solver
+        inplace = -(-n // dist.world_size()) * logits.shape[1] * 4 > _INPLACE_BYTES
+        result = assign(logits, lam=self.lam, init=self.scalings[head], inplace=inplace)
+        full = dist.scatter_rows(result.labels, rows, n).to(self.labels.device)  # (N,), -1: not seen
+        seen = full >= 0
+        self.labels[head, seen] = full[seen]
+        # an entry of the scaling can underflow to 0 on extreme logits: then solve cold next time
+        ok = bool(torch.isfinite(result.scaling).all() and (result.scaling > 0).all())
+        self.scalings[head] = result.scaling if ok else None
+        return result
+
+    def state_dict(self) -> dict:
+        """The checkpoint's part of the label state (tensors on the CPU)."""
+        return {
+            "labels": self.labels.cpu(),
+            "scalings": [None if s is None else s.cpu() for s in self.scalings],
+            "label_updates_done": self.n_updates,
+        }
+
+    def load_state_dict(self, state: dict, device: str | torch.device = "cpu") -> None:
+        """Restore :meth:`state_dict`; a ValueError when it holds labels of another shape."""
+        labels = state["labels"]
+        if not isinstance(labels, Tensor) or labels.shape != self.labels.shape:
+            shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(
+                f"the checkpoint holds labels of shape {shape}, not {tuple(self.labels.shape)} (heads x "
+                "images): it belongs to another dataset or number of heads"
+            )
+        self.labels = labels.to(self.labels.device, torch.int64)
+        self.scalings = [None if s is None else s.to(device) for s in state["scalings"]]
+        self.n_updates = int(state["label_updates_done"])
 
 
 def feature_matrix(x: ArrayLike, name: str = "X") -> Tensor:
@@ -113,7 +207,7 @@ class SelfLabeller(ClusterMixin, BaseEstimator):
         n_clusters: int | list[int] = 10,
         *,
         n_heads: int = 1,
-        lam: float = 25.0,
+        lam: float = DEFAULT_LAM,
         epochs: int = 200,
         n_label_updates: int = 100,
         lr: float = 3.0,
@@ -201,9 +295,7 @@ class SelfLabeller(ClusterMixin, BaseEstimator):
         norm 1 over the rows."""
         d = x.shape[1]
         if self.standardize:
-            mean = x.mean(dim=0)
-            std = x.std(dim=0, unbiased=False)
-            scale = torch.where(std > 1e-6, std, torch.ones_like(std))
+            mean, scale = feature_moments(x)
         else:
             mean, scale = torch.zeros(d), torch.ones(d)
         # One global factor brings the mean squared norm to 1: lr and weight_decay then mean the same for
@@ -211,17 +303,15 @@ class SelfLabeller(ClusterMixin, BaseEstimator):
         rms = float(((x - mean) / scale).pow(2).sum(dim=1).mean().sqrt())
         return mean, scale * (rms if rms > 0 else 1.0)
 
-    def _relabel(self, heads: nn.ModuleList, x: Tensor, labels: list[Tensor], scalings: list) -> dict:
-        """Re-assign every head's labels (in place) by Sinkhorn, warm-started; returns what changed."""
+    def _relabel(self, heads: nn.ModuleList, x: Tensor, state: LabelState) -> dict:
+        """Re-assign every head's labels by Sinkhorn, warm-started; returns what changed."""
         changed, iters = [], []
         for h, logits in enumerate(self._logits(heads, x)):  # (N, K_h) each
-            res = assign(logits, lam=self.lam, init=scalings[h])
-            new = res.labels.to(x.device)
-            changed.append(float((new != labels[h]).float().mean()))
-            # A scaling entry can underflow to 0 when the logits are extreme; then solve cold next time.
-            ok = bool(torch.isfinite(res.scaling).all() and (res.scaling > 0).all())
-            labels[h], scalings[h] = new, res.scaling if ok else None
+            old = state.labels[h].clone()
+            res = state.relabel(h, logits)
+            changed.append(float((state.labels[h] != old).float().mean()))
             iters.append(int(res.n_iter))
+        state.n_updates += 1
         return {"changed": changed, "sinkhorn_iters": iters}
 
     def _train_epoch(
@@ -241,7 +331,7 @@ class SelfLabeller(ClusterMixin, BaseEstimator):
             total += float(loss.detach()) * idx.shape[0]
         return total / x.shape[0]
 
-    def fit(self, X: ArrayLike, y: None = None) -> "SelfLabeller":
+    def fit(self, X: ArrayLike, y: None = None) -> SelfLabeller:
         """Self-label X (N, D); ``y`` is ignored (present for scikit-learn pipelines). Returns self."""
         ks = self._cluster_counts()
         self._check_settings()
@@ -263,19 +353,15 @@ class SelfLabeller(ClusterMixin, BaseEstimator):
         opt = torch.optim.SGD(heads.parameters(), lr=self.lr, momentum=0.9, weight_decay=self.weight_decay)
         n_steps = self.epochs * math.ceil(n / self.batch_size)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=n_steps)
-        # Epochs before which labels are re-assigned: 0 (labels from the random heads), then evenly spaced.
-        update_at = set(
-            np.linspace(0, self.epochs, self.n_label_updates + 2).round().astype(int)[:-1].tolist()
-        )
-
-        labels = [torch.full((n,), -1, dtype=torch.int64, device=device) for _ in ks]
-        scalings: list[Tensor | None] = [None for _ in ks]
+        update_at = even_epochs(self.epochs, self.n_label_updates)  # 0 (the random heads), then evenly
+        state = LabelState(len(ks), n, lam=self.lam, fill=-1, device=device)
+        labels = state.labels
         history: list[dict] = []
         losses: list[float] = []
         for epoch in range(self.epochs + 1):
             if epoch in update_at or epoch == self.epochs:
                 loss = float(np.mean(losses)) if losses else float("nan")
-                history.append({"epoch": epoch, "loss": loss, **self._relabel(heads, x, labels, scalings)})
+                history.append({"epoch": epoch, "loss": loss, **self._relabel(heads, x, state)})
                 losses = []
                 if self.verbose:
                     print(f"epoch {epoch:4d}  loss {loss:.4f}  changed {max(history[-1]['changed']):.4f}")
@@ -285,7 +371,7 @@ class SelfLabeller(ClusterMixin, BaseEstimator):
         self.n_clusters_ = ks
         self.mean_, self.scale_ = mean, scale
         self.heads_ = heads.cpu().eval()
-        self.labels_per_head_ = torch.stack(labels).cpu().numpy()  # (H, N)
+        self.labels_per_head_ = labels.cpu().numpy()  # (H, N)
         self.best_head_ = self._select_head(self._logits(self.heads_, x.cpu()), labels)
         self.labels_ = self.labels_per_head_[self.best_head_]
         self.n_iter_ = self.epochs

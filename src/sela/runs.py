@@ -2,20 +2,18 @@
 
 Accepted sources (:func:`load_run`):
   * a run directory written by ``sela train --out DIR`` (it holds ``checkpoint.pt``);
-  * a sela checkpoint file (``checkpoint.pt``; it carries its own configuration);
+  * a sela checkpoint file (``checkpoint.pt``; it carries its own configuration and model spec);
   * a plain state dict, e.g. torchvision ResNet weights (heads, if any, are read from ``fc``);
   * a released SeLa checkpoint ``{"state_dict": ..., "labels": ...}``.
-For the last two the architecture and the dataset are not recorded and must be given.
+For the last two the architecture and the dataset are not recorded and must be given. Every file is
+loaded with ``weights_only=True`` (:func:`sela.rundir.load_file`): one that holds other objects is refused.
 
-Checkpoints are pickles: open only files you trust. Letters: N training images, H heads, K_h clusters.
+Letters: N training images, H heads, K_h clusters.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from sela import rundir
+from sela.config import data_settings, legacy_model_spec
 from sela.data import SPLITS, EvalTransform, ImageSet, load_dataset
-from sela.models import SelaModel, create_model, list_models, load_pretrained
-
-CHECKPOINT = "checkpoint.pt"
-# head weights as load_pretrained maps them: top_layer<i>, fc<i>, heads.<i> (optionally ".0")
-_HEAD_KEY = re.compile(r"^(?:top_layer|fc|heads\.)(\d*)(?:\.0)?\.weight$")
+from sela.models import SelaModel, create_model, list_models, load_pretrained, spec_from_state_dict
 
 
 @dataclass
@@ -75,84 +71,6 @@ class Run:
         return [h for h in range(len(self.model.n_clusters)) if h not in self.untrained_heads]
 
 
-def read_checkpoint(path: str | os.PathLike) -> Any:
-    """``torch.load`` on the CPU: tensors-only first, then (for older pickles with numpy arrays) in full."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except (RuntimeError, EOFError, OSError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, AttributeError, ImportError) as e:
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
-
-
-def _is_sela_checkpoint(ckpt: Any) -> bool:
-    return (
-        isinstance(ckpt, dict)
-        and isinstance(ckpt.get("model"), dict)
-        and isinstance(ckpt.get("config"), dict)
-    )
-
-
-def _state_dict(ckpt: Any) -> dict[str, Tensor]:
-    state = ckpt
-    if isinstance(ckpt, dict):
-        for key in ("model", "state_dict"):
-            if isinstance(ckpt.get(key), dict):
-                state = ckpt[key]
-                break
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(
-            "the checkpoint holds no state dict (a dict of tensors, or one under 'state_dict' or 'model'); "
-            "pass a run directory, a sela checkpoint.pt or model weights"
-        )
-    return {".".join(p for p in k.split(".") if p != "module"): v for k, v in state.items()}
-
-
-def _head_sizes(state: dict[str, Tensor]) -> list[int]:
-    """K_h of each head found in a state dict, in head order ([] when it has none)."""
-    found = {}
-    for key, value in state.items():
-        m = _HEAD_KEY.match(key)
-        if m and value.ndim == 2:
-            found[int(m.group(1) or 0)] = int(value.shape[0])
-    return [found[i] for i in sorted(found)]
-
-
-def _input_channels(state: dict[str, Tensor]) -> int | None:
-    """Channels C of the first convolution's weights (C_out, C, kh, kw), or None."""
-    return next((int(v.shape[1]) for v in state.values() if v.ndim == 4 and v.is_floating_point()), None)
-
-
-def _shape_kwargs(arch: str, state: dict[str, Tensor]) -> dict[str, Any]:
-    """Width settings of the architecture as the checkpoint's tensors have them (convnet, alexnet), and
-    the projector's widths (Linear weights at projector.0, .3, ...)."""
-    projector = []
-    while f"projector.{3 * len(projector)}.weight" in state:
-        projector.append(int(state[f"projector.{3 * len(projector)}.weight"].shape[0]))
-    if projector:
-        return {
-            **_shape_kwargs(arch, {k: v for k, v in state.items() if not k.startswith("projector.")}),
-            "projector": tuple(projector),
-        }
-    if arch == "convnet":
-        widths = []
-        while f"blocks.{len(widths)}.0.weight" in state:
-            widths.append(int(state[f"blocks.{len(widths)}.0.weight"].shape[0]))
-        return {"widths": tuple(widths)} if widths else {}
-    if arch == "alexnet":
-        convs = [int(v.shape[0]) for k, v in state.items() if k.startswith("features.") and v.ndim == 4]
-        fc = state.get("classifier.4.weight")
-        kwargs: dict[str, Any] = {"size": tuple(convs)} if len(convs) == 5 else {}
-        if fc is not None:
-            kwargs["hidden_dim"] = int(fc.shape[0])
-        return kwargs
-    return {}
-
-
 def _as_label_matrix(labels: Any) -> Tensor | None:
     """Released / sela labels as (H, N) int64, or None when they are not integer label arrays."""
     if labels is None:
@@ -163,14 +81,55 @@ def _as_label_matrix(labels: Any) -> Tensor | None:
     return (t[None] if t.ndim == 1 else t).long()
 
 
-def _test_split(dataset: str, data_dir: str | None, size: int | None) -> ImageSet | None:
+def load_test_split(
+    dataset: str, data_dir: str | None, size: int | None, *, strict: bool = False
+) -> ImageSet | None:
+    """The dataset's test (or val) split, or None when it has none."""
     for split in ("test", "val"):
         if split in SPLITS.get(dataset, ()):
             try:
-                return load_dataset(dataset, data_dir, split, image_size=size)
+                return load_dataset(dataset, data_dir, split, image_size=size, strict=strict)
             except FileNotFoundError:
                 continue
     return None
+
+
+def _locate(source: str | os.PathLike) -> tuple[Path, Path | None]:
+    """The checkpoint file of ``source`` and its run directory (None for a file outside one)."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; pass a run directory or a checkpoint file")
+    if path.is_dir():
+        if not (path / rundir.CHECKPOINT).is_file():
+            raise ValueError(
+                f"{path} holds no {rundir.CHECKPOINT}; pass a run directory of `sela train --out DIR`"
+            )
+        return path / rundir.CHECKPOINT, path
+    if path.name == rundir.CHECKPOINT and (path.parent / rundir.CONFIG).is_file():
+        return path, path.parent
+    return path, None
+
+
+def _sela_model(ckpt: dict, config: dict, channels: int, side: int, path: Path) -> SelaModel:
+    """A sela checkpoint's network, rebuilt from its spec (format 1: from its config) with its weights."""
+    spec = ckpt.get("model_spec") or legacy_model_spec(config, channels, side)
+    model = create_model(**spec)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not fit the network it records: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def _foreign_model(
+    ckpt: Any, arch: str, clusters: list[int] | None, side: int
+) -> tuple[SelaModel, list[int]]:
+    """A foreign checkpoint's network (heads and widths as its tensors have them) and its untrained heads."""
+    if arch not in list_models():
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(list_models())}")
+    model = create_model(**spec_from_state_dict(arch, ckpt, n_clusters=clusters, input_size=side))
+    skipped = load_pretrained(model, ckpt)
+    return model, sorted({int(name.split(".")[1]) for name in skipped})
 
 
 def load_run(
@@ -195,99 +154,63 @@ def load_run(
         clusters: K per head for foreign checkpoints without heads (default: the heads found in the
             checkpoint; with none, one placeholder head that is reported as untrained).
         device: where the model runs.
-        default_image_size: side (px) per dataset name when neither the run nor ``image_size`` set one
-            (``sela train`` trains digits at 16 px).
+        default_image_size: side (px) per dataset name when neither the run nor ``image_size`` set one.
         test_split: also load the test (or val) split when the dataset has one.
 
     Raises:
         ValueError (FileNotFoundError for missing paths): with a message that names the fix.
     """
-    path = Path(source)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist; pass a run directory or a checkpoint file")
-    run_dir = None
-    if path.is_dir():
-        if not (path / CHECKPOINT).is_file():
-            raise ValueError(f"{path} holds no {CHECKPOINT}; pass a run directory of `sela train --out DIR`")
-        run_dir, path = path, path / CHECKPOINT
-    elif path.name == CHECKPOINT and (path.parent / "config.json").is_file():
-        run_dir = path.parent
-    ckpt = read_checkpoint(path)
-    notes: list[str] = []
-
-    # what the source says about itself, then what the caller says
-    if _is_sela_checkpoint(ckpt):
-        config = dict(ckpt["config"])
-        if arch is not None and arch != config.get("arch"):
-            raise ValueError(f"{path} was trained as {config.get('arch')!r}; drop --arch {arch}")
-        arch = config.get("arch")
-        dataset = dataset or config.get("dataset")
-        data_dir = data_dir if data_dir is not None else config.get("data_dir")
-        image_size = image_size or config.get("image_size")
-        labels = _as_label_matrix(ckpt.get("labels"))
-    else:
-        config = {}
-        if arch is None or dataset is None:
-            raise ValueError(
-                f"{path} is not a sela run, so give its architecture and data: --arch NAME --dataset NAME"
-            )
-        labels = _as_label_matrix(ckpt.get("labels")) if isinstance(ckpt, dict) else None
-    if arch not in list_models():
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(list_models())}")
-    state = _state_dict(ckpt)
-
-    # data
-    size = image_size or (default_image_size or {}).get(dataset)
+    path, run_dir = _locate(source)
+    ckpt = rundir.load_file(path)
+    sela = rundir.checkpoint_format(ckpt) is not None
+    config = (
+        (ckpt.get("config") or (rundir.read_json(run_dir / rundir.CONFIG) if run_dir else {})) if sela else {}
+    )
+    recorded = data_settings(config)
+    if sela and arch is not None and arch != config.get("arch"):
+        raise ValueError(f"{path} was trained as {config.get('arch')!r}; drop --arch {arch}")
+    if not sela and (arch is None or dataset is None):
+        raise ValueError(
+            f"{path} is not a sela run, so give its architecture and data: --arch NAME --dataset NAME"
+        )
+    arch = config.get("arch", arch)
+    dataset = dataset or recorded["dataset"]
+    data_dir = data_dir if data_dir is not None else recorded["data_dir"]
+    size = image_size or recorded["image_size"] or (default_image_size or {}).get(dataset)
     train_set = load_dataset(dataset, data_dir, "train", image_size=size)
     if len(train_set) == 0:
         raise ValueError(f"the {dataset} training split is empty; check --data-dir")
-    test_set = _test_split(dataset, data_dir, size) if test_split else None
-    out_size = size or (int(train_set.images.shape[-1]) if train_set.in_memory else 224)
-
-    # model: heads and input channels as the checkpoint has them
-    ks = _head_sizes(state)
-    if clusters and ks and list(clusters) != ks:
-        raise ValueError(f"the checkpoint has heads with K = {ks}; drop --clusters or pass --clusters {ks}")
-    ks = ks or list(clusters or [2])
-    channels = _input_channels(state) or 3
-    kwargs: dict[str, Any] = {"in_channels": channels, **_shape_kwargs(arch, state)}
-    # pools are not in the weights (an un-pooled block has the same parameters): the config says
-    if arch == "convnet" and config.get("pools"):
-        kwargs["pools"] = tuple(config["pools"])
-    if arch in ("convnet", "alexnet"):
-        kwargs["input_size"] = out_size
-    model = create_model(arch, ks, **kwargs)
-    model.normalize_heads = config.get("objective") == "swapped"  # cosine heads, as trained
-    skipped = load_pretrained(model, state)
-    untrained = sorted({int(name.split(".")[1]) for name in skipped})
+    side = train_set.side(size)
+    notes: list[str] = []
+    if sela:
+        model, untrained = _sela_model(ckpt, config, train_set.channels, side, path), []
+    else:
+        model, untrained = _foreign_model(ckpt, arch, clusters, side)
     if untrained:
         notes.append(f"heads {untrained} are not in the checkpoint; their cluster metrics are skipped")
     model = model.to(device).eval()
-    transform = EvalTransform(out_size, mean=train_set.mean, std=train_set.std).to(device)
-    check_fits(model, train_set, transform, arch=arch, image_size=out_size)
-
-    if labels is not None and (labels.shape[0] != len(ks) or labels.shape[1] != len(train_set)):
+    transform = EvalTransform(side, mean=train_set.mean, std=train_set.std).to(device)
+    check_fits(model, train_set, transform, arch=arch, image_size=side)
+    labels = _as_label_matrix(ckpt.get("labels")) if isinstance(ckpt, dict) else None
+    if labels is not None and tuple(labels.shape) != (len(model.n_clusters), len(train_set)):
         notes.append(
-            f"the checkpoint's labels {tuple(labels.shape)} do not match {len(ks)} heads x "
+            f"the checkpoint's labels {tuple(labels.shape)} do not match {len(model.n_clusters)} heads x "
             f"{len(train_set)} {dataset} training images; they are not evaluated"
         )
         labels = None
-    summary = {}
-    if run_dir is not None and (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
     return Run(
         model=model,
         labels=labels,
         train_set=train_set,
-        test_set=test_set,
+        test_set=load_test_split(dataset, data_dir, size) if test_split else None,
         transform=transform,
-        image_size=out_size,
+        image_size=side,
         dataset=dataset,
         arch=arch,
         config=config,
         source=Path(source),
         run_dir=run_dir,
-        summary=summary,
+        summary=rundir.read_json(run_dir / rundir.SUMMARY) if run_dir else {},
         untrained_heads=untrained,
         notes=notes,
     )

@@ -1,68 +1,51 @@
-"""The SeLa training loop: label steps (Sinkhorn) alternating with cross-entropy epochs.
+"""The SeLa training loop: label steps (Sinkhorn) alternating with epochs of the objective's loss.
 
-Letters: N training images, B batch, H heads, K_h clusters of head h, D feature dimension, W ranks.
+Letters: N training images, B batch, H heads, K_h clusters of head h, P the heads' input width, W ranks,
+n_r the rows of one rank.
 
-The method (Asano et al. 2020, Alg. 1): labels for all N images are assigned by :func:`sela.sinkhorn.assign`
-from every head's outputs (the first time from the randomly initialised network), then the network is
-trained with cross-entropy against them on augmented views, averaged over heads; label steps recur on a
-schedule (quadratically spaced by default, as the original ImageNet recipe). With ``label_inputs="recorded"``
-the label step costs no forward pass: the head outputs computed for the loss are kept, and labels are
-re-assigned from them at the end of an epoch. Under ``torchrun`` every rank
-trains on its part of each global batch with DistributedDataParallel, and the label step is sharded: each
-rank computes outputs for its own rows only and the solver all-reduces K-sized vectors.
+The method (Asano et al. 2020, Alg. 1): labels for all N images are assigned by the label layer
+(:class:`sela.labeller.LabelState`, Sinkhorn) from every head's outputs (the first time from the randomly
+initialised network), then the network is trained with cross-entropy against them on augmented views,
+averaged over heads; label steps recur on a schedule (:mod:`sela.schedule`). With
+``label_inputs="recorded"`` the label step costs no forward pass: the head outputs computed for the loss
+are kept, and labels are re-assigned from them at the end of an epoch. The objective
+(:mod:`sela.objectives`) says what the loss of a batch is; the ``swapped`` one labels online and gets one
+global label step after its last epoch. Under ``torchrun`` every rank trains on its part of each global
+batch with DistributedDataParallel, and the label step is sharded: each rank computes outputs for its own
+rows only and the solver all-reduces K-sized vectors. The run directory's files are :mod:`sela.rundir`'s.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sela import distributed as dist
-from sela.data import BatchAugment, EvalTransform, ImageSet, make_loader
+from sela import rundir
+from sela.data import EvalTransform, ImageSet, make_loader
+from sela.eval.evaluate import evaluate
+from sela.eval.knn import KNN_K, KNN_TEMPERATURE
 from sela.eval.metrics import cluster_sizes
-from sela.sinkhorn import assign, soft_codes
+from sela.labeller import DEFAULT_LAM, LabelState
+from sela.objectives import Objective
+from sela.plots import cluster_grid, plot_cluster_sizes, plot_curves
+from sela.schedule import label_epochs, label_schedule, lr_at, planned_epochs, schedule_progress
 
-CHECKPOINT = "checkpoint.pt"
 LABEL_INPUTS = ("eval", "train", "recorded")
+LABEL_HEADS = ("all", "round-robin")
 PRECISIONS = ("auto", "fp32", "bf16")
-OBJECTIVES = ("sela", "swapped")
-METRICS = "metrics.jsonl"
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf; the last good checkpoint is kept."""
-
-
-def label_schedule(n_updates: int, total_steps: int, spacing: str = "quadratic") -> list[int]:
-    """Optimisation steps (0-based) before which labels are re-assigned; the first is always step 0.
-
-    ``quadratic`` puts update i at total_steps * (i / n)^2 (dense early, the original ImageNet recipe),
-    ``linear`` at total_steps * i / n (its CIFAR recipe). Collisions are merged, so at most n are returned.
-    """
-    if n_updates < 1:
-        raise ValueError(f"label_updates must be >= 1 (the first assignment), got {n_updates}")
-    if spacing not in ("quadratic", "linear"):
-        raise ValueError(f"label spacing must be 'quadratic' or 'linear', got {spacing!r}")
-    power = 2 if spacing == "quadratic" else 1
-    steps = {int(total_steps * (i / n_updates) ** power) for i in range(n_updates)}
-    return sorted(steps)
-
-
-def label_epochs(steps: list[int], steps_per_epoch: int) -> list[int]:
-    """Epochs (1-based) at whose end a recorded-output label step runs: scheduled step s > 0 moves to the
-    first epoch boundary at or after it (epoch ceil(s / steps_per_epoch)); collisions are merged."""
-    return sorted({-(-s // steps_per_epoch) for s in steps if s > 0})
+    """The loss or the network's outputs became NaN or inf."""
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -93,105 +76,37 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16
 
 
-def schedule_progress(
-    step: int, total_steps: int, *, warmup_steps: int, anchor: tuple[int, float] | None = None
-) -> float:
-    """How far the decay after warm-up has come at ``step``: 0 at the end of warm-up, 1 at ``total_steps``.
-
-    ``anchor`` = (s0, t0) says the progress was t0 at step s0 under an earlier plan (a time budget
-    re-plans the run's length); from there it goes on linearly to 1 at the new ``total_steps``, so the
-    learning rate stays continuous when the plan changes. Clamped to [0, 1].
-    """
-    start, t0 = anchor or (warmup_steps, 0.0)
-    t = t0 + (1 - t0) * (step - start) / max(1, total_steps - start)
-    return min(max(t, 0.0), 1.0)
-
-
-def lr_at(
-    step: int,
-    total_steps: int,
-    *,
-    base_lr: float,
-    schedule: str,
-    warmup_steps: int,
-    anchor: tuple[int, float] | None = None,
-) -> float:
-    """Learning rate at an optimisation step: linear warm-up, then cosine to 0 or steps of 0.1 at 50/75 %
-    of the decay (its progress as :func:`schedule_progress`, ``anchor`` included)."""
-    if schedule not in ("cosine", "step"):
-        raise ValueError(f"lr schedule must be 'cosine' or 'step', got {schedule!r}")
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    t = schedule_progress(step, total_steps, warmup_steps=warmup_steps, anchor=anchor)
-    if schedule == "cosine":
-        return base_lr * 0.5 * (1 + math.cos(math.pi * t))
-    return base_lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
-
-
-def planned_epochs(done: int, times_s: list[float], limit_s: float) -> int:
-    """The run's length in epochs for a time budget: ``done`` epochs finished, which took ``times_s``
-    seconds each, and as many more whole epochs as the rest of ``limit_s`` holds at the median of the last
-    five epochs' times, less a reserve so that one of them may be as slow as the slowest of those five
-    (the last epoch then overruns the budget only when it is slower still). Always at least one more:
-    the epoch about to start is then the last one."""
-    recent = sorted(times_s[-5:])
-    per_epoch = recent[len(recent) // 2]
-    remaining = limit_s - sum(times_s) - (recent[-1] - per_epoch)
-    return done + max(1, math.floor(remaining / max(per_epoch, 1e-9) + 1e-9))
-
-
-@dataclass
-class LabelState:
-    """The self-labels: one row of N labels per head, and each head's solver scaling for warm starts."""
-
-    labels: Tensor  # (H, N) int64, on the CPU
-    scalings: list[Tensor | None] = field(default_factory=list)
-    n_updates: int = 0
-
-
 class Trainer:
     """Trains a :class:`sela.models.SelaModel` on an :class:`sela.data.ImageSet` by self-labelling.
 
     Args:
-        model: the network (features + a list of linear heads).
+        model: the network (features + a list of linear heads), built by ``sela.models.create_model``.
         train_set: training images (in memory or streamed); its targets are never used for training.
+        objective: what a batch's loss is (:class:`sela.objectives.SelaObjective` or ``SwappedObjective``).
         out_dir: run directory (written by rank 0 only).
         epochs, batch_size, lr, momentum, weight_decay, lr_schedule, warmup_epochs: SGD settings;
             batch_size is the global batch over all ranks.
-        lam, label_updates, label_spacing, label_heads, label_inputs: the self-labelling settings
-            (see the README).
-        augment: training augmentation, uint8 batch -> normalised float batch on the device.
-        eval_transform: the un-augmented transform, for the label step and features.
+        lam: lambda of the label step (:class:`sela.labeller.LabelState`).
+        label_updates, label_spacing: label steps over the run (the first at step 0), and their spacing
+            (:func:`sela.schedule.label_schedule`).
+        label_heads: ``all`` heads per label step, or ``round-robin`` (one in turn; the first step
+            assigns all).
+        label_inputs: ``eval`` (un-augmented images, eval mode), ``train`` (augmented, train mode, the
+            original code's choice) or ``recorded`` (the epoch's own training outputs, no extra pass).
+        eval_transform: the un-augmented transform, for the label step.
         device: where the model and (in-memory) images live.
         seed: all randomness (initial weights aside) derives from (seed, epoch).
-        config: the resolved configuration, recorded in the checkpoint and checked on resume.
         workers: DataLoader workers for streamed datasets.
         progress: show tqdm bars (rank 0 only).
-        objective: ``sela`` (the paper: cross-entropy against labels from global label steps) or
-            ``swapped`` (an online deviation, as SwAV: two views per image, each predicts the other's
-            per-batch Sinkhorn codes over cosine-similarity heads; one global label step at the end
-            gives the exported labels).
-        swap_temperature, swap_epsilon: the ``swapped`` objective's softmax temperature and the
-            entropic regularisation of its per-batch codes (SwAV's 0.1 and 0.05).
-        swap_queue: the ``swapped`` objective's queue (SwAV): the L2-normalised head inputs of the last
-            this-many full views (per process, no gradient) are scored against the current prototypes
-            and balanced together with the batch, so that each batch's codes share the K clusters with
-            more images than the batch holds; only the batch's codes are used. Emptied at every epoch
-            start (so a resumed run continues exactly). Memory: swap_queue x P x 4 bytes; 0: no queue.
-        small_crops, small_augment: multi-crop for the ``swapped`` objective (SwAV): this many extra,
-            smaller views per image, made by ``small_augment``, also predict the two full views' codes
-            (codes come from the full views only). Each costs about (s / S)^2 of a full view.
-        precision: ``auto`` (bfloat16 autocast where the device has native bf16, else float32), ``bf16``
-            or ``fp32``; see :func:`autocast_dtype`.
-        time_limit_s: a wall-clock budget for training (seconds, label steps included; the final
-            evaluation comes after it). ``epochs`` is then the first plan only: before each epoch from the
-            second on, the run's length is re-planned to fill the rest of the budget at the measured epoch
-            time (:func:`planned_epochs`), the learning-rate decay is stretched or squeezed from that step on
-            (continuously) and the label schedule is laid out again for the new length. The run ends at
-            the last epoch that fits at the measured speed, with room for one epoch as slow as the
-            slowest of the last five (a slower last epoch can still overrun it). Timing
-            decides the epoch count, so such a run is not bit-reproducible; resuming counts the time
-            already spent.
+        sync_bn: synchronise BatchNorm across processes (CUDA only).
+        precision: ``auto``, ``bf16`` or ``fp32``; see :func:`autocast_dtype`.
+        time_limit_s: a wall-clock budget for training (seconds, label steps included). ``epochs`` is then
+            the first plan only: before each epoch from the second on, the run's length is re-planned to
+            fill the rest of the budget at the measured epoch time (:func:`sela.schedule.planned_epochs`),
+            the learning-rate decay is stretched or squeezed from that step on (continuously) and the label
+            schedule is laid out again. Timing decides the epoch count, so such a run is not
+            bit-reproducible; resuming counts the time already spent.
+        metadata: JSON-ready description of the run, stored in every checkpoint (never read here).
     """
 
     def __init__(
@@ -199,6 +114,7 @@ class Trainer:
         model: nn.Module,
         train_set: ImageSet,
         *,
+        objective: Objective,
         out_dir: str | os.PathLike,
         epochs: int,
         batch_size: int,
@@ -207,110 +123,31 @@ class Trainer:
         weight_decay: float = 5e-4,
         lr_schedule: str = "cosine",
         warmup_epochs: float = 1.0,
-        lam: float = 25.0,
+        lam: float = DEFAULT_LAM,
         label_updates: int = 40,
         label_spacing: str = "quadratic",
         label_heads: str = "all",
         label_inputs: str = "eval",
-        augment: BatchAugment,
         eval_transform: EvalTransform,
         device: torch.device,
         seed: int = 0,
-        config: dict | None = None,
         workers: int = 4,
         progress: bool = True,
         sync_bn: bool = False,
         precision: str = "auto",
-        objective: str = "sela",
-        swap_temperature: float = 0.1,
-        swap_epsilon: float = 0.05,
-        swap_queue: int = 0,
-        small_crops: int = 0,
-        small_augment: BatchAugment | None = None,
         time_limit_s: float | None = None,
+        metadata: dict | None = None,
     ):
         n = len(train_set)
-        world = dist.world_size()
-        if batch_size % world:
-            raise ValueError(f"batch size {batch_size} must be divisible by the number of processes {world}")
-        if batch_size > n:
-            raise ValueError(f"batch size {batch_size} is larger than the dataset ({n} images); lower it")
-        if label_heads not in ("all", "round-robin"):
-            raise ValueError(f"label_heads must be 'all' or 'round-robin', got {label_heads!r}")
-        if label_inputs not in LABEL_INPUTS:
-            raise ValueError(f"label_inputs must be one of {', '.join(LABEL_INPUTS)}, got {label_inputs!r}")
-        if objective not in OBJECTIVES:
-            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
-        if objective == "swapped" and label_inputs == "recorded":
-            raise ValueError(
-                "label_inputs 'recorded' needs the 'sela' objective (the swapped objective has no label "
-                "steps during training); use --label-inputs eval"
-            )
-        if swap_temperature <= 0 or swap_epsilon <= 0:
-            raise ValueError(
-                f"swap temperature and epsilon must be > 0, got {swap_temperature}, {swap_epsilon}"
-            )
-        if swap_queue < 0 or (swap_queue and objective != "swapped"):
-            raise ValueError(
-                f"the queue (swap_queue) needs the swapped objective and a size >= 0, got {swap_queue} with "
-                f"objective {objective!r}; add --objective swapped or drop swap_queue"
-            )
-        if small_crops < 0 or (small_crops and objective != "swapped"):
-            raise ValueError(
-                f"small crops (multi-crop) need the swapped objective and a count >= 0, got {small_crops} "
-                f"with objective {objective!r}; add --objective swapped or drop --small-crops"
-            )
-        if small_crops and small_augment is None:
-            raise ValueError("small_crops > 0 needs small_augment, the augmentation that makes them")
-        if time_limit_s is not None and not time_limit_s > 0:
-            raise ValueError(f"the time limit must be > 0 minutes (or unset), got {time_limit_s / 60:g}")
-        if max(model.n_clusters) > n:
-            raise ValueError(
-                f"{max(model.n_clusters)} clusters but only {n} training images; use --clusters <= {n}"
-            )
-        self.objective = objective
-        self.swap_temperature = swap_temperature
-        self.swap_epsilon = swap_epsilon
-        self.swap_queue = swap_queue
-        self._queue = torch.empty(0, model.head_dim, device=device)  # (n_q, P), newest rows first
-        self.small_crops = small_crops
-        self.small_augment = small_augment
-        if objective == "swapped":  # the heads become prototypes: cosine similarity, no bias
-            if min(model.n_clusters) < model.head_dim:
-                warnings.warn(
-                    f"the swapped objective with {min(model.n_clusters)} prototypes in a {model.head_dim}-d "
-                    "space: the features can turn orthogonal to them all and the loss collapses to ln K "
-                    f"(seen on digits); use --clusters >= {model.head_dim} or a narrower head input",
-                    stacklevel=2,
-                )
-            model.normalize_heads = True
-            for head in model.heads:
-                head.bias.data.zero_()
-                head.bias.requires_grad_(False)
-            _normalize_prototypes(model)
-        self.model = model.to(device)
-        self.device = device
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
-        if world > 1 and sync_bn:
-            if device.type != "cuda":
-                raise ValueError(
-                    "--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); drop "
-                    "--sync-bn on CPU, where each process normalises with its own part of the batch"
-                )
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        self.net = self.model
-        if world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.net = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.train_set = train_set
+        _check_settings(n, model, objective, epochs, batch_size, lr, label_heads, label_inputs, time_limit_s)
+        self.objective, self.train_set, self.device = objective, train_set, device
+        objective.prepare(model)
+        self.model, self.net = _place(model, device, sync_bn)
         self.images = train_set.images.to(device) if train_set.in_memory else None
         self.out_dir = Path(out_dir)
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.steps_per_epoch = n // batch_size
-        self.base_lr = lr
-        self.lr_schedule = lr_schedule
+        # the plan: the run's length and its schedules (a time budget changes them)
+        self.epochs, self.batch_size, self.steps_per_epoch = epochs, batch_size, n // batch_size
+        self.base_lr, self.lr_schedule = lr, lr_schedule
         self.warmup_steps = int(warmup_epochs * self.steps_per_epoch)
         self.lr_anchor: tuple[int, float] | None = None  # set when a time budget re-plans the length
         self.lr_at(0)  # validates the schedule name
@@ -319,27 +156,24 @@ class Trainer:
         self.optimizer = torch.optim.SGD(
             self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False
         )
-        self.lam = lam
-        self.label_updates = label_updates
-        self.label_spacing = label_spacing
-        self.label_heads = label_heads
-        self.label_inputs = label_inputs
+        # the label steps
+        self.state = LabelState(len(model.n_clusters), n, lam=lam)
+        self.label_updates, self.label_spacing = label_updates, label_spacing
+        self.label_heads, self.label_inputs = label_heads, label_inputs
         self.label_steps: list[int] = []  # optimisation steps before which a label step runs
         self.label_epochs: list[int] = []  # epochs (1-based) after which a recorded label step runs
         self._lay_out_label_steps(0)
-        self.augment = augment
         self.eval_transform = eval_transform
-        self.seed = seed
-        self.config = config or {}
-        self.workers = workers
+        self.seed, self.workers, self.metadata = seed, workers, metadata or {}
         self.progress = progress and dist.is_main()
-        n_heads = len(model.n_clusters)
-        self.state = LabelState(labels=torch.zeros(n_heads, n, dtype=torch.long), scalings=[None] * n_heads)
         self.epoch = 0  # epochs completed
         amp = autocast_dtype(precision, device)
         self.precision = "fp32" if amp is None else "bf16"  # what "auto" resolved to
         self.autocast = torch.autocast(device.type, dtype=amp or torch.bfloat16, enabled=amp is not None)
         self._label_memory: tuple[int, int | None] | None = None  # (buffers, peak) bytes, this epoch
+
+    # ----------------------------------------------------------------------------------------------------
+    # the plan
 
     @property
     def total_steps(self) -> int:
@@ -358,7 +192,7 @@ class Trainer:
 
     def _lay_out_label_steps(self, step: int) -> None:
         """The label schedule for the planned length, from optimisation step ``step`` on."""
-        if self.objective == "swapped":  # labels come online; one global step after the last epoch
+        if not self.objective.label_steps:  # labels come online; one global step after the last epoch
             self.label_steps = []
             return
         steps = label_schedule(self.label_updates, self.total_steps, self.label_spacing)
@@ -402,7 +236,7 @@ class Trainer:
             self.epoch = epoch + 1
             self.epoch_times.append(dist.all_reduce_mean(stats["time_s"], self.device))
             if dist.is_main():
-                self._append_metrics(stats)
+                rundir.append_metrics(self.out_dir, stats)
                 self.save_checkpoint()
             self._check_health(stats)
             history.append(stats)
@@ -418,63 +252,58 @@ class Trainer:
         torch.manual_seed(self._rank_seed(epoch))  # dropout
         start, label_time, loss_sum, seen = time.perf_counter(), 0.0, 0.0, 0
         first = epoch * self.steps_per_epoch
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{self.epochs}",
-            disable=not self.progress,
-            leave=False,
-            unit="batch",
-        )
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
+                   disable=not self.progress, leave=False)  # fmt: skip
         rows = self._epoch_rows(epoch, gen)  # (n_r,) global rows, this rank's part of the epoch, in order
-        self._queue = self._queue[:0]  # the swapped objective's queue starts empty every epoch
+        self.objective.start_epoch()
         record = self._recorder(epoch, len(rows))  # {head: (n_r, K_h) buffer} when labels come from this pass
         for i, (images, idx) in enumerate(self._batches(rows)):
             step = first + i
-            # label step(s) scheduled before this optimisation step
-            if step in self.label_steps:
-                label_time += self.update_labels(step)
+            if step in self.label_steps:  # label step(s) scheduled before this optimisation step
+                label_time += self.update_labels()
                 self.net.train()
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
-            # forward, loss averaged over heads, backward
-            if self.objective == "swapped":
-                loss = self._swapped_loss(images, idx, aug_gen)
-            else:
-                views = self._views(images, aug_gen)  # (b, C, S, S)
-                targets = self.state.labels[:, idx].to(self.device, non_blocking=True)  # (H, b)
-                with self.autocast:
-                    outputs = self.net(views)  # H x (b, K_h)
-                    loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, targets, strict=True))
-                    loss = loss / len(outputs)
-                for h, buf in record.items():
-                    buf[i * len(idx) : (i + 1) * len(idx)] = outputs[h].detach()  # every batch: B / W rows
+            loss, outputs = self.objective.loss(
+                self.net, images, idx, self.state, generator=aug_gen, autocast=self.autocast
+            )
+            for h, buf in record.items():
+                buf[i * len(idx) : (i + 1) * len(idx)] = outputs[h]  # every batch: B / W rows
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            if self.objective == "swapped":
-                _normalize_prototypes(self.model)
-            # bookkeeping (one host sync per step keeps the bar honest)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"loss became {loss_value} at epoch {epoch + 1}, step {step}; the last good checkpoint "
-                    f"in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
-                )
-            loss_sum += loss_value * len(idx)
-            seen += len(idx)
+            self.objective.after_step(self.model)
+            loss_value = self._checked(loss, epoch, step)  # one host sync per step keeps the bar honest
+            loss_sum, seen = loss_sum + loss_value * len(idx), seen + len(idx)
             elapsed = time.perf_counter() - start
             bar.set_postfix(loss=f"{loss_value:.3f}", img_s=f"{seen * dist.world_size() / elapsed:.0f}")
             bar.update()
         bar.close()
         if record:
             label_time += self._labels_from_records(rows, record)
-        if self.objective == "swapped" and epoch + 1 == self.epochs:
+        if not self.objective.label_steps and epoch + 1 == self.epochs:
             label_time += self.update_labels()  # the exported labels: one global, balanced assignment
-        total = time.perf_counter() - start
-        stats = {
+        return self._epoch_stats(epoch, time.perf_counter() - start, label_time, loss_sum, seen)
+
+    def _checked(self, loss: Tensor, epoch: int, step: int) -> float:
+        """The loss as a float; :class:`TrainingDiverged` when it is NaN or inf."""
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"loss became {value} at epoch {epoch + 1}, step {step}; {self._advice()}")
+        return value
+
+    def _advice(self) -> str:
+        kept = (self.out_dir / rundir.CHECKPOINT).is_file()
+        where = f"the last good checkpoint in {self.out_dir} is kept: " if kept else "no epoch finished: "
+        then = " and --resume" if kept else " and start again"
+        return f"{where}lower --lr (now {self.base_lr}){then}"
+
+    def _epoch_stats(self, epoch: int, total: float, label_time: float, loss_sum: float, seen: int) -> dict:
+        """The epoch's line of metrics.jsonl."""
+        return {
             "epoch": epoch + 1,
             "loss": dist.all_reduce_mean(loss_sum / max(seen, 1), self.device),
-            "lr": self.lr_at(first + self.steps_per_epoch - 1),
+            "lr": self.lr_at((epoch + 1) * self.steps_per_epoch - 1),
             "time_s": round(total, 3),
             "label_time_s": round(label_time, 3),
             "label_share": round(label_time / total, 4) if total > 0 else 0.0,
@@ -485,54 +314,6 @@ class Trainer:
                 cluster_sizes(lab, k) for lab, k in zip(self.state.labels, self.model.n_clusters, strict=True)
             ],
         }
-        return stats
-
-    def _views(
-        self, images: Tensor, generator: torch.Generator, augment: BatchAugment | None = None
-    ) -> Tensor:
-        """Augmented float views (b, C, S, S) of a uint8 batch (by ``augment``, default the training
-        augmentation), in the device's preferred memory format."""
-        views = (augment or self.augment)(images, generator=generator)
-        if self.device.type == "cuda":
-            views = views.contiguous(memory_format=torch.channels_last)
-        return views
-
-    def _swapped_loss(self, images: Tensor, idx: Tensor, generator: torch.Generator) -> Tensor:
-        """The ``swapped`` objective on a batch, averaged over heads (a scalar with its graph).
-
-        Two full augmented views of each image (and ``small_crops`` smaller ones) go through the network
-        in one call; each head's cosine scores of the full views (2b, K_h) give per-batch balanced codes
-        (:func:`sela.sinkhorn.soft_codes`, no gradient; balanced together with the queue's scores when
-        ``swap_queue`` is set). Each full view's codes are the targets of every
-        other view: cross-entropy of softmax(scores / T), averaged over the 1 + small_crops predicting
-        views and the two targets (SwAV's loss). The first view's hard codes are kept as the images'
-        current labels.
-        """
-        b, m = len(idx), self.small_crops
-        views = torch.cat([self._views(images, generator), self._views(images, generator)])  # (2b, C, S, S)
-        if m:  # multi-crop: (m b, C, s, s) small views, one more backbone pass in the same forward call
-            small = torch.cat([self._views(images, generator, self.small_augment) for _ in range(m)])
-            views = [views, small]
-        with self.autocast:
-            # H x ((2 + m) b, K_h) cosine similarities; ((2 + m) b, P) unit-norm head inputs
-            outputs, z = self.net(views, embeddings=True)
-        loss, labels = 0.0, []
-        for h, scores in enumerate(outputs):
-            scores = scores.float()
-            balanced = scores[: 2 * b].detach()  # (2b, K_h)
-            if len(self._queue):  # (2b + n_q, K_h): the queue scored by the current prototypes
-                prototypes = self.model.heads[h].weight.detach().float()  # (K_h, P), unit rows
-                balanced = torch.cat([balanced, self._queue @ prototypes.t()])
-            codes = soft_codes(balanced, epsilon=self.swap_epsilon)[: 2 * b]  # (2b, K_h)
-            logp = F.log_softmax(scores / self.swap_temperature, dim=1).view(2 + m, b, -1)  # (2 + m, b, K_h)
-            # cross-entropy of every view against each full view's codes: (2, 2 + m) mean over images
-            ce = -torch.einsum("vbk,ubk->vu", codes.view(2, b, -1), logp) / b
-            loss = loss + (ce.sum() - ce[0, 0] - ce[1, 1]) / (2 * (1 + m))  # a view never predicts itself
-            labels.append(codes[:b].argmax(1))  # the first view's codes
-        self.state.labels[:, idx] = torch.stack(labels).cpu()  # (H, b), one transfer
-        if self.swap_queue:  # newest first, the oldest rows drop out
-            self._queue = torch.cat([z[: 2 * b].detach().float(), self._queue])[: self.swap_queue]
-        return loss / len(outputs)
 
     def _rank_seed(self, epoch: int) -> int:
         """This rank's seed for an epoch's augmentation and dropout (rank 0: a single process's)."""
@@ -545,20 +326,18 @@ class Trainer:
         # the global batch t is order[t*b:(t+1)*b]; rank r takes its r-th slice of it
         return order.view(self.steps_per_epoch, world, b // world)[:, r].reshape(-1)
 
-    def _batches(self, rows: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
-        """The given rows in batches of B / W: (uint8 images (b, C, H, W) on the device, indices (b,))."""
-        per = self.batch_size // dist.world_size()
+    def _batches(self, rows: Tensor, per: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        """The given rows in order, in batches of ``per`` (default B / W): (uint8 images (b, C, H, W) on
+        the device, their rows (b,))."""
+        per = per or self.batch_size // dist.world_size()
         if self.images is not None:
             for s in range(0, len(rows), per):
                 idx = rows[s : s + per]
                 yield self.images[idx.to(self.device)], idx
             return
+        pin = self.device.type == "cuda"
         loader = make_loader(
-            self.train_set,
-            per,
-            sampler=rows.tolist(),
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
+            self.train_set, per, sampler=rows.tolist(), num_workers=self.workers, pin_memory=pin
         )
         for images, idx in loader:
             yield images.to(self.device, non_blocking=True), idx
@@ -567,24 +346,23 @@ class Trainer:
     # the label step
 
     @torch.no_grad()
-    def update_labels(self, step: int | None = None) -> float:
-        """Re-assign the labels of the scheduled heads with the Sinkhorn solver; returns seconds taken.
+    def update_labels(self) -> float:
+        """Re-assign the labels of the scheduled heads from a pass over all images; returns seconds taken.
 
-        Each rank computes features for its own rows (N / W), then for each head in turn fills one
-        reused (N / W, K_h) logits buffer and solves in place with a warm start; labels are gathered to
-        every rank (H x N integers, not N x K floats).
+        Each rank computes the heads' inputs for its own rows (N / W), then for each head in turn fills
+        one reused (N / W, K_h) logits buffer and re-labels from it (warm-started, global solve).
         """
         start = time.perf_counter()
         measured = dist.reset_peak_memory(self.device)
         heads = self._scheduled_heads(self.state.n_updates)
         rows = dist.shard_rows(len(self.train_set))  # (n_r,) global rows of this rank
-        if self.state.n_updates == 0 and self.label_inputs == "eval" and self.objective == "sela":
+        if self.state.n_updates == 0 and self.label_inputs == "eval" and self.objective.label_steps:
             self._calibrate_batchnorm(rows[:4096])
         dist.average_buffers(self.model)  # one network on all ranks: their BatchNorm statistics drift apart
-        feats = self._features(rows)  # (n_r, P)
+        feats = self._head_inputs(rows)  # (n_r, P)
         buffer = torch.empty(len(rows) * max(self.model.n_clusters), device=self.device)
-        solver_copy = 0
         feats_finite = bool(torch.isfinite(feats).all())  # one pass over (n_r, P), not one per head
+        solver_copy = 0
         for h in heads:
             head = self.model.heads[h]
             if not (feats_finite and torch.isfinite(head.weight).all()):
@@ -592,25 +370,45 @@ class Trainer:
             logits = buffer[: len(rows) * head.out_features].view(len(rows), head.out_features)  # (n_r, K_h)
             for s in range(0, len(rows), 8192):
                 torch.addmm(head.bias, feats[s : s + 8192].float(), head.weight.t(), out=logits[s : s + 8192])
-            # in place (no second N x K buffer) only where memory matters: the copy keeps the logits for
-            # the solver's log-domain fallback on extreme inputs
-            # decided from the largest shard, so that every rank takes the same path through the solver
+            self._warn_if_unsolved(h, self.state.relabel(h, logits, rows))
             big = -(-len(self.train_set) // dist.world_size()) * head.out_features * 4 > 2**30
-            result = assign(logits, lam=self.lam, init=self.state.scalings[h], inplace=big)
-            self.state.labels[h] = dist.gather_rows(result.labels, len(self.train_set)).cpu()
-            self.state.scalings[h] = result.scaling
-            solver_copy = max(solver_copy, 0 if big else logits.numel() * 4)  # float32 kernel
+            solver_copy = max(solver_copy, 0 if big else logits.numel() * 4)  # the solver's float32 kernel
         self.state.n_updates += 1
         held = feats.numel() * feats.element_size() + buffer.numel() * buffer.element_size() + solver_copy
-        peak = dist.peak_memory_bytes(self.device) if measured else None
-        last = self._label_memory or (0, None)
-        self._label_memory = (max(last[0], held), peak if last[1] is None else max(last[1], peak or 0))
+        self._note_label_memory(held, dist.peak_memory_bytes(self.device) if measured else None)
         return time.perf_counter() - start
+
+    @torch.no_grad()
+    def _labels_from_records(self, rows: Tensor, record: dict[int, Tensor]) -> float:
+        """Re-assign labels from the head outputs recorded during the epoch (augmented views, train mode,
+        each from the network as it was at that image's step); returns seconds taken.
+
+        ``rows`` (n_r,) are this rank's rows, disjoint between ranks; the images of the dropped last partial
+        batch keep their labels.
+        """
+        start = time.perf_counter()
+        for h, logits in record.items():
+            if not bool(torch.isfinite(logits).all()):
+                raise self._diverged_outputs()
+            self._warn_if_unsolved(h, self.state.relabel(h, logits, rows))
+        self.state.n_updates += 1
+        self._note_label_memory(sum(buf.numel() * buf.element_size() for buf in record.values()), None)
+        return time.perf_counter() - start
+
+    def _warn_if_unsolved(self, head: int, result) -> None:
+        """A label step whose solve stopped short of balanced labels says so (rank 0)."""
+        if not result.converged and dist.is_main():
+            warnings.warn(
+                f"label step {self.state.n_updates + 1}, head {head}: the Sinkhorn solve did not converge "
+                f"(marginal error {result.error:.3g} after {result.n_iter} passes), so its labels may be "
+                f"unbalanced; lower --lam (now {self.state.lam:g})",
+                stacklevel=3,
+            )
 
     def _diverged_outputs(self) -> TrainingDiverged:
         return TrainingDiverged(
-            f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; the "
-            f"last good checkpoint in {self.out_dir} is kept: lower --lr (now {self.base_lr}) and --resume"
+            f"the network's outputs became NaN/inf before label update {self.state.n_updates + 1}; "
+            f"{self._advice()}"
         )
 
     def _scheduled_heads(self, n_done: int) -> list[int]:
@@ -634,31 +432,46 @@ class Trainer:
             for h in self._scheduled_heads(n_done)
         }
 
-    @torch.no_grad()
-    def _labels_from_records(self, rows: Tensor, record: dict[int, Tensor]) -> float:
-        """Re-assign labels from the head outputs recorded during the epoch (augmented views, train mode,
-        each from the network as it was at that image's step); returns seconds taken.
+    def _calibrate_batchnorm(self, rows: Tensor) -> None:
+        """Set BatchNorm running statistics from the data before the first, eval-mode label step.
 
-        ``rows`` (n_r,) are this rank's rows, disjoint between ranks; the images of the dropped last partial
-        batch keep their labels. The solve is global (K-sized all-reduces); each rank's labels are scattered
-        into an (N,) vector and combined with one all-reduce.
+        A fresh network's running statistics (mean 0, variance 1) do not match its activations, so its
+        eval-mode outputs barely differ between images and the first labels would be close to random.
         """
-        start = time.perf_counter()
-        for h, logits in record.items():
-            if not bool(torch.isfinite(logits).all()):
-                raise self._diverged_outputs()
-            result = assign(
-                logits, lam=self.lam, init=self.state.scalings[h], inplace=logits.numel() * 4 > 2**30
-            )
-            full = dist.scatter_rows(result.labels, rows, len(self.train_set)).cpu()  # (N,), -1: not seen
-            seen = full >= 0
-            self.state.labels[h, seen] = full[seen]
-            self.state.scalings[h] = result.scaling
-        self.state.n_updates += 1
-        held = sum(buf.numel() * buf.element_size() for buf in record.values())
+        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average over the calibration batches
+        self.model.train()
+        for images, _ in self._batches(rows, max(256, self.batch_size)):
+            with self.autocast:
+                self.model.head_inputs(self.model.forward_features(self.eval_transform(images)))
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+
+    def _head_inputs(self, rows: Tensor) -> Tensor:
+        """The heads' inputs (n_r, P) for the given rows: eval mode on un-augmented images (default), or
+        train mode on augmented views (the original code's choice; also the first step of "recorded")."""
+        train_mode = self.label_inputs != "eval"
+        self.model.train(train_mode)
+        transform = self.objective.augment if train_mode else self.eval_transform
+        out = torch.empty(len(rows), self.model.head_dim, device=self.device)
+        s = 0
+        for images, _ in self._batches(rows, max(256, self.batch_size)):
+            x = transform(images)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast:
+                out[s : s + len(images)] = self.model.head_inputs(self.model.forward_features(x)).float()
+            s += len(images)
+        return out
+
+    def _note_label_memory(self, held: int, peak: int | None) -> None:
         last = self._label_memory or (0, None)
-        self._label_memory = (max(last[0], held), last[1])
-        return time.perf_counter() - start
+        self._label_memory = (max(last[0], held), peak if last[1] is None else max(last[1], peak or 0))
 
     def _label_memory_stats(self) -> dict:
         """Memory of this epoch's label steps in MiB, the largest over ranks ({} when there were none).
@@ -677,100 +490,41 @@ class Trainer:
             "label_peak_mb": round(peak / 2**20, 1) if peak >= 0 else None,
         }
 
-    def _row_batches(self, rows: Tensor) -> Iterator[tuple[Tensor, int]]:
-        """The given rows in order, in batches: (uint8 images (b, C, H, W) on the device, offset into rows)."""
-        bs = max(256, self.batch_size)
-        if self.images is not None:
-            for s in range(0, len(rows), bs):
-                yield self.images[rows[s : s + bs].to(self.device)], s
-            return
-        loader = make_loader(self.train_set, bs, sampler=rows.tolist(), num_workers=self.workers)
-        for i, (images, _) in enumerate(loader):
-            yield images.to(self.device, non_blocking=True), i * bs
-
-    def _calibrate_batchnorm(self, rows: Tensor) -> None:
-        """Set BatchNorm running statistics from the data before the first, eval-mode label step.
-
-        A fresh network's running statistics (mean 0, variance 1) do not match its activations, so its
-        eval-mode outputs barely differ between images and the first labels would be close to random.
-        """
-        norms = [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        if not norms:
-            return
-        momenta = [m.momentum for m in norms]
-        for m in norms:
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the calibration batches
-        self.model.train()
-        for images, _ in self._row_batches(rows):
-            with self.autocast:
-                self.model.head_inputs(self.model.forward_features(self.eval_transform(images)))
-        for m, momentum in zip(norms, momenta, strict=True):
-            m.momentum = momentum
-
-    def _features(self, rows: Tensor) -> Tensor:
-        """The heads' inputs (n_r, P) for the given rows: eval mode on un-augmented images (default), or
-        train mode on augmented views (the original code's choice; also the first step of "recorded")."""
-        train_mode = self.label_inputs != "eval"
-        self.model.train(train_mode)
-        transform = self.augment if train_mode else self.eval_transform
-        out = torch.empty(len(rows), self.model.head_dim, device=self.device)
-        for images, s in self._row_batches(rows):
-            x = transform(images)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with self.autocast:
-                out[s : s + len(images)] = self.model.head_inputs(self.model.forward_features(x)).float()
-        return out
-
     # ----------------------------------------------------------------------------------------------------
-    # checkpoints, metrics, health
+    # checkpoints and health
 
     def save_checkpoint(self) -> None:
-        """Write checkpoint.pt atomically (temporary file + rename) so a crash never leaves half a file."""
-        ckpt = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "labels": self.state.labels,
-            "scalings": self.state.scalings,
-            "label_updates_done": self.state.n_updates,
-            "epoch": self.epoch,
-            "plan": {  # the run's length and schedules as planned now (a time budget changes them)
-                "epochs": self.epochs,
-                "lr_anchor": self.lr_anchor,
-                "label_steps": self.label_steps,
-                "label_epochs": self.label_epochs,
-                "epoch_times": self.epoch_times,
+        """Write checkpoint.pt atomically (:func:`sela.rundir.save_checkpoint`; its schema is there)."""
+        rundir.save_checkpoint(
+            self.out_dir,
+            {
+                "model_spec": getattr(self.model, "spec", None),
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                **self.state.state_dict(),
+                "epoch": self.epoch,
+                "plan": {
+                    "epochs": self.epochs,
+                    "lr_anchor": self.lr_anchor,
+                    "label_steps": self.label_steps,
+                    "label_epochs": self.label_epochs,
+                    "epoch_times": self.epoch_times,
+                },
+                "config": self.metadata,
+                "rng": {"torch": torch.get_rng_state()},
             },
-            "config": self.config,
-            "rng": {"torch": torch.get_rng_state()},
-        }
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / (CHECKPOINT + ".tmp")
-        torch.save(ckpt, tmp)
-        os.replace(tmp, self.out_dir / CHECKPOINT)
+        )
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        """Continue exactly where a run stopped (weights, optimiser, labels, scalings, epoch)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        mismatched = compare_configs(ckpt.get("config", {}), self.config)
-        if mismatched:
-            raise ValueError(
-                f"checkpoint {path} was written with a different configuration ({'; '.join(mismatched)}); "
-                "resume with the same settings or start a new --out directory"
-            )
+        """Continue exactly where a run stopped (weights, optimiser, labels, scalings, epoch, plan);
+        metrics.jsonl keeps the lines of the checkpoint's epochs only, each once."""
+        ckpt = rundir.load_checkpoint(path)
         try:
             self.model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
             raise ValueError(f"checkpoint {path} does not fit this model: {str(e).splitlines()[0]}") from None
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if ckpt["labels"].shape != self.state.labels.shape:
-            raise ValueError(f"checkpoint {path} holds labels for another dataset or number of heads")
-        self.state = LabelState(
-            ckpt["labels"],
-            [None if s is None else s.to(self.device) for s in ckpt["scalings"]],
-            ckpt["label_updates_done"],
-        )
+        self.state.load_state_dict(ckpt, self.device)
         self.epoch = ckpt["epoch"]
         plan = ckpt.get("plan")
         if plan:
@@ -778,11 +532,10 @@ class Trainer:
             self.lr_anchor = tuple(plan["lr_anchor"]) if plan["lr_anchor"] else None
             self.label_steps, self.label_epochs = plan["label_steps"], plan["label_epochs"]
             self.epoch_times = plan["epoch_times"]
-
-    def _append_metrics(self, stats: dict) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.out_dir / METRICS, "a") as f:
-            f.write(json.dumps(stats) + "\n")
+        if dist.is_main():
+            lines = rundir.truncate_metrics(self.out_dir, self.epoch)
+            if not plan:  # format 1 before plans: the time spent is in the metrics
+                self.epoch_times = [m["time_s"] for m in lines]
 
     def _check_health(self, stats: dict) -> None:
         """Warn about collapse: loss stuck at ln K (labels unlearnable) or clusters left empty."""
@@ -797,154 +550,135 @@ class Trainer:
             )
         empty = [h for h, s in enumerate(stats["heads"]) if s["n_empty"] > 0]
         if empty:
-            what = (  # swapped: online codes, balanced within each batch only
-                "prototypes that no image's codes chose this epoch; harmless if it passes after the first "
-                "epochs, else use fewer --clusters"
-                if self.objective == "swapped"
-                else "empty clusters (partial collapse); more label updates or a larger --lam keep clusters "
-                "balanced"
+            warnings.warn(
+                f"epoch {stats['epoch']}: heads {empty} have {self.objective.empty_advice}", stacklevel=2
             )
-            warnings.warn(f"epoch {stats['epoch']}: heads {empty} have {what}", stacklevel=2)
 
 
-@torch.no_grad()
-def _normalize_prototypes(model: nn.Module) -> None:
-    """Scale every head's weight rows (the prototypes) to unit L2 norm, in place."""
-    for head in model.heads:
-        head.weight.div_(head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
-
-
-_MUST_MATCH = (
-    "dataset",
-    "arch",
-    "widths",
-    "pools",
-    "projector",
-    "heads",
-    "clusters",
-    "image_size",
-    "batch_size",
-    "epochs",
-    "label_updates",
-    "label_spacing",
-    "label_heads",
-    "seed",
-    "objective",
-    "small_crops",
-    "crop_size",
-    "time_limit",
-)
-
-
-def compare_configs(saved: dict, current: dict) -> list[str]:
-    """The settings that must agree for an exact resume and differ: 'key: saved -> current'."""
-    return [
-        f"{k}: {saved[k]!r} -> {current[k]!r}"
-        for k in _MUST_MATCH
-        if k in saved and k in current and saved[k] != current[k]
+def _check_settings(
+    n: int,
+    model: nn.Module,
+    objective: Objective,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    label_heads: str,
+    label_inputs: str,
+    time_limit_s: float | None,
+) -> None:
+    """The Trainer's argument checks: a ValueError that names the fix."""
+    world = dist.world_size()
+    checks = [
+        (epochs >= 1, f"epochs must be >= 1, got {epochs}"),
+        (batch_size >= 1, f"batch size must be >= 1, got {batch_size}"),
+        (
+            batch_size % world == 0,
+            f"batch size {batch_size} must be divisible by the number of processes {world}",
+        ),
+        (batch_size <= n, f"batch size {batch_size} is larger than the dataset ({n} images); lower it"),
+        (math.isfinite(lr) and lr > 0, f"the learning rate must be a positive number, got {lr}"),
+        (label_heads in LABEL_HEADS, f"label_heads must be 'all' or 'round-robin', got {label_heads!r}"),
+        (
+            label_inputs in LABEL_INPUTS,
+            f"label_inputs must be one of {', '.join(LABEL_INPUTS)}, got {label_inputs!r}",
+        ),
+        (
+            label_inputs != "recorded" or objective.label_steps,
+            f"label_inputs 'recorded' needs the 'sela' objective (the {objective.name} objective has no label "
+            "steps during training); use --label-inputs eval",
+        ),
+        (
+            time_limit_s is None or time_limit_s > 0,
+            f"the time limit must be > 0 minutes (or unset), got {(time_limit_s or 0) / 60:g}",
+        ),
+        (
+            max(model.n_clusters) <= n,
+            f"{max(model.n_clusters)} clusters but only {n} training images; use --clusters <= {n}",
+        ),
     ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
+
+
+def _place(model: nn.Module, device: torch.device, sync_bn: bool) -> tuple[nn.Module, nn.Module]:
+    """The model on its device (channels-last on CUDA), and the module that trains it: the model itself,
+    or its DistributedDataParallel wrapper (with synchronised BatchNorm if asked) under torchrun."""
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if dist.world_size() > 1 and sync_bn:
+        if device.type != "cuda":
+            raise ValueError(
+                "--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); drop "
+                "--sync-bn on CPU, where each process normalises with its own part of the batch"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if dist.world_size() == 1:
+        return model, model
+    ids = [device.index] if device.type == "cuda" else None
+    return model, nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 # --------------------------------------------------------------------------------------------------------
 # the end of a run: labels.csv, plots, evaluation, summary.json
 
 
-def evaluate_run(
-    model: nn.Module,
-    labels: Tensor,
-    train_set: ImageSet,
+def finish_run(
+    trainer: Trainer,
     test_set: ImageSet | None,
     *,
-    transform: EvalTransform,
-    device: torch.device,
-    knn_k: int = 200,
-    knn_temperature: float = 0.1,
-    progress: bool = False,
+    knn_k: int = KNN_K,
+    knn_temperature: float = KNN_TEMPERATURE,
 ) -> dict:
-    """Weighted kNN top-1 on the test split and NMI/ARI/accuracy of each head's self-labels vs the truth.
+    """Write labels.csv, the plots and summary.json into the run directory; returns the summary.
 
-    Returns {} when the training set has no ground truth. Keys: ``knn_top1``, ``knn_top5`` (percent),
-    ``nmi``, ``ari``, ``accuracy`` (percent) of the best head by NMI, ``best_head`` and ``heads`` (per head).
+    The summary is the run's totals (``epochs``, ``label_updates``, ``train_time_s``, ``label_time_s``,
+    ``label_share``, ``eval_time_s``) and :func:`sela.eval.evaluate` of the trained model without the
+    linear probe (the keys ``sela eval`` writes, with the same meaning: ``knn_top1``, and the cluster
+    scores of the best head's argmax on the test split, ``self_labels`` per head in ``heads``).
     """
-    from sela.eval.features import extract
-    from sela.eval.knn import knn_accuracy
-    from sela.eval.metrics import cluster_metrics
-
-    if train_set.targets is None or (train_set.targets < 0).all():
-        return {}
-    truth = train_set.targets
-    heads = []
-    for h, k in enumerate(model.n_clusters):
-        m = cluster_metrics(labels[h], truth, n_clusters=k)
-        heads.append({"head": h, "k": k, **{key: m[key] for key in ("nmi", "ami", "ari", "accuracy")}})
-    best = max(range(len(heads)), key=lambda i: heads[i]["nmi"])
-    summary = {key: heads[best][key] for key in ("nmi", "ami", "ari", "accuracy")}
-    summary.update(best_head=best, heads=heads)
-    if train_set.in_memory and train_set.images[0].numel() * len(train_set) <= 5_000_000:
-        # the baseline the issue asks to print beside the self-labels: k-means on raw pixels, same K
-        from sklearn.cluster import KMeans
-        from sklearn.metrics import normalized_mutual_info_score
-
-        pixels = train_set.images.flatten(1).float().numpy()
-        k = model.n_clusters[best]
-        pred = KMeans(n_clusters=k, n_init=10, random_state=0).fit_predict(pixels - pixels.mean(0))
-        summary["kmeans_pixels_nmi"] = float(normalized_mutual_info_score(truth.numpy(), pred))
-    if test_set is not None and test_set.targets is not None:
-        source = train_set.images if train_set.in_memory else make_loader(train_set, 256)
-        bank = extract(model, source, transform=transform, device=device, heads=False, progress=progress)
-        source = test_set.images if test_set.in_memory else make_loader(test_set, 256)
-        query = extract(model, source, transform=transform, device=device, heads=False, progress=progress)
-        acc = knn_accuracy(
-            bank.features,
-            truth,
-            query.features,
-            test_set.targets,
-            k=knn_k,
-            temperature=knn_temperature,
-            device=device,
-        )
-        summary = {"knn_top1": acc["top1"], "knn_top5": acc["top5"], **summary}
-    return summary
-
-
-def finish_run(trainer: Trainer, test_set: ImageSet | None, *, knn_k: int, knn_temperature: float) -> dict:
-    """Write labels.csv, the plots and summary.json into the run directory; returns the summary."""
-    from sela.plots import cluster_grid, plot_cluster_sizes, plot_curves
-
     if not dist.is_main():
         return {}  # the evaluation has no collectives: rank 0 alone does it while the others exit
     out, labels, train_set = trainer.out_dir, trainer.state.labels, trainer.train_set
-    summary = evaluate_run(
+    rundir.write_labels_csv(out / rundir.LABELS, labels, paths=train_set.paths)
+    metrics = rundir.read_metrics(out)
+    _plot_run(trainer, metrics)
+    start = time.perf_counter()
+    result = evaluate(
         trainer.model,
-        labels,
         train_set,
         test_set,
         transform=trainer.eval_transform,
-        device=trainer.device,
+        labels=labels,
         knn_k=knn_k,
         knn_temperature=knn_temperature,
+        linear=False,
+        device=trainer.device,
+        workers=trainer.workers,
         progress=trainer.progress,
     )
-    from sela.export import write_labels_csv  # the CSV format `sela labels` reads back
-
-    write_labels_csv(out / "labels.csv", labels, paths=train_set.paths)
-    metrics = [json.loads(line) for line in open(out / METRICS)] if (out / METRICS).exists() else []
-    plot_curves(metrics, out / "curves.png")
-    plot_cluster_sizes(labels, list(trainer.model.n_clusters), out / "cluster_sizes.png")
-    if train_set.in_memory:
-        head = summary.get("best_head", 0)
-        sizes = torch.bincount(labels[head], minlength=trainer.model.n_clusters[head])
-        top = sizes.argsort(descending=True)[:12].tolist()  # the dozen largest clusters of the best head
-        cluster_grid(train_set.images, labels[head], top, out / "clusters.png")
+    train_time = round(sum(m["time_s"] for m in metrics), 2)
+    label_time = round(sum(m["label_time_s"] for m in metrics), 2)
     summary = {
         "epochs": trainer.epoch,
         "label_updates": trainer.state.n_updates,
-        "train_time_s": round(sum(m["time_s"] for m in metrics), 2),
-        "label_time_s": round(sum(m["label_time_s"] for m in metrics), 2),
-        **summary,
+        "train_time_s": train_time,
+        "label_time_s": label_time,
+        "label_share": round(label_time / max(train_time, 1e-9), 4),
+        "eval_time_s": round(time.perf_counter() - start, 2),
+        **result,
     }
-    if metrics:
-        summary["label_share"] = round(summary["label_time_s"] / max(summary["train_time_s"], 1e-9), 4)
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    rundir.write_json(out / rundir.SUMMARY, summary)
     return summary
+
+
+def _plot_run(trainer: Trainer, metrics: list[dict]) -> None:
+    """curves.png, cluster_sizes.png and (in-memory images) clusters.png of the run's largest clusters."""
+    out, labels, train_set = trainer.out_dir, trainer.state.labels, trainer.train_set
+    plot_curves(metrics, out / "curves.png")
+    plot_cluster_sizes(labels, list(trainer.model.n_clusters), out / "cluster_sizes.png")
+    if train_set.in_memory:
+        sizes = torch.bincount(labels[0], minlength=trainer.model.n_clusters[0])
+        top = sizes.argsort(descending=True)[:12].tolist()  # the dozen largest clusters of head 0
+        cluster_grid(train_set.images, labels[0], top, out / "clusters.png")

@@ -79,6 +79,22 @@ class ImageSet(Dataset):
         return self.images is not None
 
     @property
+    def channels(self) -> int:
+        """C: the images' channels (a streamed set decodes to RGB, 3)."""
+        return int(self.images.shape[1]) if self.images is not None else 3
+
+    def side(self, image_size: int | None = None) -> int:
+        """The side (px) a model sees: ``image_size`` if given, else the images' own (in memory) or 224
+        (streamed images, which are resized on the fly)."""
+        if image_size:
+            return int(image_size)
+        return int(self.images.shape[-1]) if self.images is not None else 224
+
+    def source(self) -> Tensor | Dataset:
+        """What feature extraction reads: the uint8 images in memory, else the set itself."""
+        return self.images if self.images is not None else self
+
+    @property
     def n_classes(self) -> int | None:
         """Number of classes, or None if unlabelled."""
         if self.classes is not None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from sela.data import EvalTransform, ImageSet, make_loader
 from sela.eval.features import Extracted, extract
-from sela.eval.knn import knn_accuracy
+from sela.eval.knn import KNN_K, KNN_TEMPERATURE, knn_accuracy
 from sela.eval.linear import linear_probe
 from sela.eval.metrics import cluster_metrics, cluster_sizes, many_to_one_accuracy
 
@@ -64,8 +64,8 @@ def evaluate(
     untrained_heads: list[int] | None = None,
     head: int | None = None,
     layer: str | None = None,
-    knn_k: int = 200,
-    knn_temperature: float = 0.1,
+    knn_k: int = KNN_K,
+    knn_temperature: float = KNN_TEMPERATURE,
     linear: bool = True,
     device: torch.device | str | None = None,
     batch_size: int = 256,

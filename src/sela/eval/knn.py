@@ -13,6 +13,9 @@ from torch import Tensor
 
 from sela.eval.metrics import topk_accuracy
 
+KNN_K = 200  # neighbours (Wu et al. 2018; the protocol SeLa reports)
+KNN_TEMPERATURE = 0.1  # temperature of the neighbours' votes
+
 ArrayLike = np.ndarray | Tensor
 
 
@@ -42,8 +45,8 @@ def knn_classify(
     train_labels: ArrayLike,
     test_features: ArrayLike,
     *,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     n_classes: int | None = None,
     chunk_size: int = 256,
     device: torch.device | str | None = None,
@@ -113,8 +116,8 @@ def knn_accuracy(
     test_features: ArrayLike,
     test_labels: ArrayLike,
     *,
-    k: int = 200,
-    temperature: float = 0.1,
+    k: int = KNN_K,
+    temperature: float = KNN_TEMPERATURE,
     n_classes: int | None = None,
     chunk_size: int = 256,
     device: torch.device | str | None = None,

@@ -24,7 +24,7 @@ from sela.eval.metrics import topk_accuracy
 ArrayLike = np.ndarray | Tensor
 
 
-def _standardizer(x: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+def feature_moments(x: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """Per-feature mean and standard deviation of (N, D) features, each (D,); constant features get 1."""
     mean = x.mean(dim=0)
     std = x.std(dim=0, unbiased=False)
@@ -145,7 +145,7 @@ def linear_probe(
         n_val = max(1, round(val_fraction * train.shape[0]))
         val_idx, fit_idx = perm[:n_val], perm[n_val:]
         x_fit, y_fit = train[fit_idx], y_train[fit_idx]
-        mean, std = _standardizer(x_fit)
+        mean, std = feature_moments(x_fit)
         x_fit = (x_fit - mean) / std
         solutions: dict[float, tuple[Tensor, Tensor]] = {}
         init = None
@@ -157,7 +157,7 @@ def linear_probe(
         chosen = max(val_top1, key=val_top1.__getitem__)  # first maximum = largest weight decay
 
     # Refit on the whole training set and score the test set once.
-    mean, std = _standardizer(train)
+    mean, std = feature_moments(train)
     init = solutions[chosen] if val_top1 else None
     weight, bias = _fit((train - mean) / std, y_train, n_classes, chosen, max_iter, init)
     result = topk_accuracy(_scores(test, mean, std, weight, bias), y_test)

@@ -11,7 +11,7 @@ from sela.models import resnet as _resnet  # noqa: F401  (registers the resnets)
 from sela.models.alexnet import AlexNet
 from sela.models.base import SelaModel
 from sela.models.convnet import ConvNet
-from sela.models.pretrained import load_pretrained
+from sela.models.pretrained import load_pretrained, spec_from_state_dict
 from sela.models.registry import create_model, list_models, register_model
 from sela.models.resnet import ResNet
 
@@ -23,5 +23,6 @@ __all__ = [
     "create_model",
     "list_models",
     "load_pretrained",
+    "spec_from_state_dict",
     "register_model",
 ]

@@ -31,6 +31,7 @@ class SelaModel(nn.Module):
         default_input_size: the image side (px) the model is designed for.
         normalize_heads: L2-normalise the heads' input (B, P) rows, so that heads with unit-norm weights
             and no bias output cosine similarities (the ``swapped`` objective's prototypes); off by default.
+        spec: how :func:`sela.models.create_model` built it (``create_model(**spec)`` rebuilds it).
     """
 
     feature_dim: int
@@ -38,6 +39,7 @@ class SelaModel(nn.Module):
     heads: nn.ModuleList
     default_input_size: int
     normalize_heads: bool = False
+    spec: dict
 
     def _build_heads(self, feature_dim: int, n_clusters: list[int], projector: tuple[int, ...] = ()) -> None:
         """Linear heads (P -> K_h) on the features, through an MLP projector of the given widths if any.

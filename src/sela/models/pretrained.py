@@ -109,3 +109,41 @@ def load_pretrained(
         )
     model.load_state_dict(loaded, strict=False)
     return sorted(k for k in own_heads if k not in loaded)
+
+
+def spec_from_state_dict(
+    arch: str, checkpoint: Mapping[str, Any], *, n_clusters: list[int] | None = None, input_size: int
+) -> dict[str, Any]:
+    """A ``create_model`` spec for a foreign checkpoint (torchvision weights, a released SeLa model):
+    the heads found in it (or ``n_clusters``, or one placeholder head), its input channels and the
+    widths that the architecture's tensors show (a checkpoint that is not sela's records no spec)."""
+    state = _unwrap(checkpoint)
+    found = {}
+    for key, value in state.items():
+        m = _HEAD_KEY.match(key)
+        if m and m.group(2) == "weight" and value.ndim == 2:
+            found[int(m.group(1) or 0)] = int(value.shape[0])
+    heads = [found[i] for i in sorted(found)]
+    if n_clusters and heads and list(n_clusters) != heads:
+        raise ValueError(
+            f"the checkpoint has heads with K = {heads}; drop --clusters or pass --clusters {heads}"
+        )
+    channels = next((int(v.shape[1]) for v in state.values() if v.ndim == 4 and v.is_floating_point()), 3)
+    spec: dict[str, Any] = {"arch": arch, "n_clusters": heads or list(n_clusters or [2])}
+    spec.update(in_channels=channels, input_size=input_size)
+    projector = []
+    while f"projector.{3 * len(projector)}.weight" in state:
+        projector.append(int(state[f"projector.{3 * len(projector)}.weight"].shape[0]))
+    if projector:
+        spec["projector"] = projector
+    if arch == "convnet":
+        widths = []
+        while f"blocks.{len(widths)}.0.weight" in state:
+            widths.append(int(state[f"blocks.{len(widths)}.0.weight"].shape[0]))
+        spec.update({"widths": widths} if widths else {})
+    elif arch == "alexnet":
+        convs = [int(v.shape[0]) for k, v in state.items() if k.startswith("features.") and v.ndim == 4]
+        spec.update({"size": convs} if len(convs) == 5 else {})
+        if "classifier.4.weight" in state:
+            spec["hidden_dim"] = int(state["classifier.4.weight"].shape[0])
+    return spec

@@ -1,7 +1,10 @@
 """Model registry: ``register_model`` names a factory, ``create_model`` builds it with its heads.
 
 Every factory has the signature ``factory(n_clusters: list[int], **kwargs) -> SelaModel``; the
-registry validates ``n_clusters`` once, here, so factories can trust it.
+registry validates ``n_clusters`` once, here, so factories can trust it. Every model it builds records
+how: ``model.spec`` = {"arch": name, "n_clusters": [...], **kwargs}, JSON-ready, so that
+``create_model(**model.spec)`` rebuilds the same network (a checkpoint stores the spec). A new
+architecture is one decorated factory.
 """
 
 from collections.abc import Callable, Sequence
@@ -42,14 +45,42 @@ def _check_n_clusters(n_clusters: Sequence[int] | int) -> list[int]:
     return ks
 
 
-def create_model(name: str, n_clusters: Sequence[int] | int = DEFAULT_N_CLUSTERS, **kwargs) -> SelaModel:
-    """Build the registered model ``name`` with one linear head per entry of ``n_clusters``.
+def _plain(value):
+    """Tuples as lists, recursively: the JSON form of a keyword argument."""
+    return [_plain(v) for v in value] if isinstance(value, list | tuple) else value
+
+
+def create_model(
+    arch: str,
+    n_clusters: Sequence[int] | int = DEFAULT_N_CLUSTERS,
+    *,
+    normalize_heads: bool = False,
+    **kwargs,
+) -> SelaModel:
+    """Build the registered model ``arch`` with one linear head per entry of ``n_clusters``.
 
     Args:
-        name: a name from ``list_models()``.
+        arch: a name from ``list_models()``.
         n_clusters: clusters K per head; an int means one head. Every K must be >= 2.
+        normalize_heads: cosine heads (L2-normalised head inputs; see ``SelaModel.normalize_heads``).
         **kwargs: passed to the model's factory (e.g. ``in_channels``, ``widths``, ``input_size``).
+
+    Raises:
+        ValueError: an unknown name, bad ``n_clusters``, or a keyword the architecture does not take.
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(list_models())}")
-    return _MODELS[name](_check_n_clusters(n_clusters), **kwargs)
+    if arch not in _MODELS:
+        raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(list_models())}")
+    ks = _check_n_clusters(n_clusters)
+    try:
+        model = _MODELS[arch](ks, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        key = str(e).split("unexpected keyword argument")[-1].strip(" '\"")
+        raise ValueError(
+            f"{arch} does not take the setting {key!r}; drop it or choose another --arch"
+        ) from None
+    model.normalize_heads = normalize_heads
+    model.spec = {"arch": arch, "n_clusters": ks, "normalize_heads": normalize_heads}
+    model.spec.update({k: _plain(v) for k, v in kwargs.items()})
+    return model

@@ -22,6 +22,9 @@ class ResNet(SelaModel):
         cifar_stem: 3x3 stride-1 ``conv1`` and no max-pool (for 32 px inputs).
         in_channels: image channels C.
         zero_init_residual: passed to torchvision (zero-init the last BN of each residual block).
+        projector: widths of an MLP between the pooled features and the heads (none by default).
+        input_size: the image side the model is meant for (``default_input_size`` only; default 32 with
+            the CIFAR stem, else 224).
     """
 
     def __init__(
@@ -33,6 +36,7 @@ class ResNet(SelaModel):
         in_channels: int = 3,
         zero_init_residual: bool = False,
         projector: tuple[int, ...] = (),
+        input_size: int | None = None,
     ):
         super().__init__()
         if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
@@ -47,7 +51,7 @@ class ResNet(SelaModel):
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
-        self.default_input_size = 32 if cifar_stem else 224
+        self.default_input_size = input_size or (32 if cifar_stem else 224)
         self._build_heads(net.fc.in_features, n_clusters, projector)
 
     def _stem(self, x: Tensor) -> Tensor:

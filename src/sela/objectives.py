@@ -1,0 +1,219 @@
+"""Training objectives behind one small interface: the paper's (``sela``) and the online one (``swapped``).
+
+The training loop asks an objective for the loss of a batch (:meth:`Objective.loss`), calls
+:meth:`Objective.after_step` after each optimiser step and :meth:`Objective.start_epoch` before each
+epoch, and reads ``label_steps``: whether global label steps (Sinkhorn over all N images) run during
+training. Everything particular to an objective (its views, queue, prototype normalisation, settings
+and their checks) lives in its class.
+
+Letters: N images, B batch (this rank's part), H heads, K_h clusters of head h, P the heads' input
+width, C channels, S the training view's side.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sela.data import BatchAugment
+from sela.labeller import LabelState
+from sela.sinkhorn import soft_codes
+
+OBJECTIVES = ("sela", "swapped")
+
+
+def make_views(augment: BatchAugment, images: Tensor, generator: torch.Generator) -> Tensor:
+    """Augmented float views (b, C, S, S) of a uint8 batch, in the device's preferred memory format."""
+    views = augment(images, generator=generator)
+    if views.device.type == "cuda":
+        views = views.contiguous(memory_format=torch.channels_last)
+    return views
+
+
+class Objective:
+    """The interface the training loop uses; subclasses implement :meth:`loss`.
+
+    Attributes:
+        name: as ``--objective`` takes it.
+        label_steps: global label steps run during training (the paper); otherwise labels come online
+            and one global label step after the last epoch gives the exported labels.
+        empty_advice: what to tell the user when a head has empty clusters.
+    """
+
+    name = ""
+    label_steps = True
+    empty_advice = ""
+
+    def prepare(self, model: nn.Module) -> None:
+        """Adapt the model before training (called once, before it moves to its device)."""
+
+    def start_epoch(self) -> None:
+        """Reset per-epoch state."""
+
+    def loss(
+        self,
+        net: nn.Module,
+        images: Tensor,
+        idx: Tensor,
+        labels: LabelState,
+        *,
+        generator: torch.Generator,
+        autocast: contextlib.AbstractContextManager,
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """The loss of a uint8 batch ``images`` (b, C, H, W) of rows ``idx`` (b,), averaged over heads
+        (a scalar with its graph), and the H (b, K_h) head outputs that a recorded label step may keep
+        (None when the objective has none)."""
+        raise NotImplementedError
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimiser step."""
+
+
+class SelaObjective(Objective):
+    """The paper's objective: cross-entropy of each head's outputs on an augmented view against the
+    image's current self-label, averaged over heads (Asano et al. 2020, eq. 1).
+
+    Args:
+        augment: the training augmentation, uint8 batch -> normalised float views.
+    """
+
+    name = "sela"
+    label_steps = True
+    empty_advice = (
+        "empty clusters (partial collapse); more label updates or a smaller --lam keep clusters balanced"
+    )
+
+    def __init__(self, augment: BatchAugment):
+        self.augment = augment
+
+    def loss(self, net, images, idx, labels, *, generator, autocast):
+        views = make_views(self.augment, images, generator)  # (b, C, S, S)
+        targets = labels.labels[:, idx].to(images.device, non_blocking=True)  # (H, b)
+        with autocast:
+            outputs = net(views)  # H x (b, K_h)
+            loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, targets, strict=True))
+            loss = loss / len(outputs)
+        return loss, [o.detach() for o in outputs]
+
+
+class SwappedObjective(Objective):
+    """An online deviation from the paper, as SwAV (Caron et al. 2020): two views per image, each
+    predicts the other's per-batch Sinkhorn codes over cosine-similarity heads (unit-norm prototypes,
+    no bias). The first view's hard codes are kept as the images' current labels.
+
+    Args:
+        augment: the training augmentation of the two full views.
+        temperature, epsilon: the softmax temperature and the entropic regularisation of the per-batch
+            codes (SwAV's 0.1 and 0.05).
+        queue: the L2-normalised head inputs of the last this-many full views (per process, no
+            gradient) are scored against the current prototypes and balanced together with the batch,
+            so that each batch's codes share the K clusters with more images than the batch holds; only
+            the batch's codes are used. Emptied at every epoch start (so a resumed run continues
+            exactly). Memory: queue x P x 4 bytes; 0: no queue.
+        small_crops, small_augment: multi-crop: this many extra, smaller views per image, made by
+            ``small_augment``, also predict the two full views' codes (codes come from the full views
+            only). Each costs about (s / S)^2 of a full view.
+    """
+
+    name = "swapped"
+    label_steps = False
+    empty_advice = (  # online codes, balanced within each batch only
+        "prototypes that no image's codes chose this epoch; harmless if it passes after the first "
+        "epochs, else use fewer --clusters"
+    )
+
+    def __init__(
+        self,
+        augment: BatchAugment,
+        *,
+        temperature: float = 0.1,
+        epsilon: float = 0.05,
+        queue: int = 0,
+        small_crops: int = 0,
+        small_augment: BatchAugment | None = None,
+    ):
+        if not (temperature > 0 and epsilon > 0):
+            raise ValueError(f"swap temperature and epsilon must be > 0, got {temperature}, {epsilon}")
+        if queue < 0 or small_crops < 0:
+            raise ValueError(f"swap_queue and small_crops must be >= 0, got {queue} and {small_crops}")
+        if small_crops and small_augment is None:
+            raise ValueError("small_crops > 0 needs small_augment, the augmentation that makes them")
+        self.augment, self.small_augment = augment, small_augment
+        self.temperature, self.epsilon = temperature, epsilon
+        self.queue_size, self.small_crops = queue, small_crops
+        self.queue: Tensor | None = None  # (n_q, P), newest rows first
+        self.model: nn.Module | None = None
+
+    def prepare(self, model: nn.Module) -> None:
+        """The heads become prototypes: cosine similarity of unit-norm rows, no bias."""
+        if min(model.n_clusters) < model.head_dim:
+            warnings.warn(
+                f"the swapped objective with {min(model.n_clusters)} prototypes in a {model.head_dim}-d "
+                "space: the features can turn orthogonal to them all and the loss collapses to ln K "
+                f"(seen on digits); use --clusters >= {model.head_dim} or a narrower head input",
+                stacklevel=3,
+            )
+        model.normalize_heads = True
+        for head in model.heads:
+            head.bias.data.zero_()
+            head.bias.requires_grad_(False)
+        normalize_prototypes(model)
+        self.model = model
+
+    def start_epoch(self) -> None:
+        self.queue = None
+
+    def after_step(self, model: nn.Module) -> None:
+        normalize_prototypes(model)
+
+    def loss(self, net, images, idx, labels, *, generator, autocast):
+        """Two full views of each image (and ``small_crops`` smaller ones) go through the network in one
+        call; each head's cosine scores of the full views (2b, K_h) give per-batch balanced codes
+        (:func:`sela.sinkhorn.soft_codes`, no gradient; with the queue's scores when it is on). Each full
+        view's codes are the targets of every other view: cross-entropy of softmax(scores / T),
+        averaged over the 1 + small_crops predicting views and the two targets (SwAV's loss)."""
+        b, m = len(idx), self.small_crops
+        views = torch.cat([self._views(images, generator), self._views(images, generator)])  # (2b, C, S, S)
+        if m:  # multi-crop: (m b, C, s, s) small views, one more backbone pass in the same forward call
+            small = torch.cat([make_views(self.small_augment, images, generator) for _ in range(m)])
+            views = [views, small]
+        with autocast:
+            # H x ((2 + m) b, K_h) cosine similarities; ((2 + m) b, P) unit-norm head inputs
+            outputs, z = net(views, embeddings=True)
+        loss, codes_of_batch = 0.0, []
+        for h, scores in enumerate(outputs):
+            scores = scores.float()
+            codes = self._codes(h, scores[: 2 * b].detach())  # (2b, K_h)
+            logp = F.log_softmax(scores / self.temperature, dim=1).view(2 + m, b, -1)  # (2 + m, b, K_h)
+            # cross-entropy of every view against each full view's codes: (2, 2 + m) mean over images
+            ce = -torch.einsum("vbk,ubk->vu", codes.view(2, b, -1), logp) / b
+            loss = loss + (ce.sum() - ce[0, 0] - ce[1, 1]) / (2 * (1 + m))  # a view never predicts itself
+            codes_of_batch.append(codes[:b].argmax(1))  # the first view's codes
+        labels.labels[:, idx] = torch.stack(codes_of_batch).to(labels.labels.device)  # (H, b), one transfer
+        if self.queue_size:  # newest first, the oldest rows drop out
+            z = z[: 2 * b].detach().float()
+            self.queue = (z if self.queue is None else torch.cat([z, self.queue]))[: self.queue_size]
+        return loss / len(outputs), None
+
+    def _views(self, images: Tensor, generator: torch.Generator) -> Tensor:
+        return make_views(self.augment, images, generator)
+
+    def _codes(self, head: int, scores: Tensor) -> Tensor:
+        """Balanced soft codes (2b, K_h) of the full views' scores, with the queue scored by the current
+        prototypes joining the balancing when there is one."""
+        balanced = scores
+        if self.queue is not None and len(self.queue):  # (2b + n_q, K_h)
+            prototypes = self.model.heads[head].weight.detach().float()  # (K_h, P), unit rows
+            balanced = torch.cat([scores, self.queue @ prototypes.t()])
+        return soft_codes(balanced, epsilon=self.epsilon)[: len(scores)]
+
+
+@torch.no_grad()
+def normalize_prototypes(model: nn.Module) -> None:
+    """Scale every head's weight rows (the prototypes) to unit L2 norm, in place."""
+    for head in model.heads:
+        head.weight.div_(head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -1,0 +1,360 @@
+"""The run directory of ``sela train --out DIR``: its file names, formats and the checkpoint's schema.
+
+A run directory holds::
+
+    config.json     the resolved configuration, the command line and sela's version (written once)
+    checkpoint.pt   the state after the last finished epoch (replaced atomically every epoch)
+    metrics.jsonl   one JSON line per finished epoch
+    labels.csv      the final self-labels: path (or index) and one column per head
+    summary.json    the final evaluation and the run's totals
+    curves.png, cluster_sizes.png, clusters.png   plots
+    .lock           held (an OS lock) while a training process writes into the directory
+
+The checkpoint is a dict of tensors and plain containers, loaded with ``torch.load(weights_only=True)``
+only: a file that needs more (arbitrary pickled objects, which could run code) is refused. Its schema
+(``format`` 2)::
+
+    format              2
+    model_spec          {"arch": name, "n_clusters": [...], **constructor keyword arguments}
+    model, optimizer    state dicts
+    labels              (H, N) int64; scalings: H (K_h,) float64 or None; label_updates_done: int
+    epoch               epochs finished
+    plan                {"epochs", "lr_anchor", "label_steps", "label_epochs", "epoch_times"}
+    config              the resolved configuration (so that a checkpoint file alone can be evaluated)
+    rng                 {"torch": the CPU generator's state}
+
+Format 1 (sela before the format number) is the same without ``format`` and ``model_spec``; it still
+resumes and evaluates. Every write goes to a temporary file first and is renamed into place, so a kill
+or a full disk never leaves half a file: the previous version stays.
+"""
+
+from __future__ import annotations
+
+import csv
+import errno
+import fcntl
+import importlib
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LABELS = "labels.csv"
+SUMMARY = "summary.json"
+LOCK = ".lock"
+FORMAT_VERSION = 2
+_SELA_KEYS = ("model", "optimizer", "labels", "epoch")  # what every sela training checkpoint holds
+# numpy's array reconstruction, allowed inside the weights-only unpickler: it builds arrays of plain
+# dtypes and calls nothing else (object arrays still need pickle and are refused)
+_NUMPY_ARRAYS = [
+    importlib.import_module(
+        "numpy._core.multiarray" if np.__version__ >= "2" else "numpy.core.multiarray"
+    )._reconstruct,
+    np.ndarray,
+    np.dtype,
+    *{type(np.dtype(t)) for t in ("int64", "int32", "float32", "float64", "uint8", "bool")},
+]
+
+
+class RunWriteError(ValueError):
+    """A file of the run could not be written (full disk, read-only directory); the previous version
+    of it is kept."""
+
+
+# ------------------------------------------------------------------------------------------ writing files
+
+
+def _describe_write_error(e: OSError, path: Path) -> str:
+    if e.errno == errno.ENOSPC:
+        return f"the disk is full: could not write {path}; free some space and --resume (the previous version is kept)"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return (
+            f"could not write {path}: the directory is read-only ({e.strerror}); the previous version is kept"
+        )
+    return f"could not write {path} ({e.strerror or e}); the previous version is kept"
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a file through ``write(tmp_path)`` and rename it into place; on an OSError remove the
+    temporary file and raise :class:`RunWriteError` naming the file (the old file stays as it was)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise RunWriteError(_describe_write_error(e, path)) from None
+    except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError, by its text only
+        tmp.unlink(missing_ok=True)
+        text = str(e)
+        if any(s in text for s in ("not permitted", "Permission denied", "Read-only")):
+            raise RunWriteError(_describe_write_error(OSError(errno.EACCES, "read-only"), path)) from None
+        if any(s in text for s in ("No space", "unexpected pos", "write", "failed")):
+            raise RunWriteError(_describe_write_error(OSError(errno.ENOSPC, "no space"), path)) from None
+        raise
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    text = json.dumps(data, indent=2)
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON object file ({} when absent); a ValueError when it is not valid JSON."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(
+            f"{path} is not valid JSON ({e}); it was not written by sela, or was cut short"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def save_checkpoint(out_dir: str | os.PathLike, ckpt: dict) -> Path:
+    """Write ``ckpt`` (the schema above, ``format`` added) as ``out_dir/checkpoint.pt``, atomically."""
+    ckpt = {"format": FORMAT_VERSION, **ckpt}
+    return atomic_write(Path(out_dir) / CHECKPOINT, lambda tmp: torch.save(ckpt, tmp))
+
+
+def load_file(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain containers only.
+
+    Raises:
+        ValueError: one line saying why: an empty, truncated or non-PyTorch file, or one that holds
+            other objects (which sela refuses to unpickle: unpickling can run code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path} is an empty file, not a {what}")
+    try:
+        with torch.serialization.safe_globals(_NUMPY_ARRAYS):  # plain numpy arrays (released SeLa labels)
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e) and "global" not in str(e):
+            raise ValueError(f"{path} is not a readable PyTorch {what} ({str(e).splitlines()[0]})") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        detail = f" ({found.group(1)})" if found else ""
+        raise ValueError(
+            f"{path} holds Python objects other than tensors and plain containers{detail}; sela loads "
+            f"{what}s with weights_only=True and refuses it, since unpickling it could run code"
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} is not a readable PyTorch {what} ({first})") from None
+
+
+def checkpoint_format(ckpt: Any) -> int | None:
+    """The sela checkpoint format of a loaded file: 2, 1 (before the format number), or None (not sela:
+    a sela checkpoint holds the weights under ``model`` and its configuration under ``config``)."""
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        return None
+    if not isinstance(ckpt.get("config"), dict) and "format" not in ckpt:
+        return None
+    version = ckpt.get("format", 1)
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A sela training checkpoint, for ``--resume``; a ValueError for a foreign or newer file."""
+    ckpt = load_file(path)
+    version = checkpoint_format(ckpt)
+    if version is None or not all(k in ckpt for k in _SELA_KEYS):
+        raise ValueError(
+            f"{path} is not a sela training checkpoint (it lacks {', '.join(_SELA_KEYS)}); --resume takes "
+            "the checkpoint.pt of a `sela train` run"
+        )
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} has checkpoint format {version}, newer than this sela reads; upgrade sela")
+    return ckpt
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def append_metrics(out_dir: str | os.PathLike, stats: dict) -> None:
+    """Append one epoch's line to metrics.jsonl."""
+    path = Path(out_dir) / METRICS
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(stats) + "\n")
+    except OSError as e:
+        raise RunWriteError(_describe_write_error(e, path)) from None
+
+
+def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
+    """The epoch lines of metrics.jsonl ([] when absent); a line cut short by a crash is skipped."""
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        return []
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [m for m in lines if isinstance(m, dict) and "epoch" in m]
+
+
+def truncate_metrics(out_dir: str | os.PathLike, epoch: int) -> list[dict]:
+    """Keep the lines of epochs 1..``epoch`` (the checkpoint's), each once, the last written; rewritten
+    atomically. A resumed run repeats the epochs after its checkpoint, so their old lines go."""
+    kept: dict[int, dict] = {}
+    for m in read_metrics(out_dir):
+        if m["epoch"] <= epoch:
+            kept[m["epoch"]] = m
+    lines = [kept[e] for e in sorted(kept)]
+    text = "".join(json.dumps(m) + "\n" for m in lines)
+    atomic_write(Path(out_dir) / METRICS, lambda tmp: tmp.write_text(text))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ labels CSV
+
+
+@dataclass
+class LabelTable:
+    """The contents of a labels CSV.
+
+    Attributes:
+        ids: the first column of each row (a path, or an index as text).
+        id_column: ``"path"`` or ``"index"``.
+        labels: (H, N) int64 clusters.
+        confidence: (H, N) float32 confidences, or None when the file has none.
+    """
+
+    ids: list[str]
+    id_column: str
+    labels: Tensor
+    confidence: Tensor | None = None
+
+
+def write_labels_csv(
+    path: str | os.PathLike,
+    labels: Tensor,
+    *,
+    paths: list[str] | None = None,
+    confidence: Tensor | None = None,
+) -> Path:
+    """Write (H, N) labels (and (H, N) confidences in 0..1) as CSV, one row per image: ``path`` (or
+    ``index``), ``head0`` .. ``head{H-1}``, then ``confidence0`` ..; atomically. Returns the path."""
+    labels = torch.as_tensor(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be (H, N), got shape {tuple(labels.shape)}")
+    h, n = labels.shape
+    if paths is not None and len(paths) != n:
+        raise ValueError(f"{len(paths)} paths for {n} labels; pass one path per image")
+    if confidence is not None and tuple(confidence.shape) != (h, n):
+        raise ValueError(f"confidence must be (H, N) = ({h}, {n}), got {tuple(confidence.shape)}")
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; pass a file name for the labels CSV, e.g. {path / LABELS}")
+    header = ["path" if paths is not None else "index"] + [f"head{i}" for i in range(h)]
+    if confidence is not None:
+        header += [f"confidence{i}" for i in range(h)]
+    cols = labels.t().tolist()  # (N, H)
+    conf = confidence.t().tolist() if confidence is not None else None  # (N, H)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(header)
+            for i, row in enumerate(cols):
+                extra = [f"{c:.4f}" for c in conf[i]] if conf is not None else []
+                out.writerow([paths[i] if paths is not None else i, *row, *extra])
+
+    return atomic_write(path, write)
+
+
+def read_labels_csv(path: str | os.PathLike) -> LabelTable:
+    """Read a labels CSV written by :func:`write_labels_csv` (``sela train``, ``sela labels``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; pass a labels CSV written by `sela labels`")
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0][:1] not in (["path"], ["index"]):
+        raise ValueError(f"{path} is not a sela labels CSV (its header must start with path or index)")
+    header = rows[0]
+    heads = [i for i, name in enumerate(header) if name.startswith("head")]
+    confs = [i for i, name in enumerate(header) if name.startswith("confidence")]
+    if not heads or (confs and len(confs) != len(heads)):
+        raise ValueError(f"{path} has no head0.. columns, or not one confidence column per head")
+    body = rows[1:]
+    try:
+        labels = torch.tensor([[int(r[i]) for r in body] for i in heads], dtype=torch.int64)
+        confidence = (
+            torch.tensor([[float(r[i]) for r in body] for i in confs], dtype=torch.float32) if confs else None
+        )
+    except (ValueError, IndexError) as e:
+        raise ValueError(f"{path} has a malformed row ({e}); rewrite it with `sela labels`") from None
+    return LabelTable([r[0] for r in body], header[0], labels.reshape(len(heads), len(body)), confidence)
+
+
+# ------------------------------------------------------------------------------------------ the lock
+
+
+class RunLock:
+    """An exclusive OS lock (``flock``) on ``out_dir/.lock`` for a training run's lifetime.
+
+    The kernel releases it when the process ends, however it ends (a kill -9 leaves no stale lock). The
+    file records the holder's pid, so that a second run into the directory is refused naming it.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike):
+        self.path = Path(out_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ValueError(
+                f"{self.path.parent} is in use by another sela train (pid {holder}); wait for it to finish "
+                "or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

@@ -1,0 +1,88 @@
+"""Schedules as pure functions of step counts: label steps, learning rate, a time budget's re-plan.
+
+Steps are optimisation steps (0-based); epochs are 1-based where they name an epoch's end. Nothing here
+keeps state: the trainer calls these with its plan (total steps, warm-up, the learning rate's anchor).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+LR_SCHEDULES = ("cosine", "step")
+LABEL_SPACINGS = ("quadratic", "linear")
+
+
+def label_schedule(n_updates: int, total_steps: int, spacing: str = "quadratic") -> list[int]:
+    """Optimisation steps (0-based) before which labels are re-assigned; the first is always step 0.
+
+    ``quadratic`` puts update i at total_steps * (i / n)^2 (dense early, the original ImageNet recipe),
+    ``linear`` at total_steps * i / n (its CIFAR recipe). Collisions are merged, so at most n are returned.
+    """
+    if n_updates < 1:
+        raise ValueError(f"label_updates must be >= 1 (the first assignment), got {n_updates}")
+    if spacing not in LABEL_SPACINGS:
+        raise ValueError(f"label spacing must be 'quadratic' or 'linear', got {spacing!r}")
+    power = 2 if spacing == "quadratic" else 1
+    steps = {int(total_steps * (i / n_updates) ** power) for i in range(n_updates)}
+    return sorted(steps)
+
+
+def label_epochs(steps: list[int], steps_per_epoch: int) -> list[int]:
+    """Epochs (1-based) at whose end a recorded-output label step runs: scheduled step s > 0 moves to the
+    first epoch boundary at or after it (epoch ceil(s / steps_per_epoch)); collisions are merged."""
+    return sorted({-(-s // steps_per_epoch) for s in steps if s > 0})
+
+
+def even_epochs(epochs: int, n_updates: int) -> set[int]:
+    """Epochs (0-based) before which :class:`sela.labeller.SelfLabeller` re-assigns labels: epoch 0 (the
+    labels of the random heads), then ``n_updates`` evenly spaced ones (rounded; collisions merge)."""
+    return set(np.linspace(0, epochs, n_updates + 2).round().astype(int)[:-1].tolist())
+
+
+def schedule_progress(
+    step: int, total_steps: int, *, warmup_steps: int, anchor: tuple[int, float] | None = None
+) -> float:
+    """How far the decay after warm-up has come at ``step``: 0 at the end of warm-up, 1 at ``total_steps``.
+
+    ``anchor`` = (s0, t0) says the progress was t0 at step s0 under an earlier plan (a time budget
+    re-plans the run's length); from there it goes on linearly to 1 at the new ``total_steps``, so the
+    learning rate stays continuous when the plan changes. Clamped to [0, 1].
+    """
+    start, t0 = anchor or (warmup_steps, 0.0)
+    t = t0 + (1 - t0) * (step - start) / max(1, total_steps - start)
+    return min(max(t, 0.0), 1.0)
+
+
+def lr_at(
+    step: int,
+    total_steps: int,
+    *,
+    base_lr: float,
+    schedule: str,
+    warmup_steps: int,
+    anchor: tuple[int, float] | None = None,
+) -> float:
+    """Learning rate at an optimisation step: linear warm-up, then cosine to 0 or steps of 0.1 at 50/75 %
+    of the decay (its progress as :func:`schedule_progress`, ``anchor`` included)."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr schedule must be 'cosine' or 'step', got {schedule!r}")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = schedule_progress(step, total_steps, warmup_steps=warmup_steps, anchor=anchor)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * t))
+    return base_lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
+
+
+def planned_epochs(done: int, times_s: list[float], limit_s: float) -> int:
+    """The run's length in epochs for a time budget: ``done`` epochs finished, which took ``times_s``
+    seconds each, and as many more whole epochs as the rest of ``limit_s`` holds at the median of the last
+    five epochs' times, less a reserve so that one of them may be as slow as the slowest of those five
+    (the last epoch then overruns the budget only when it is slower still). Always at least one more:
+    the epoch about to start is then the last one."""
+    recent = sorted(times_s[-5:])
+    per_epoch = recent[len(recent) // 2]
+    remaining = limit_s - sum(times_s) - (recent[-1] - per_epoch)
+    return done + max(1, math.floor(remaining / max(per_epoch, 1e-9) + 1e-9))

@@ -1,0 +1,113 @@
+"""The objectives: the paper's cross-entropy and the swapped (SwAV-style) loss with its queue and multi-crop."""
+
+import pytest
+import torch
+from test_train import make_trainer, tiny_set  # noqa: F401  (the fixture)
+
+from sela.data import BatchAugment
+
+
+def swapped_loss(trainer, images, idx, generator):
+    """The swapped objective's loss of one batch, as the trainer computes it."""
+    loss, _ = trainer.objective.loss(
+        trainer.net, images, idx, trainer.state, generator=generator, autocast=trainer.autocast
+    )
+    return loss
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
+def test_swapped_loss_predicts_the_other_views_codes(tiny_set, tmp_path, monkeypatch):
+    import sela.objectives as objectives_mod
+
+    t = make_trainer(tiny_set, tmp_path, epochs=1, objective="swapped", precision="fp32")
+    seen = []
+    real = objectives_mod.soft_codes
+    monkeypatch.setattr(
+        objectives_mod, "soft_codes", lambda x, **kw: seen.append((x, out := real(x, **kw))) or out
+    )
+    images, idx = tiny_set.images[:8], torch.arange(8)
+    loss = swapped_loss(t, images, idx, torch.Generator().manual_seed(0))
+    expected = 0.0
+    for scores, codes in seen:  # one per head, (16, K): 8 first views, then 8 second views
+        swapped = torch.cat([codes[8:], codes[:8]])
+        expected += -(swapped * torch.log_softmax(scores / 0.1, 1)).sum(1).mean()
+        assert not torch.allclose(scores[:8], scores[8:])  # two different views
+    assert torch.allclose(loss, expected / len(seen))
+    assert torch.equal(t.state.labels[0, :8], seen[0][1][:8].argmax(1))
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
+def test_swapped_queue_joins_the_balancing_scored_by_the_current_prototypes(tiny_set, tmp_path, monkeypatch):
+    import sela.objectives as objectives_mod
+
+    t = make_trainer(tiny_set, tmp_path, objective="swapped", precision="fp32", swap_queue=40)
+    seen = []
+    real = objectives_mod.soft_codes
+    monkeypatch.setattr(
+        objectives_mod, "soft_codes", lambda x, **kw: seen.append((x, out := real(x, **kw))) or out
+    )
+    b, gen = 8, torch.Generator().manual_seed(0)
+    swapped_loss(t, tiny_set.images[:b], torch.arange(b), gen)  # empty queue: the batch alone
+    assert [x.shape[0] for x, _ in seen] == [2 * b, 2 * b]
+    first_rows = t.objective.queue.clone()
+    assert first_rows.shape == (2 * b, t.model.head_dim)
+    assert torch.allclose(first_rows.norm(dim=1), torch.ones(2 * b))  # unit-norm head inputs
+    with torch.no_grad():  # the prototypes move between steps; the queue is scored by the new ones
+        for head in t.model.heads:
+            head.weight.copy_(torch.nn.functional.normalize(torch.randn_like(head.weight), dim=1))
+    seen.clear()
+    images = tiny_set.images[b : 2 * b]
+    loss = swapped_loss(t, images, torch.arange(b, 2 * b), gen)
+    expected = 0.0
+    for h, (x, balanced) in enumerate(seen):
+        assert x.shape[0] == 4 * b  # the batch's 2b views and the queue's 2b rows
+        assert torch.allclose(x[2 * b :], first_rows @ t.model.heads[h].weight.t(), atol=1e-6)
+        codes = balanced[: 2 * b]  # only the batch's codes are targets
+        assert not torch.allclose(codes, real(x[: 2 * b], epsilon=t.objective.epsilon))  # the queue mattered
+        scores = x[: 2 * b]  # the batch's own scores come first
+        swapped = torch.cat([codes[b:], codes[:b]])
+        expected += -(swapped * torch.log_softmax(scores / 0.1, 1)).sum(1).mean()
+    assert torch.allclose(loss, expected / len(seen), atol=1e-6)
+    assert t.objective.queue.shape[0] == 4 * b and torch.equal(
+        t.objective.queue[2 * b :], first_rows
+    )  # newest first
+    swapped_loss(t, tiny_set.images[:b], torch.arange(b), gen)
+    assert t.objective.queue.shape[0] == 40  # capped: the oldest rows dropped
+    assert torch.equal(t.objective.queue[4 * b :], first_rows[:8])  # the first batch's newest 8 rows remain
+    t.train_one_epoch(0)
+    assert len(t.objective.queue) == 40
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")  # 6 and 8 prototypes, 16-d
+def test_multicrop_small_views_predict_the_full_views_codes(tiny_set, tmp_path, monkeypatch):
+    import sela.objectives as objectives_mod
+
+    small = BatchAugment(4, crop_scale=(0.2, 0.5), mean=tiny_set.mean, std=tiny_set.std)
+    t = make_trainer(
+        tiny_set, tmp_path, objective="swapped", precision="fp32", small_crops=3, small_augment=small
+    )
+    seen, inputs = [], []
+    real = objectives_mod.soft_codes
+    monkeypatch.setattr(
+        objectives_mod, "soft_codes", lambda x, **kw: seen.append(out := real(x, **kw)) or out
+    )
+    forward = t.net.forward
+    monkeypatch.setattr(t.net, "forward", lambda x, **kw: inputs.append(x) or forward(x, **kw))
+    b, c = 8, tiny_set.images.shape[1]
+    loss = swapped_loss(t, tiny_set.images[:b], torch.arange(b), torch.Generator().manual_seed(0))
+    (views,) = inputs  # one forward call: a list of the full and the small views
+    assert [tuple(v.shape) for v in views] == [(2 * b, c, 8, 8), (3 * b, c, 4, 4)]
+    with torch.no_grad():
+        scores = forward(views)  # the same batch: train-mode BatchNorm gives the same outputs
+    expected = 0.0
+    for h, codes in enumerate(seen):
+        assert codes.shape == (2 * b, t.model.n_clusters[h])  # codes of the two full views only
+        logp = torch.log_softmax(scores[h] / 0.1, 1).view(5, b, -1)
+        q = codes.view(2, b, -1)
+        terms = [-(q[v] * logp[u]).sum(1).mean() for v in range(2) for u in range(5) if u != v]
+        assert len(terms) == 2 * 4
+        expected += sum(terms) / len(terms)
+    assert torch.allclose(loss, expected / len(seen), atol=1e-6)
+    assert torch.equal(t.state.labels[0, :b], seen[0][:b].argmax(1))  # the first full view's codes
+    loss.backward()  # the small views' branch is part of the graph
+    assert t.model.stem[0].weight.grad is not None
