@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from sela.data import ImageSet, load_dataset
+
 
 @pytest.fixture(scope="module")
 def one_thread():
@@ -12,3 +14,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_set():
+    """240 digits at 8 px, for tiny training runs (tests/test_train.py, tests/test_objectives.py)."""
+    full = load_dataset("digits", split="train")
+    idx = torch.arange(240)
+    return ImageSet(
+        images=full.images[idx],
+        targets=full.targets[idx],
+        classes=full.classes,
+        name="digits",
+        mean=full.mean,
+        std=full.std,
+    )

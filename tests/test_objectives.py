@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train import make_trainer, tiny_set  # noqa: F401  (the fixture)
+from test_train import make_trainer
 
 from sela.data import BatchAugment
 

@@ -7,25 +7,10 @@ import warnings
 import pytest
 import torch
 
-from sela.data import BatchAugment, EvalTransform, ImageSet, load_dataset
+from sela.data import BatchAugment, EvalTransform
 from sela.models import create_model
 from sela.objectives import SelaObjective, SwappedObjective
 from sela.train import Trainer, TrainingDiverged
-
-
-@pytest.fixture(scope="module")
-def tiny_set():
-    full = load_dataset("digits", split="train")
-    idx = torch.arange(240)
-    return ImageSet(
-        images=full.images[idx],
-        targets=full.targets[idx],
-        classes=full.classes,
-        name="digits",
-        mean=full.mean,
-        std=full.std,
-    )
-
 
 SWAP_KEYS = {"swap_temperature": "temperature", "swap_epsilon": "epsilon", "swap_queue": "queue"}
 
