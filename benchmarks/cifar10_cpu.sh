@@ -1,33 +1,29 @@
 #!/usr/bin/env bash
 # Self-labelling on CIFAR-10 (the shared JPEG copy) on this CPU within a wall-clock budget; prints knn_top1.
-# The default is the best measured setting: the online `--objective swapped` deviation on 16 px training
-# views of the 32 px images, SimCLR-style colour jitter, lr 0.25, 5 heads and a 32-64-96 convnet whose last
-# block does not pool (its 16 px views keep a 4x4 map; in 30 min 65.7, 64.8, 65.9 and 65.6 % with 81, 83, 90
-# and 82 epochs). With every block pooled
-# (32-64-128, the default before): 64.9 % (84 epochs) and 64.5 % (81); with that net, 1 head: 64.2 %, 87
-# epochs; 32-64-192 with PROJECTOR=[128]: 64.7 % and 64.4 % with 75 and 60 epochs; 10 heads: 63.8 %, 73
-# epochs, and 64.2 % with 87 and 79 epochs; 10 heads at lr 0.3: 64.1 %, 81 epochs; lr 0.15: 62.4 %, 73
-# epochs; the SeLa jitter at lr 0.15: 63.0 %, 97 epochs. OBJECTIVE=sela runs the paper's objective
-# (recorded label inputs, one head re-labelled per epoch).
 #
 #   bash benchmarks/cifar10_cpu.sh [BUDGET_MINUTES=30] [OUT=runs/cifar10_cpu] [more sela train flags ...]
 #
-# Settings (environment): WIDTHS, POOLS, BATCH, HEADS, CLUSTERS, LR, PROJECTOR, PRECISION, OBJECTIVE,
-# CROP_SIZE (side of the training views, default 16: 0.3x the cost of 32 px per epoch; the label step and
-# the evaluation stay at 32 px), SMALL_CROPS (multi-crop: extra views of half CROP_SIZE per image, swapped
-# only), LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING,
-# LABEL_UPDATES (recorded: 1000, i.e. one label step per epoch, merged at epoch ends), JITTER and JITTER_P
-# (colour jitter strengths and probability, default SimCLR's [0.4,0.4,0.4,0.1] at 0.8: 55.4 % vs 52.5 %
-# with sela's default, the SeLa CIFAR recipe [0.4,0.4,0.4,0.4] at 1.0, in 24-epoch runs); flags after OUT
-# go to `sela train` as they are (e.g. --set augment.grayscale_p=0.1).
+# Data: $SELA_CIFAR_DIR (default /tmp/data/cifar10, ImageFolder layout with train/ and test/), extracted from
+# ../shared/data/cifar10-jpeg.tar.gz when missing. Python: $PY (default .venv/bin/python).
 #
-# The budget covers training (label steps included); the final evaluation (features of 60k images and
-# the weighted kNN, k = 200, T = 0.1) comes after it. `sela train --time-limit` holds the budget: it
-# re-plans the number of epochs before every epoch from the measured epoch times (this shared machine's
-# speed drifts by 15-40 % between and within runs), with the learning-rate decay and label schedule
-# following the plan. A short throughput probe of the same model gives the first plan, and the swapped
-# objective's final label step (one pass over the data, after the last epoch's steps) is set aside.
-# Reference floors on this copy (same kNN): raw pixels 41.6 %, random 4-layer convnet 42.0 %.
+# Defaults (the best measured setting): the online `--objective swapped` deviation, a 32-64-96 convnet whose
+# last block does not pool, 5 heads x 128, lr 0.25, batch 256, 16 px training views of the 32 px images
+# (the label step and the evaluation stay at 32 px), SimCLR-style colour jitter. OBJECTIVE=sela runs the
+# paper's objective (recorded label inputs, one head re-labelled per epoch).
+#
+# Settings (environment): WIDTHS, POOLS, BATCH, HEADS, CLUSTERS, LR, PROJECTOR, PRECISION, OBJECTIVE,
+# CROP_SIZE (side of the training views), SMALL_CROPS (multi-crop: extra views of half CROP_SIZE per image,
+# swapped only), LABEL_INPUTS, LABEL_HEADS, LABEL_SPACING, LABEL_UPDATES (recorded inputs: 1000, i.e. one
+# label step per epoch, merged at epoch ends), JITTER and JITTER_P (colour jitter strengths and
+# probability). Flags after OUT go to `sela train` as they are (e.g. --set augment.grayscale_p=0.1).
+#
+# The budget covers training (label steps included); the final evaluation (features of 60k images and the
+# weighted kNN, k = 200, T = 0.1) comes after it. A short probe of the real training step and of one label
+# pass gives the first plan; `sela train --time-limit` then re-plans the number of epochs before every epoch
+# from the measured epoch times, with the learning-rate decay and label schedule following the plan. The
+# swapped objective's final label step (one pass over the data, after the last epoch) is set aside.
+#
+# Measured runs and the kNN floors: docs/experiments.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET_MIN=${1:-30}
@@ -40,23 +36,23 @@ if [ ! -d "$DATA/train" ]; then
   [ -f "$TARBALL" ] || { echo "no CIFAR-10 at $DATA and no $TARBALL; set SELA_CIFAR_DIR" >&2; exit 2; }
   mkdir -p "$DATA" && tar xzf "$TARBALL" -C "$DATA"
 fi
-WIDTHS=${WIDTHS:-[32,64,96]}  # 32-64-128 (all pooled): 64.9 % and 64.5 % in 30 min
+WIDTHS=${WIDTHS:-[32,64,96]}  # convnet block widths
 BATCH=${BATCH:-256}
 OBJECTIVE=${OBJECTIVE:-swapped}  # swapped: the online SwAV-style deviation (best measured); sela: the paper
 LABEL_INPUTS=${LABEL_INPUTS:-$([ "$OBJECTIVE" = swapped ] && echo eval || echo recorded)}  # recorded: label steps from the training pass; eval: a pass each
 LABEL_HEADS=${LABEL_HEADS:-round-robin}
 LABEL_SPACING=${LABEL_SPACING:-linear}
 LABEL_UPDATES=${LABEL_UPDATES:-$([ "$LABEL_INPUTS" = recorded ] && echo 1000 || echo 4)}  # recorded: every epoch
-HEADS=${HEADS:-5}  # 64.5 % (81 epochs) against 63.8 % (73) for 10 the same day; 1: 64.2 % (87); 24 epochs: 1 59.4 %, 5 57.7, 10 56.2
+HEADS=${HEADS:-5}
 CLUSTERS=${CLUSTERS:-128}
-LR=${LR:-0.25}  # with 10 heads: 64.2 % in 30 min (87 epochs); 0.15: 62.4 % (73 epochs, a slower day), 55.4 % vs 56.2 % in 24 epochs
+LR=${LR:-0.25}
 PROJECTOR=${PROJECTOR:-[]}
 POOLS=${POOLS:-[true,true,false]}  # whether each block max-pools; the last un-pooled: a 4x4 map of 16 px views
-CROP_SIZE=${CROP_SIZE:-16}  # 16 px views: 63.0 %; 24 px and 12 px lost to it at equal time, 32 px 58.3 %
+CROP_SIZE=${CROP_SIZE:-16}  # px; 16 px views cost about 0.3x of 32 px per epoch
 SMALL_CROPS=${SMALL_CROPS:-0}
 JITTER=${JITTER:-[0.4,0.4,0.4,0.1]}  # brightness, contrast, saturation, hue (SimCLR); sela: hue 0.4
 JITTER_P=${JITTER_P:-0.8}  # sela's default: 1.0
-PRECISION=${PRECISION:-auto}  # auto: bfloat16 autocast on CPUs with AVX512-BF16/AMX (about 2x), else fp32
+PRECISION=${PRECISION:-auto}  # auto: bfloat16 autocast on CPUs with AVX512-BF16/AMX, else fp32
 PLAN=$($PY - "$BUDGET_MIN" "$WIDTHS" "$BATCH" "$LABEL_UPDATES" "$HEADS" "$PROJECTOR" "$LABEL_INPUTS" \
   "$PRECISION" "$OBJECTIVE" "$LR" "$CLUSTERS" "$SMALL_CROPS" "$DATA" "$CROP_SIZE" "$POOLS" <<'PYEOF'
 import json, sys, tempfile, time
@@ -70,8 +66,7 @@ heads, projector, inputs, precision, objective = int(sys.argv[5]), tuple(json.lo
 # swapped: the final global step)
 passes = 1 if inputs == "recorded" or objective == "swapped" else updates
 # time the real training step (augmentation, forward, loss, backward, bookkeeping) on the first images
-# of the data, best of two short epochs (the older probe, on random images, said 58 s per epoch where
-# the runs took 50-52 s)
+# of the data, best of two short epochs
 probe_steps = 12
 crop = int(sys.argv[14])
 images = load_dataset("folder", sys.argv[13], "train").images[: probe_steps * batch]
@@ -92,8 +87,8 @@ with tempfile.TemporaryDirectory() as tmp:
         trainer.train_one_epoch(epoch)
         times.append((time.perf_counter() - t) / probe_steps)
     step = min(times)
-    # one label pass over the probe's images (eval-mode 32 px forward and the solve), warm; the
-    # earlier estimate, a sixth of an epoch, was 3-4 s where the runs' final label step took 10-11 s
+    # one label pass over the probe's images (eval-mode 32 px forward and the solve), warm, scaled to
+    # the 50,000 training images
     t = time.perf_counter()
     trainer.update_labels()
     label_s = (time.perf_counter() - t) * 50000 / len(images)

@@ -7,7 +7,8 @@
 #   bash benchmarks/cifar10_gpu.sh [DATA_DIR=/tmp/data/cifar10] [OUT=runs/cifar10_resnet18]
 #
 # DATA_DIR holds CIFAR-10 in ImageFolder layout (train/ test/), e.g. the shared JPEG copy extracted;
-# use --dataset cifar10 instead for torchvision's files.
+# use --dataset cifar10 instead for torchvision's files. SELA: the sela command (default `sela`).
+# Measured runs: docs/experiments.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-/tmp/data/cifar10}

@@ -8,6 +8,8 @@ Scores against the ground truth: NMI, ARI and Hungarian accuracy (percent), the 
 clusters (size entropy / log K, 1 = equal sizes) and the fit time, as mean +- std over seeds.
 
     OMP_NUM_THREADS=1 python benchmarks/cluster_vs_kmeans.py [RUN_DIR ...] [--seeds 3] [--k K]
+
+It prints a Markdown table, one row per feature set and method. Measured runs: docs/experiments.md.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
 # Needs the CIFAR-10 JPEG copy (ImageFolder layout in a .tar.gz). Runs from the source tree (PYTHONPATH=src),
 # so nothing is installed. Prints: the Sinkhorn label step for one head at N = 1,281,167, K = 3000 (cold and
 # warm start) next to the time of one read pass over the buffer; then ResNet-18 (CIFAR stem) self-labelling
-# for a few minutes on CIFAR-10 with its throughput (images/s) and weighted-kNN top-1.
+# for a few minutes on CIFAR-10 with its throughput (images/s) and weighted-kNN top-1. EPOCHS sets the
+# training length (default 30; the run is cut at 330 s).
+# Measured runs: docs/experiments.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 TARBALL=${1:-../shared/data/cifar10-jpeg.tar.gz}

@@ -26,6 +26,8 @@ Run (full size: ~16 GB of memory for the single process, 2 x 7.7 GB for the two;
     python benchmarks/scale.py                      # cpu x1, cpu x2 (gloo), then cuda if present
     python benchmarks/scale.py --n 100000 --k 1000  # a quick check
     python benchmarks/scale.py --modes cuda         # the GPU alone
+
+Measured runs: docs/scaling.md and docs/experiments.md.
 """
 
 from __future__ import annotations
