@@ -154,6 +154,49 @@ def test_folder_missing_or_empty(tmp_path):
         load_dataset("folder", tmp_path / "only-train", split="test")
 
 
+def test_empty_data_dir_is_refused_not_the_current_directory(tmp_path, monkeypatch):
+    _tree(tmp_path, splits=("train",))  # images below the current directory must not be picked up
+    monkeypatch.chdir(tmp_path)
+    for name in ("folder", "digits", "cifar10"):
+        for root in ("", "  "):
+            with pytest.raises(ValueError, match="empty string; pass the folder") as err:
+                load_dataset(name, root)
+            assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="empty string"):
+        folder_module.load_folder("")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_folder_16_bit_png_is_scaled_not_clipped(tmp_path, stream):
+    wide = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0..65472
+    path = tmp_path / "ds" / "deep.png"
+    path.parent.mkdir()
+    Image.fromarray(wide).save(path)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # PIL opens it as 16-bit grey: the case it clips in convert()
+    d = load_dataset("folder", tmp_path / "ds", image_size=32, in_memory=not stream, cache=False)
+    got = (d.images[0] if not stream else d[0][0]).numpy().astype(np.int64)  # (3, 32, 32)
+    assert (got == 255).mean() < 0.01  # clipping saturated 99.6 % of these pixels
+    assert np.abs(got - (wide >> 8)[None]).max() <= 1
+    assert np.array_equal(got[0], got[2])
+
+
+def test_decode_wide_and_float_grey_modes(tmp_path):
+    from sela.data.folder import decode_image
+
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    cases = {
+        "float01.tif": (Image.fromarray(ramp, "F"), ramp * 255),
+        "int32.tif": (Image.fromarray((ramp * 1e6).astype(np.int32), "I"), ramp * 255),
+        "flat.tif": (Image.fromarray(np.full((8, 8), -5.0, np.float32), "F"), np.zeros((8, 8))),
+    }
+    for name, (img, want) in cases.items():
+        img.save(tmp_path / name)
+        got = decode_image(str(tmp_path / name))
+        assert got.shape == (8, 8, 3) and got.dtype == np.uint8, name
+        assert np.abs(got[..., 1].astype(float) - want).max() <= 1, name
+
+
 def test_folder_streaming(tmp_path):
     root = _tree(tmp_path / "ds", per_class=5, size=(40, 30))
     d = load_dataset("folder", root, in_memory=False, image_size=24)

@@ -258,6 +258,13 @@ def load_dataset(
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise ValueError(f"image_size must be a positive integer (px) or None, got {image_size!r}")
+    if root is not None and not os.fspath(root).strip():
+        # an empty path means the current directory to os and pathlib: a folder dataset would train on
+        # every image below it
+        raise ValueError(
+            f"the data directory is an empty string; pass the folder that holds {name}'s files "
+            "(e.g. --data-dir ./data), or leave it unset for the default"
+        )
     if name == "folder":
         if root is None:
             raise ValueError("the folder dataset needs root=<folder with train/ and test/ or images>")
