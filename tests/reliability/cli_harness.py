@@ -57,7 +57,11 @@ class Result:
     err: str
 
     def __str__(self) -> str:
-        return f"exit {self.code}\n--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-3000:]}"
+        last = ([line for line in self.err.splitlines() if line.strip()] or ["(nothing)"])[-1]
+        return (
+            f"exit {self.code}, stderr ends: {last[:300]}\n"
+            f"--- stdout\n{self.out[-3000:]}\n--- stderr\n{self.err[-3000:]}"
+        )
 
 
 def sela_env(**extra: str) -> dict[str, str]:
