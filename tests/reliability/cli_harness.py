@@ -47,6 +47,7 @@ TINY = [
     "0",
     "--no-progress",
 ]
+INJECT = [str(HERE / "inject_faults.py")]  # wrapper= for run_sela/start_sela: faults in checkpoint writes
 RUN_TIMEOUT_S = 300  # a safety net against a hung process, not a measurement
 
 
@@ -114,10 +115,11 @@ def finish(proc: subprocess.Popen) -> Result:
     return Result(proc.returncode, out, err)
 
 
-def kill9(proc: subprocess.Popen) -> None:
+def kill9(proc: subprocess.Popen) -> Result:
+    """``kill -9`` the process (if it still runs); what it had printed."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=RUN_TIMEOUT_S)
+    return finish(proc)
 
 
 def wait_until(condition: Callable[[], bool], proc: subprocess.Popen, poll_s: float = 0.005) -> bool:
