@@ -104,6 +104,32 @@ def test_folder_labelled_and_cached(tmp_path, monkeypatch):
         load_dataset("folder", root)
 
 
+class _TouchOnLoad:
+    """Unpickling this calls ``Path(marker).touch()``: a stand-in for code in a planted file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_folder_cache_with_a_planted_pickle_runs_no_code(tmp_path):
+    root = _tree(tmp_path / "ds")
+    first = load_dataset("folder", root)
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    marker = tmp_path / "MARKER"
+    torch.save({"images": first.images, "evil": _TouchOnLoad(marker)}, cache)  # same name, planted content
+    with pytest.warns(UserWarning, match="ignoring unreadable cache") as caught:
+        again = load_dataset("folder", root)
+    assert not marker.exists() and torch.equal(again.images, first.images)
+    assert "\n" not in str(caught[0].message)
+    torch.save({"a": 1}, cache)  # loads, but is not a cache
+    with pytest.warns(UserWarning, match="not a sela folder cache"):
+        again = load_dataset("folder", root)
+    assert torch.equal(again.images, first.images)
+
+
 def test_folder_flat_unlabelled(tmp_path):
     for i in range(4):
         _write_image(tmp_path / "flat" / f"{i}.jpg", colour=(i, i, i))
@@ -237,6 +263,27 @@ def test_cifar10_offline_parsing(tmp_path):
     assert train.mean[0] == pytest.approx(0.4914)
     test = load_dataset("cifar10", root=tmp_path, split="test", download=False, image_size=16)
     assert test.images.shape == (4, 3, 16, 16)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_any_pickle_protocol_but_no_code(tmp_path, protocol):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2], "filenames": [b"a.png", b"b.png"]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": [str(i) for i in range(10)]}, protocol)
+    )
+    assert load_dataset("cifar10", root=tmp_path, download=False).images.shape == (10, 3, 32, 32)
+    marker = tmp_path / "MARKER"
+    (folder / "data_batch_3").write_bytes(pickle.dumps({"data": _TouchOnLoad(marker)}, protocol=protocol))
+    with pytest.raises(ValueError, match="data_batch_3 is not a CIFAR batch file .it refers to") as err:
+        load_dataset("cifar10", root=tmp_path, download=False)
+    assert not marker.exists() and "\n" not in str(err.value)
+    (folder / "data_batch_3").write_bytes(b"\x80\x04")  # truncated
+    with pytest.raises(ValueError, match="data_batch_3 is not a CIFAR batch file"):
+        load_dataset("cifar10", root=tmp_path, download=False)
 
 
 def test_cifar100_offline_parsing(tmp_path):

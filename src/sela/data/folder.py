@@ -22,6 +22,7 @@ Images are always decoded as RGB (C = 3); 16-bit and float grey images are scale
 import hashlib
 import json
 import os
+import pickle
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -243,14 +244,29 @@ def _cache_file(folder: str, files: list[os.DirEntry], image_size: int | None, m
     return cache_dir() / f"folder-{slug}-{len(files)}-{digest.hexdigest()[:16]}.pt"
 
 
+_CACHE_KEYS = {"images", "targets", "classes", "paths", "failed", "mean", "std"}
+
+
 def _read_cache(path: Path) -> dict | None:
+    """The cached payload, or None (with a warning) for a file that is damaged, foreign or needs more than
+    tensors and plain containers to load (``weights_only``: a planted pickle runs no code)."""
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        warnings.warn(f"ignoring unreadable cache {path} ({err}); decoding again", stacklevel=3)
-        return None
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    else:
+        if (
+            isinstance(payload, dict)
+            and _CACHE_KEYS <= set(payload)
+            and isinstance(payload["images"], Tensor)
+            and payload["images"].dtype == torch.uint8
+        ):
+            return payload
+        reason = "not a sela folder cache"
+    warnings.warn(f"ignoring unreadable cache {path} ({reason}); decoding again", stacklevel=3)
+    return None
 
 
 def _write_cache(path: Path, payload: dict) -> None:
