@@ -29,9 +29,8 @@ def _after_epochs(n):
 # moment: (condition on (run dir, fault-fired file), longest random wait after it in s, injected fault)
 KILL_AT = {
     "after-epoch-1": (_after_epochs(1), 0.0, {}),
-    # at once when its metrics line is written: possibly before its checkpoint is
-    "after-epoch-2": (_after_epochs(2), 0.0, {}),
-    # the second checkpoint write stalls half-written (injected) and is killed there
+    # the second checkpoint write stalls half-written (injected) and is killed there: epoch 2's metrics line
+    # is written, its checkpoint is not
     "mid-checkpoint-write": (lambda run, fired: fired.exists(), 0.0, {"SELA_FAULT": "stall"}),
     # anywhere from the first checkpoint on: an epoch, a checkpoint write, the final evaluation and plots
     "random-moment": (_after_epochs(1), 2.5, {}),
