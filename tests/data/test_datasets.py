@@ -102,6 +102,32 @@ def test_folder_labelled_and_cached(tmp_path, monkeypatch):
         load_dataset("folder", root)
 
 
+class _TouchOnLoad:
+    """Unpickling this calls ``Path(marker).touch()``: a stand-in for code in a planted file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (type(self.marker).touch, (self.marker,))
+
+
+def test_folder_cache_with_a_planted_pickle_runs_no_code(tmp_path):
+    root = _tree(tmp_path / "ds")
+    first = load_dataset("folder", root)
+    (cache,) = (tmp_path / "cache").glob("*.pt")
+    marker = tmp_path / "MARKER"
+    torch.save({"images": first.images, "evil": _TouchOnLoad(marker)}, cache)  # same name, planted content
+    with pytest.warns(UserWarning, match="ignoring unreadable cache") as caught:
+        again = load_dataset("folder", root)
+    assert not marker.exists() and torch.equal(again.images, first.images)
+    assert "\n" not in str(caught[0].message)
+    torch.save({"a": 1}, cache)  # loads, but is not a cache
+    with pytest.warns(UserWarning, match="not a sela folder cache"):
+        again = load_dataset("folder", root)
+    assert torch.equal(again.images, first.images)
+
+
 def test_folder_flat_unlabelled(tmp_path):
     for i in range(4):
         _write_image(tmp_path / "flat" / f"{i}.jpg", colour=(i, i, i))
@@ -152,6 +178,49 @@ def test_folder_missing_or_empty(tmp_path):
         load_dataset("folder", tmp_path / "only-train", split="test")
 
 
+def test_empty_data_dir_is_refused_not_the_current_directory(tmp_path, monkeypatch):
+    _tree(tmp_path, splits=("train",))  # images below the current directory must not be picked up
+    monkeypatch.chdir(tmp_path)
+    for name in ("folder", "digits", "cifar10"):
+        for root in ("", "  "):
+            with pytest.raises(ValueError, match="empty string; pass the folder") as err:
+                load_dataset(name, root)
+            assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="empty string"):
+        folder_module.load_folder("")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_folder_16_bit_png_is_scaled_not_clipped(tmp_path, stream):
+    wide = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)  # 0..65472
+    path = tmp_path / "ds" / "deep.png"
+    path.parent.mkdir()
+    Image.fromarray(wide).save(path)
+    with Image.open(path) as img:
+        assert img.mode.startswith("I")  # PIL opens it as 16-bit grey: the case it clips in convert()
+    d = load_dataset("folder", tmp_path / "ds", image_size=32, in_memory=not stream, cache=False)
+    got = (d.images[0] if not stream else d[0][0]).numpy().astype(np.int64)  # (3, 32, 32)
+    assert (got == 255).mean() < 0.01  # clipping saturated 99.6 % of these pixels
+    assert np.abs(got - (wide >> 8)[None]).max() <= 1
+    assert np.array_equal(got[0], got[2])
+
+
+def test_decode_wide_and_float_grey_modes(tmp_path):
+    from sela.data.folder import decode_image
+
+    ramp = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    cases = {
+        "float01.tif": (Image.fromarray(ramp, "F"), ramp * 255),
+        "int32.tif": (Image.fromarray((ramp * 1e6).astype(np.int32), "I"), ramp * 255),
+        "flat.tif": (Image.fromarray(np.full((8, 8), -5.0, np.float32), "F"), np.zeros((8, 8))),
+    }
+    for name, (img, want) in cases.items():
+        img.save(tmp_path / name)
+        got = decode_image(str(tmp_path / name))
+        assert got.shape == (8, 8, 3) and got.dtype == np.uint8, name
+        assert np.abs(got[..., 1].astype(float) - want).max() <= 1, name
+
+
 def test_folder_streaming(tmp_path):
     root = _tree(tmp_path / "ds", per_class=5, size=(40, 30))
     d = load_dataset("folder", root, in_memory=False, image_size=24)
@@ -192,6 +261,27 @@ def test_cifar10_offline_parsing(tmp_path):
     assert train.mean[0] == pytest.approx(0.4914)
     test = load_dataset("cifar10", root=tmp_path, split="test", download=False, image_size=16)
     assert test.images.shape == (4, 3, 16, 16)
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_cifar_batches_of_any_pickle_protocol_but_no_code(tmp_path, protocol):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": np.zeros((2, 3072), np.uint8), "labels": [1, 2], "filenames": [b"a.png", b"b.png"]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=protocol))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({"label_names": [str(i) for i in range(10)]}, protocol)
+    )
+    assert load_dataset("cifar10", root=tmp_path, download=False).images.shape == (10, 3, 32, 32)
+    marker = tmp_path / "MARKER"
+    (folder / "data_batch_3").write_bytes(pickle.dumps({"data": _TouchOnLoad(marker)}, protocol=protocol))
+    with pytest.raises(ValueError, match="data_batch_3 is not a CIFAR batch file .it refers to") as err:
+        load_dataset("cifar10", root=tmp_path, download=False)
+    assert not marker.exists() and "\n" not in str(err.value)
+    (folder / "data_batch_3").write_bytes(b"\x80\x04")  # truncated
+    with pytest.raises(ValueError, match="data_batch_3 is not a CIFAR batch file"):
+        load_dataset("cifar10", root=tmp_path, download=False)
 
 
 def test_cifar100_offline_parsing(tmp_path):

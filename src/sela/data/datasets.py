@@ -90,9 +90,42 @@ def _fetch(name: str, split: str, root: str, download: bool, present: Callable[[
 # ------------------------------------------------------------------------------------------- parsers
 
 
+# the only globals CIFAR's Python pickles need (numpy arrays, bytes): anything else in such a file is
+# refused instead of being called, so a planted file cannot run code
+_CIFAR_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which a dataset file never needs")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 moved numpy.core
+            module = "numpy._core." + module.removeprefix("numpy.core.")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
+    """A CIFAR batch file (a Python pickle of arrays, lists and bytes), without running code from it."""
+    try:
+        with open(path, "rb") as f:
+            batch = _ArrayUnpickler(f, encoding="latin1").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as err:
+        raise ValueError(
+            f"{path} is not a CIFAR batch file ({err or type(err).__name__}); delete it and download again"
+        ) from None
+    if not isinstance(batch, dict):
+        raise ValueError(
+            f"{path} is not a CIFAR batch file (a {type(batch).__name__}); delete it and download again"
+        )
+    return batch
 
 
 def _cifar(name: str, root: str, split: str, download: bool) -> tuple[Tensor, Tensor, list[str]]:
@@ -258,6 +291,13 @@ def load_dataset(
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
         raise ValueError(f"image_size must be a positive integer (px) or None, got {image_size!r}")
+    if root is not None and not os.fspath(root).strip():
+        # an empty path means the current directory to os and pathlib: a folder dataset would train on
+        # every image below it
+        raise ValueError(
+            f"the data directory is an empty string; pass the folder that holds {name}'s files "
+            "(e.g. --data-dir ./data), or leave it unset for the default"
+        )
     if name == "folder":
         if root is None:
             raise ValueError("the folder dataset needs root=<folder with train/ and test/ or images>")

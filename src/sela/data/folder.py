@@ -15,13 +15,14 @@ Image size (in memory):
 Streamed (``in_memory=False``, or automatically above the budget, e.g. ImageNet): only the list of
 files is kept; ``ImageSet.stream`` decodes each image on access, fitted to ``image_size`` x
 ``image_size`` (default 256) so that batches stack and the same on-device augmentation applies.
-Images are always decoded as RGB (C = 3). ``mean``/``std`` are the statistics of the loaded split
+Images are always decoded as RGB (C = 3); 16-bit and float grey images are scaled to 8 bits, not clipped. ``mean``/``std`` are the statistics of the loaded split
 (ImageNet's for streamed sets); normalise every split with the train split's.
 """
 
 import hashlib
 import json
 import os
+import pickle
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -148,10 +149,32 @@ def decode_image(path: str, size: tuple[int, int] | None = None, max_size: int |
         if size is not None:
             scale = max(size[0] / h, size[1] / w)
             img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # fast JPEG downscale
-        img = img.convert("RGB")
+        img = _to_rgb(img)
         if size is not None:
             img = fit_image(img, *size)
         return np.asarray(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL image -> 8-bit RGB; wide grey modes are scaled down instead of clipped at 255.
+
+    PIL's own ``convert`` clips 16-bit grey (``I;16*``, ``I``) and float (``F``) pixels at 255, which saturates
+    nearly every pixel of a 16-bit PNG. 16-bit values become ``round(v / 257)`` (65535 -> 255, within 1 of
+    ``v >> 8``); 32-bit integers or floats outside those ranges are stretched from their own min..max.
+    """
+    if img.mode not in ("I", "F") and not img.mode.startswith("I;16"):
+        return img.convert("RGB")
+    a = np.asarray(img, dtype=np.float64)  # (H, W)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255  # floats in [0, 1]
+    elif 0 <= lo and hi <= 65535:
+        a = a / 257  # 16-bit range (I;16*, and PNG/TIFF 16-bit grey opened as I)
+    elif hi > lo:
+        a = (a - lo) * (255 / (hi - lo))
+    else:
+        a = np.zeros_like(a)
+    return Image.fromarray(np.rint(a).clip(0, 255).astype(np.uint8), "L").convert("RGB")
 
 
 def _decode_chunk(
@@ -221,14 +244,29 @@ def _cache_file(folder: str, files: list[os.DirEntry], image_size: int | None, m
     return cache_dir() / f"folder-{slug}-{len(files)}-{digest.hexdigest()[:16]}.pt"
 
 
+_CACHE_KEYS = {"images", "targets", "classes", "paths", "failed", "mean", "std"}
+
+
 def _read_cache(path: Path) -> dict | None:
+    """The cached payload, or None (with a warning) for a file that is damaged, foreign or needs more than
+    tensors and plain containers to load (``weights_only``: a planted pickle runs no code)."""
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as err:
-        warnings.warn(f"ignoring unreadable cache {path} ({err}); decoding again", stacklevel=3)
-        return None
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    else:
+        if (
+            isinstance(payload, dict)
+            and _CACHE_KEYS <= set(payload)
+            and isinstance(payload["images"], Tensor)
+            and payload["images"].dtype == torch.uint8
+        ):
+            return payload
+        reason = "not a sela folder cache"
+    warnings.warn(f"ignoring unreadable cache {path} ({reason}); decoding again", stacklevel=3)
+    return None
 
 
 def _write_cache(path: Path, payload: dict) -> None:
@@ -296,6 +334,8 @@ def load_folder(
     for arg, value in (("image_size", image_size), ("max_size", max_size)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{arg} must be a positive integer (px), got {value!r}")
+    if not os.fspath(root).strip():  # abspath('') is the current directory: never scan it by accident
+        raise ValueError("the image folder is an empty string; pass the folder that holds the images")
     folder = split_dir(os.path.abspath(os.fspath(root)), split)
     files, targets, classes = scan_folder(folder)
     if in_memory is None:
