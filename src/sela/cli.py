@@ -194,6 +194,11 @@ def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
     from sela.config import compare_configs
     from sela.models import list_models
 
+    holder = rundir.RunLock(out).holder()
+    if holder is not None:
+        raise UsageError(
+            f"{out} is in use by another sela train (pid {holder}); wait for it to finish or choose another --out"
+        )
     positive_or_unset = ("image_size", "crop_size", "small_crop_size")
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),

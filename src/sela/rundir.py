@@ -331,6 +331,19 @@ class RunLock:
         self.path = Path(out_dir) / LOCK
         self._fd: int | None = None
 
+    def holder(self) -> str | None:
+        """The pid of the process that holds the lock now, or None (creates nothing)."""
+        if not self.path.is_file():
+            return None
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # also drops the shared lock taken by the probe
+        return None
+
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
