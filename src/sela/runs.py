@@ -94,6 +94,40 @@ def load_test_split(
     return None
 
 
+def _recorded_config(ckpt: dict, run_dir: Path | None) -> dict:
+    """A sela checkpoint's configuration: the one it carries, else its run directory's config.json."""
+    return ckpt.get("config") or (rundir.read_json(run_dir / rundir.CONFIG) if run_dir else {})
+
+
+def _stored_labels(ckpt: Any, n_heads: int, train_set: ImageSet, notes: list[str]) -> Tensor | None:
+    """The (H, N) self-labels stored with the model, or None (with a note when they do not fit)."""
+    labels = _as_label_matrix(ckpt.get("labels")) if isinstance(ckpt, dict) else None
+    if labels is not None and tuple(labels.shape) != (n_heads, len(train_set)):
+        notes.append(
+            f"the checkpoint's labels {tuple(labels.shape)} do not match {n_heads} heads x "
+            f"{len(train_set)} {train_set.name or 'training'} images; they are not evaluated"
+        )
+        return None
+    return labels
+
+
+def _check_source_flags(path: Path, sela: bool, config: dict, arch: str | None, dataset: str | None) -> None:
+    """A sela run records its architecture (a different --arch is an error); a foreign one needs both."""
+    if sela and arch is not None and arch != config.get("arch"):
+        raise ValueError(f"{path} was trained as {config.get('arch')!r}; drop --arch {arch}")
+    if not sela and (arch is None or dataset is None):
+        raise ValueError(
+            f"{path} is not a sela run, so give its architecture and data: --arch NAME --dataset NAME"
+        )
+
+
+def _train_split(dataset: str, data_dir: str | None, size: int | None) -> ImageSet:
+    train_set = load_dataset(dataset, data_dir, "train", image_size=size)
+    if len(train_set) == 0:
+        raise ValueError(f"the {dataset} training split is empty; check --data-dir")
+    return train_set
+
+
 def _locate(source: str | os.PathLike) -> tuple[Path, Path | None]:
     """The checkpoint file of ``source`` and its run directory (None for a file outside one)."""
     path = Path(source)
@@ -163,41 +197,33 @@ def load_run(
     path, run_dir = _locate(source)
     ckpt = rundir.load_file(path)
     sela = rundir.checkpoint_format(ckpt) is not None
-    config = (
-        (ckpt.get("config") or (rundir.read_json(run_dir / rundir.CONFIG) if run_dir else {})) if sela else {}
-    )
-    recorded = data_settings(config)
+    config = _recorded_config(ckpt, run_dir) if sela else {}
     if sela and arch is not None and arch != config.get("arch"):
         raise ValueError(f"{path} was trained as {config.get('arch')!r}; drop --arch {arch}")
     if not sela and (arch is None or dataset is None):
         raise ValueError(
             f"{path} is not a sela run, so give its architecture and data: --arch NAME --dataset NAME"
         )
+    recorded = data_settings(config)
     arch = config.get("arch", arch)
     dataset = dataset or recorded["dataset"]
     data_dir = data_dir if data_dir is not None else recorded["data_dir"]
     size = image_size or recorded["image_size"] or (default_image_size or {}).get(dataset)
-    train_set = load_dataset(dataset, data_dir, "train", image_size=size)
-    if len(train_set) == 0:
-        raise ValueError(f"the {dataset} training split is empty; check --data-dir")
+    train_set = _train_split(dataset, data_dir, size)
     side = train_set.side(size)
-    notes: list[str] = []
     if sela:
         model, untrained = _sela_model(ckpt, config, train_set.channels, side, path), []
     else:
         model, untrained = _foreign_model(ckpt, arch, clusters, side)
-    if untrained:
-        notes.append(f"heads {untrained} are not in the checkpoint; their cluster metrics are skipped")
+    notes = (
+        [f"heads {untrained} are not in the checkpoint; their cluster metrics are skipped"]
+        if untrained
+        else []
+    )
     model = model.to(device).eval()
     transform = EvalTransform(side, mean=train_set.mean, std=train_set.std).to(device)
     check_fits(model, train_set, transform, arch=arch, image_size=side)
-    labels = _as_label_matrix(ckpt.get("labels")) if isinstance(ckpt, dict) else None
-    if labels is not None and tuple(labels.shape) != (len(model.n_clusters), len(train_set)):
-        notes.append(
-            f"the checkpoint's labels {tuple(labels.shape)} do not match {len(model.n_clusters)} heads x "
-            f"{len(train_set)} {dataset} training images; they are not evaluated"
-        )
-        labels = None
+    labels = _stored_labels(ckpt, len(model.n_clusters), train_set, notes)
     return Run(
         model=model,
         labels=labels,
