@@ -59,6 +59,7 @@ import json, sys, tempfile, time
 import torch
 from sela.data import BatchAugment, EvalTransform, ImageSet, load_dataset
 from sela.models import create_model
+from sela.objectives import SelaObjective, SwappedObjective
 from sela.train import Trainer
 budget_s, widths, batch, updates = float(sys.argv[1]) * 60, json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 heads, projector, inputs, precision, objective = int(sys.argv[5]), tuple(json.loads(sys.argv[6])), *sys.argv[7:10]
@@ -71,15 +72,19 @@ probe_steps = 12
 crop = int(sys.argv[14])
 images = load_dataset("folder", sys.argv[13], "train").images[: probe_steps * batch]
 with tempfile.TemporaryDirectory() as tmp:
+    if objective == "swapped":
+        small = BatchAugment(crop // 2, crop_scale=(0.1, 0.4))
+        loss = SwappedObjective(BatchAugment(crop), small_crops=int(sys.argv[12]), small_augment=small)
+    else:
+        loss = SelaObjective(BatchAugment(crop))
     trainer = Trainer(
         create_model("convnet", [int(sys.argv[11])] * heads, widths=tuple(widths), projector=projector,
                      pools=tuple(json.loads(sys.argv[15]))),
-        ImageSet(images), out_dir=tmp, epochs=1000, batch_size=batch, lr=float(sys.argv[10]),
-        label_updates=1, label_inputs=inputs, augment=BatchAugment(crop), eval_transform=EvalTransform(32),
-        device=torch.device("cpu"), progress=False, precision=precision, objective=objective,
-        small_crops=int(sys.argv[12]), small_augment=BatchAugment(crop // 2, crop_scale=(0.1, 0.4)),
+        ImageSet(images), objective=loss, out_dir=tmp, epochs=1000, batch_size=batch, lr=float(sys.argv[10]),
+        label_updates=1, label_inputs=inputs, eval_transform=EvalTransform(32),
+        device=torch.device("cpu"), progress=False, precision=precision,
     )
-    trainer.update_labels(0)
+    trainer.update_labels()
     trainer.train_one_epoch(0)  # warm-up
     times = []
     for epoch in (1, 2):
