@@ -16,6 +16,7 @@ Letters: N samples, D features, H heads, K_h clusters of head h, B batch, W rank
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -93,6 +94,13 @@ class LabelState:
         # an entry of the scaling can underflow to 0 on extreme logits: then solve cold next time
         ok = bool(torch.isfinite(result.scaling).all() and (result.scaling > 0).all())
         self.scalings[head] = result.scaling if ok else None
+        if not result.converged and dist.is_main():
+            warnings.warn(
+                f"label step {self.n_updates + 1}, head {head}: the Sinkhorn solve did not converge (marginal "
+                f"error {result.error:.3g} after {result.n_iter} passes), so its labels may be unbalanced; "
+                f"lower lam (now {self.lam:g}; the paper uses {DEFAULT_LAM:g})",
+                stacklevel=2,
+            )
         return result
 
     def state_dict(self) -> dict:

@@ -370,7 +370,7 @@ class Trainer:
             logits = buffer[: len(rows) * head.out_features].view(len(rows), head.out_features)  # (n_r, K_h)
             for s in range(0, len(rows), 8192):
                 torch.addmm(head.bias, feats[s : s + 8192].float(), head.weight.t(), out=logits[s : s + 8192])
-            self._warn_if_unsolved(h, self.state.relabel(h, logits, rows))
+            self.state.relabel(h, logits, rows)
             big = -(-len(self.train_set) // dist.world_size()) * head.out_features * 4 > 2**30
             solver_copy = max(solver_copy, 0 if big else logits.numel() * 4)  # the solver's float32 kernel
         self.state.n_updates += 1
@@ -390,20 +390,10 @@ class Trainer:
         for h, logits in record.items():
             if not bool(torch.isfinite(logits).all()):
                 raise self._diverged_outputs()
-            self._warn_if_unsolved(h, self.state.relabel(h, logits, rows))
+            self.state.relabel(h, logits, rows)
         self.state.n_updates += 1
         self._note_label_memory(sum(buf.numel() * buf.element_size() for buf in record.values()), None)
         return time.perf_counter() - start
-
-    def _warn_if_unsolved(self, head: int, result) -> None:
-        """A label step whose solve stopped short of balanced labels says so (rank 0)."""
-        if not result.converged and dist.is_main():
-            warnings.warn(
-                f"label step {self.state.n_updates + 1}, head {head}: the Sinkhorn solve did not converge "
-                f"(marginal error {result.error:.3g} after {result.n_iter} passes), so its labels may be "
-                f"unbalanced; lower --lam (now {self.state.lam:g})",
-                stacklevel=3,
-            )
 
     def _diverged_outputs(self) -> TrainingDiverged:
         return TrainingDiverged(
