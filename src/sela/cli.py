@@ -37,6 +37,11 @@ _TRAIN_FLAGS = {
         int,
         "resize images to this many px (default: the dataset's own; digits 16)",
     ),
+    "--recipe": (
+        "recipe",
+        str,
+        "auto (default: chosen from the images and the device), cpu-fast, gpu-fast, paper or none (plain defaults)",
+    ),
     "--arch": ("arch", str, "network: see `sela models` (default convnet)"),
     "--epochs": ("epochs", int, "training epochs (with --time-limit: the first plan)"),
     "--time-limit": (
@@ -115,14 +120,15 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
 
-def resolve_train_config(args: argparse.Namespace) -> TrainConfig:
-    """Defaults (with the dataset's preset), then the TOML file, then flags given, then --set overrides."""
+def resolve_train_config(args: argparse.Namespace, recipe: dict | None = None) -> TrainConfig:
+    """Defaults (with the dataset's preset), a recipe's settings, then the TOML file, then flags given,
+    then --set overrides."""
     toml = tomllib_load(args.config) if args.config else {}
     dataset = args.dataset or toml.get("dataset") or TrainConfig.dataset
     for item in args.set:
         if item.startswith("dataset="):
             dataset = item.partition("=")[2]
-    cfg = apply_overrides(train_defaults(dataset), _flatten(toml))
+    cfg = apply_overrides(apply_overrides(train_defaults(dataset), recipe or {}), _flatten(toml))
     flags = {}
     for flag, (key, _, _) in _TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -261,6 +267,31 @@ def _load_train_data(cfg: TrainConfig):
     return train_set, test_set
 
 
+def _apply_recipe(args: argparse.Namespace, cfg: TrainConfig, train_set, device) -> TrainConfig:
+    """The configuration with its recipe applied (flags and --set still win); says which and why."""
+    from sela import recipes
+    from sela.config import DATASET_PRESETS
+
+    name, why = cfg.recipe, "asked for"
+    if name == "auto" and cfg.dataset in DATASET_PRESETS:
+        _say(f"settings: the {cfg.dataset} preset (--recipe NAME to choose another)")
+        return apply_overrides(cfg, {"recipe": "none"})
+    if name == "none":
+        return cfg
+    side = train_set.side(cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset))
+    facts = recipes.data_facts(train_set, side, device)
+    if name == "auto":
+        name, why = recipes.choose(facts)
+    try:
+        chosen = recipes.settings(name, facts)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    cfg = apply_overrides(resolve_train_config(args, chosen), {"recipe": name})
+    shown = ", ".join(f"{k.removeprefix('augment.')}={v}" for k, v in chosen.items())
+    _say(f"recipe {name} ({why}; --recipe NAME to choose): {shown}")
+    return cfg
+
+
 def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
     """The model, the objective and the Trainer that a configuration describes."""
     import torch
@@ -339,6 +370,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(cfg.out)
     _check_train_config(cfg, out, resume=args.resume)
     train_set, test_set = _load_train_data(cfg)
+    cfg = _apply_recipe(args, cfg, train_set, device)
+    _check_train_config(cfg, out, resume=args.resume)
     trainer = _build_trainer(cfg, train_set, device, out)
     created = not out.exists()
     lock = rundir.RunLock(out).acquire() if dist.is_main() else None

@@ -63,6 +63,9 @@ class TrainConfig:
     data_dir: str | None = None
     image_size: int | None = None  # px; None: the dataset's default (digits: 16, others: native)
     strict: bool = False  # fail on unreadable images instead of skipping them
+    # named settings (sela.recipes) applied over the defaults, under a TOML file and flags: "auto" picks one
+    # from the data and the device (a dataset with a preset keeps it); "none": the plain defaults
+    recipe: str = "auto"
     # model
     arch: str = "convnet"
     heads: int = 4

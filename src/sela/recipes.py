@@ -1,0 +1,140 @@
+"""Named, measured training recipes, and the rule that picks one from the data and the device.
+
+A recipe is a set of ``sela train`` settings (config keys, as in config.json) that suits a kind of data and
+machine. ``sela train`` applies it over the defaults and under a TOML file, flags and ``--set`` overrides,
+so any field can still be changed. The rule (:func:`choose`) looks only at what any image folder has: the
+images' side and channels, their number, and the device; never at a dataset's name (the embedded digits
+demo keeps its own preset, ``sela.config.DATASET_PRESETS``).
+
+Recipes:
+    cpu-fast  a time budget on a CPU: the online ``swapped`` objective on half-size views with a small
+              convnet whose blocks pool down to a 4x4 map (measured: docs/experiments.md).
+    gpu-fast  a time budget on one GPU: ResNet-18, the swapped objective, multi-crop (not yet measured).
+    paper     the paper's CIFAR-10 protocol: AlexNet with BatchNorm, 10 heads x 128 clusters, lambda 10
+              (the original code's CIFAR setting), 400 epochs, a label step per epoch re-labelling one head
+              in turn from augmented train-mode outputs, the original augmentation.
+
+Data-dependent parts of the fast recipes: the training views are half the image side (the label step and
+evaluation see whole images); greyscale images (one channel, or three equal ones) get no colour jitter,
+grayscale conversion or flips, and milder crops (their class lives in the shape); the number of clusters
+is at most N / 20 so that every cluster can hold a few dozen images.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sela.data import ImageSet
+
+RECIPES = ("cpu-fast", "gpu-fast", "paper")
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the rule looks at: image side (px), channels, greyscale, number of images, device type."""
+
+    side: int
+    channels: int
+    grey: bool
+    n: int
+    device: str
+
+    def describe(self) -> str:
+        kind = "greyscale" if self.grey else f"{self.channels}-channel"
+        return f"{self.device.upper()}, {self.n} {kind} images of {self.side} px"
+
+
+def data_facts(train_set: ImageSet, side: int, device: torch.device) -> DataFacts:
+    """The facts of a training set (greyscale: one channel, or three equal channels on a sample)."""
+    grey = train_set.channels == 1
+    if train_set.in_memory and train_set.channels == 3:
+        sample = train_set.images[:: max(1, len(train_set) // 256)]  # (n, 3, H, W)
+        grey = bool((sample[:, 0] == sample[:, 1]).all() and (sample[:, 1] == sample[:, 2]).all())
+    return DataFacts(side=side, channels=train_set.channels, grey=grey, n=len(train_set), device=device.type)
+
+
+def choose(facts: DataFacts) -> tuple[str, str]:
+    """The recipe for these data and device, and why (one line)."""
+    if facts.device == "cuda":
+        return "gpu-fast", f"{facts.describe()}: a GPU, so ResNet-18 with the online objective"
+    return "cpu-fast", f"{facts.describe()}: a CPU, so the small convnet on half-size views"
+
+
+def settings(name: str, facts: DataFacts) -> dict[str, Any]:
+    """The config settings of recipe ``name`` for these data (dotted keys for the augment section)."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (or auto)")
+    if name == "paper":
+        return _paper()
+    out = _cpu_fast(facts) if name == "cpu-fast" else _gpu_fast(facts)
+    out["clusters"] = [min(out["clusters"][0], max(10, facts.n // 20))]
+    out.update(_augment(facts))
+    return out
+
+
+def _cpu_fast(facts: DataFacts) -> dict[str, Any]:
+    view = max(8, facts.side // 2)
+    # pool until the last map is about 4 x 4 (16 px views: pooled, pooled, un-pooled)
+    n_pools = min(3, max(0, round(math.log2(view / 4))))
+    return {
+        "objective": "swapped",
+        "arch": "convnet",
+        "widths": [32, 64, 96],
+        "pools": [i < n_pools for i in range(3)],
+        "heads": 5,
+        "clusters": [128],
+        "crop_size": view,
+        "batch_size": 256,
+        "lr": 0.25,
+        "label_inputs": "eval",
+        "label_heads": "round-robin",
+        "label_spacing": "linear",
+        "label_updates": 4,
+    }
+
+
+def _gpu_fast(facts: DataFacts) -> dict[str, Any]:
+    return {
+        "objective": "swapped",
+        "arch": "resnet18_cifar" if facts.side <= 64 else "resnet18",
+        "heads": 3,
+        "clusters": [512],
+        "batch_size": 512,
+        "lr": 0.6,
+        "small_crops": 4,
+        "label_inputs": "eval",
+        "epochs": 200,
+    }
+
+
+def _augment(facts: DataFacts) -> dict[str, Any]:
+    if facts.grey:  # no colour to be invariant to; flips and small crops change a shape's meaning
+        return {
+            "augment.jitter": [0.4, 0.4, 0.0, 0.0],
+            "augment.jitter_p": 0.8,
+            "augment.grayscale_p": 0.0,
+            "augment.flip_p": 0.0,
+            "augment.crop_scale": [0.5, 1.0],
+        }
+    return {"augment.jitter": [0.4, 0.4, 0.4, 0.1], "augment.jitter_p": 0.8}  # SimCLR's colour jitter
+
+
+def _paper() -> dict[str, Any]:
+    return {
+        "objective": "sela",
+        "arch": "alexnet",
+        "heads": 10,
+        "clusters": [128],
+        "lam": 10.0,
+        "epochs": 400,
+        "batch_size": 128,
+        "lr": 0.05,
+        "label_updates": 400,
+        "label_spacing": "linear",
+        "label_heads": "round-robin",
+        "label_inputs": "train",
+    }
