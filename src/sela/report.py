@@ -146,6 +146,137 @@ def _page(title: str, body: str) -> str:
     )
 
 
+def _check_arguments(
+    labels: Tensor, n_clusters: list[int], n_images: int, *, head: int, per_page: int, samples: int, top: int
+) -> None:
+    """Raise ``ValueError`` for (H, N) ``labels`` of the wrong shape, a missing head or a count below 1."""
+    if labels.ndim != 2 or labels.shape != (len(n_clusters), n_images):
+        raise ValueError(
+            f"labels must be (H, N) = ({len(n_clusters)}, {n_images}), got {tuple(labels.shape)}"
+        )
+    if not 0 <= head < len(n_clusters):
+        raise ValueError(f"--head {head} does not exist; the run has heads 0..{len(n_clusters) - 1}")
+    for name, value in (("per_page", per_page), ("samples", samples), ("top", top)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+
+
+def _plot_top_clusters(
+    images: ImageSet,
+    top_rows: list[ClusterInfo],
+    picks: dict[int, Tensor],
+    path: Path,
+    *,
+    samples: int,
+    seed: int,
+) -> None:
+    """The SeLa paper's figure: the picked members of each of ``top_rows``, one row per cluster."""
+    rows = torch.cat([picks[c.cluster] for c in top_rows])  # (n,) image rows in the figure
+    compact = torch.repeat_interleave(
+        torch.tensor([c.cluster for c in top_rows]), torch.tensor([len(picks[c.cluster]) for c in top_rows])
+    )  # (n,) the cluster of each
+    cluster_grid(
+        gather_images(images, rows),
+        compact,
+        [c.cluster for c in top_rows],
+        path,
+        per_cluster=samples,
+        titles=[_title(c, images.classes).replace("cluster ", "c") for c in top_rows],
+        seed=seed,
+    )
+
+
+def _nav(i: int, names: list[str]) -> str:
+    """The navigation bar of page ``i`` (0-based) of ``names``: index, prev and next links."""
+    nav = ['<a href="index.html" id="up">index</a>']
+    if i > 0:
+        nav.append(f'<a href="{names[i - 1]}" id="prev">&larr; prev</a>')
+    if i + 1 < len(names):
+        nav.append(f'<a href="{names[i + 1]}" id="next">next &rarr;</a>')
+    return f"<nav>{''.join(nav)} page {i + 1} of {len(names)}</nav>"
+
+
+def _write_pages(
+    shown: list[ClusterInfo], out: Path, classes: list[str] | None, *, title: str, head: int, per_page: int
+) -> list[str]:
+    """Write ``shown``'s clusters ``per_page`` a page into ``out``; return the page file names in order."""
+    pages = [shown[i : i + per_page] for i in range(0, len(shown), per_page)]
+    names = [f"page_{i + 1:03d}.html" for i in range(len(pages))]
+    for i, (page, name) in enumerate(zip(pages, names, strict=True)):
+        nav_html = _nav(i, names)
+        blocks = [
+            f'<div class="cluster" id="c{c.cluster}"><h3>{html.escape(_title(c, classes))}</h3>'
+            f'<img src="clusters/c{c.cluster:05d}.png" alt="cluster {c.cluster}"></div>'
+            for c in page
+        ]
+        body = (
+            f"{nav_html}\n<h2>{html.escape(title)}: head {head}</h2>\n" + "\n".join(blocks) + f"\n{nav_html}"
+        )
+        (out / name).write_text(_page(f"{title}, page {i + 1}", body))
+    return names
+
+
+def _facts(info: dict | None, *, head: int, k: int, n_empty: int, n_images: int, by_purity: bool) -> dict:
+    """The key/value pairs at the top of the index: the caller's ``info``, then the head and its clusters."""
+    return {
+        **(info or {}),
+        "head": head,
+        "clusters": f"{k} ({n_empty} empty)",
+        "images": n_images,
+        "order": "purity (share of the majority class)" if by_purity else "size",
+    }
+
+
+def _cluster_rows(
+    shown: list[ClusterInfo], page_of: dict[int, str], classes: list[str] | None, *, by_purity: bool
+) -> str:
+    """The index's table rows: each cluster linked to its page, its size and (``by_purity``) its purity."""
+    return "".join(
+        f'<tr><td><a href="{page_of[c.cluster]}#c{c.cluster}">{c.cluster}</a></td><td>{c.size}</td>'
+        + (
+            f"<td>{100 * c.purity:.1f}%</td><td>{html.escape(_class_name(c, classes))}</td>"
+            if c.purity is not None
+            else ("<td></td><td></td>" if by_purity else "")
+        )
+        + "</tr>"
+        for c in shown
+    )
+
+
+def _index_body(
+    title: str,
+    facts: dict,
+    shown: list[ClusterInfo],
+    empty: list[int],
+    names: list[str],
+    classes: list[str] | None,
+    *,
+    per_page: int,
+    by_purity: bool,
+) -> str:
+    """The index page's HTML body: the facts, the figures, links to every page and the cluster table."""
+    rows_html = "".join(
+        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(v))}</td></tr>" for key, v in facts.items()
+    )
+    page_of = {c.cluster: names[i // per_page] for i, c in enumerate(shown)}
+    cluster_rows = _cluster_rows(shown, page_of, classes, by_purity=by_purity)
+    head_cols = "<th>purity</th><th>majority</th>" if by_purity else ""
+    parts = [f"<h1>{html.escape(title)}</h1>", f"<table>{rows_html}</table>"]
+    if names:
+        parts.append(f'<p><a href="{names[0]}" id="next">browse all {len(shown)} clusters &rarr;</a></p>')
+    parts += [
+        '<h2>Top clusters</h2>\n<img src="top_clusters.png" alt="top clusters">',
+        '<h2>Cluster sizes</h2>\n<img src="sizes.png" alt="cluster sizes">',
+        "<h2>Pages</h2>",
+        "<p>" + " ".join(f'<a href="{n}">{i + 1}</a>' for i, n in enumerate(names)) + "</p>",
+        "<h2>Clusters</h2>",
+        f"<table><tr><th>cluster</th><th>images</th>{head_cols}</tr>{cluster_rows}</table>",
+    ]
+    if empty:
+        parts.append(f"<p>empty clusters: {', '.join(map(str, empty))}</p>")
+    return "\n".join(parts)
+
+
 def render_report(
     images: ImageSet,
     labels: Tensor,
@@ -176,20 +307,11 @@ def render_report(
         The path of index.html.
     """
     labels = torch.as_tensor(labels).long().cpu()
-    if labels.ndim != 2 or labels.shape != (len(n_clusters), len(images)):
-        raise ValueError(
-            f"labels must be (H, N) = ({len(n_clusters)}, {len(images)}), got {tuple(labels.shape)}"
-        )
-    if not 0 <= head < len(n_clusters):
-        raise ValueError(f"--head {head} does not exist; the run has heads 0..{len(n_clusters) - 1}")
-    for name, value in (("per_page", per_page), ("samples", samples), ("top", top)):
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+    _check_arguments(labels, n_clusters, len(images), head=head, per_page=per_page, samples=samples, top=top)
     out = Path(out_dir)
     (out / "clusters").mkdir(parents=True, exist_ok=True)
-    truth = images.targets
     k = n_clusters[head]
-    table = cluster_table(labels[head], k, truth)
+    table = cluster_table(labels[head], k, images.targets)
     shown = [c for c in table if c.size > 0]
     empty = [c.cluster for c in table if c.size == 0]
     by_purity = any(c.purity is not None for c in table)
@@ -198,80 +320,18 @@ def render_report(
     plot_cluster_sizes(labels, list(n_clusters), out / "sizes.png")
     gen = torch.Generator().manual_seed(seed)
     picks = {c.cluster: _members(labels[head], c.cluster, samples, gen) for c in shown}  # cluster -> rows
-    top_rows = shown[:top]
-    rows = torch.cat([picks[c.cluster] for c in top_rows])  # (n,) image rows in the figure
-    compact = torch.repeat_interleave(
-        torch.tensor([c.cluster for c in top_rows]), torch.tensor([len(picks[c.cluster]) for c in top_rows])
-    )  # (n,) the cluster of each
-    cluster_grid(
-        gather_images(images, rows),
-        compact,
-        [c.cluster for c in top_rows],
-        out / "top_clusters.png",
-        per_cluster=samples,
-        titles=[_title(c, images.classes).replace("cluster ", "c") for c in top_rows],
-        seed=seed,
-    )
+    _plot_top_clusters(images, shown[:top], picks, out / "top_clusters.png", samples=samples, seed=seed)
     for c in shown:
         _save_strip(gather_images(images, picks[c.cluster]), out / "clusters" / f"c{c.cluster:05d}.png")
 
     # pages of clusters with prev / next links
-    pages = [shown[i : i + per_page] for i in range(0, len(shown), per_page)]
-    names = [f"page_{i + 1:03d}.html" for i in range(len(pages))]
-    for i, (page, name) in enumerate(zip(pages, names, strict=True)):
-        nav = ['<a href="index.html" id="up">index</a>']
-        if i > 0:
-            nav.append(f'<a href="{names[i - 1]}" id="prev">&larr; prev</a>')
-        if i + 1 < len(pages):
-            nav.append(f'<a href="{names[i + 1]}" id="next">next &rarr;</a>')
-        nav_html = f"<nav>{''.join(nav)} page {i + 1} of {len(pages)}</nav>"
-        blocks = [
-            f'<div class="cluster" id="c{c.cluster}"><h3>{html.escape(_title(c, images.classes))}</h3>'
-            f'<img src="clusters/c{c.cluster:05d}.png" alt="cluster {c.cluster}"></div>'
-            for c in page
-        ]
-        body = (
-            f"{nav_html}\n<h2>{html.escape(title)}: head {head}</h2>\n" + "\n".join(blocks) + f"\n{nav_html}"
-        )
-        (out / name).write_text(_page(f"{title}, page {i + 1}", body))
+    names = _write_pages(shown, out, images.classes, title=title, head=head, per_page=per_page)
 
     # the index
-    facts = {
-        **(info or {}),
-        "head": head,
-        "clusters": f"{k} ({len(empty)} empty)",
-        "images": len(images),
-        "order": "purity (share of the majority class)" if by_purity else "size",
-    }
-    rows_html = "".join(
-        f"<tr><th>{html.escape(str(key))}</th><td>{html.escape(str(v))}</td></tr>" for key, v in facts.items()
+    facts = _facts(info, head=head, k=k, n_empty=len(empty), n_images=len(images), by_purity=by_purity)
+    body = _index_body(
+        title, facts, shown, empty, names, images.classes, per_page=per_page, by_purity=by_purity
     )
-    page_of = {c.cluster: names[i // per_page] for i, c in enumerate(shown)}
-    cluster_rows = "".join(
-        f'<tr><td><a href="{page_of[c.cluster]}#c{c.cluster}">{c.cluster}</a></td><td>{c.size}</td>'
-        + (
-            f"<td>{100 * c.purity:.1f}%</td><td>{html.escape(_class_name(c, images.classes))}</td>"
-            if c.purity is not None
-            else ("<td></td><td></td>" if by_purity else "")
-        )
-        + "</tr>"
-        for c in shown
-    )
-    head_cols = "<th>purity</th><th>majority</th>" if by_purity else ""
-    parts = [f"<h1>{html.escape(title)}</h1>", f"<table>{rows_html}</table>"]
-    if names:
-        parts.append(f'<p><a href="{names[0]}" id="next">browse all {len(shown)} clusters &rarr;</a></p>')
-    parts += [
-        '<h2>Top clusters</h2>\n<img src="top_clusters.png" alt="top clusters">',
-        '<h2>Cluster sizes</h2>\n<img src="sizes.png" alt="cluster sizes">',
-        "<h2>Pages</h2>",
-        "<p>" + " ".join(f'<a href="{n}">{i + 1}</a>' for i, n in enumerate(names)) + "</p>",
-        "<h2>Clusters</h2>",
-        f"<table><tr><th>cluster</th><th>images</th>{head_cols}</tr>{cluster_rows}</table>",
-    ]
-    if empty:
-        parts.append(f"<p>empty clusters: {', '.join(map(str, empty))}</p>")
-    body = "\n".join(parts)
     index = out / "index.html"
     index.write_text(_page(title, body))
     return index

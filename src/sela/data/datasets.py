@@ -256,6 +256,41 @@ def resize_images(images: Tensor, size: int, chunk: int = 2048) -> Tensor:
     return torch.cat(out)
 
 
+def _check_arguments(name: str, root: str | os.PathLike | None, split: str, image_size: int | None) -> None:
+    """Raise ``ValueError`` for an unknown dataset or split, a bad ``image_size`` or an empty ``root``."""
+    if name not in SPLITS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(SPLITS)}")
+    if split not in SPLITS[name]:
+        raise ValueError(f"{name} has no split {split!r}; choose one of {', '.join(SPLITS[name])}")
+    if image_size is not None and (
+        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
+    ):
+        raise ValueError(f"image_size must be a positive integer (px) or None, got {image_size!r}")
+    if root is not None and not os.fspath(root).strip():
+        # an empty path means the current directory to os and pathlib: a folder dataset would train on
+        # every image below it
+        raise ValueError(
+            f"the data directory is an empty string; pass the folder that holds {name}'s files "
+            "(e.g. --data-dir ./data), or leave it unset for the default"
+        )
+
+
+def _downloadable(name: str, root: str | os.PathLike | None, split: str, download: bool) -> ImageSet:
+    """One split of CIFAR-10/100, SVHN or STL-10, read from ``data_root(name, root)`` (downloaded if allowed).
+
+    Its ``mean`` and ``std`` are those of the train split (``_STATS``).
+    """
+    root = data_root(name, root)
+    if name in ("cifar10", "cifar100"):
+        images, targets, classes = _cifar(name, root, split, download)
+    elif name == "svhn":
+        images, targets, classes = _svhn(root, split, download)
+    else:
+        images, targets, classes = _stl10(root, split, download)
+    mean, std = _STATS[name]
+    return ImageSet(images=images, targets=targets, classes=classes, name=name, mean=mean, std=std)
+
+
 def load_dataset(
     name: str,
     root: str | os.PathLike | None = None,
@@ -283,21 +318,7 @@ def load_dataset(
         DatasetNotFoundError: the files are missing and could not be downloaded (names the URL and
             the place to put them); a ``FileNotFoundError`` and a ``ValueError``.
     """
-    if name not in SPLITS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(SPLITS)}")
-    if split not in SPLITS[name]:
-        raise ValueError(f"{name} has no split {split!r}; choose one of {', '.join(SPLITS[name])}")
-    if image_size is not None and (
-        isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
-    ):
-        raise ValueError(f"image_size must be a positive integer (px) or None, got {image_size!r}")
-    if root is not None and not os.fspath(root).strip():
-        # an empty path means the current directory to os and pathlib: a folder dataset would train on
-        # every image below it
-        raise ValueError(
-            f"the data directory is an empty string; pass the folder that holds {name}'s files "
-            "(e.g. --data-dir ./data), or leave it unset for the default"
-        )
+    _check_arguments(name, root, split, image_size)
     if name == "folder":
         if root is None:
             raise ValueError("the folder dataset needs root=<folder with train/ and test/ or images>")
@@ -306,18 +327,7 @@ def load_dataset(
         )
     if in_memory is False:
         raise ValueError(f"{name} is always held in memory; in_memory=False is for folder datasets")
-    if name == "digits":
-        imageset = _digits(split)
-    else:
-        root = data_root(name, root)
-        if name in ("cifar10", "cifar100"):
-            images, targets, classes = _cifar(name, root, split, download)
-        elif name == "svhn":
-            images, targets, classes = _svhn(root, split, download)
-        else:
-            images, targets, classes = _stl10(root, split, download)
-        mean, std = _STATS[name]
-        imageset = ImageSet(images=images, targets=targets, classes=classes, name=name, mean=mean, std=std)
+    imageset = _digits(split) if name == "digits" else _downloadable(name, root, split, download)
     if image_size is not None:
         imageset.images = resize_images(imageset.images, image_size)
     return imageset

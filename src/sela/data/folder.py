@@ -307,6 +307,70 @@ class FolderStream(Dataset):
 # ----------------------------------------------------------------------------------------------- entry
 
 
+def _check_arguments(root: str, image_size: int | None, max_size: int) -> None:
+    """Raise ``ValueError`` for a size that is not a positive integer or an empty folder name."""
+    for arg, value in (("image_size", image_size), ("max_size", max_size)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{arg} must be a positive integer (px), got {value!r}")
+    if not os.fspath(root).strip():  # abspath('') is the current directory: never scan it by accident
+        raise ValueError("the image folder is an empty string; pass the folder that holds the images")
+
+
+def _fits_in_memory(n_images: int, side: int, memory_budget_gb: float) -> bool:
+    """Whether ``n_images`` decoded uint8 (3, side, side) images fit ``memory_budget_gb`` GiB."""
+    return n_images * 3 * side * side <= memory_budget_gb * 2**30
+
+
+def _streamed_set(
+    files: list[os.DirEntry], targets: list[int] | None, classes: list[str] | None, image_size: int, name: str
+) -> ImageSet:
+    """An ImageSet that decodes each of ``files`` on access at ``image_size`` px, with ImageNet statistics."""
+    paths = [e.path for e in files]
+    stream = FolderStream(paths, image_size)
+    return ImageSet(
+        images=None,
+        targets=torch.tensor(targets) if targets is not None else None,
+        classes=classes,
+        paths=paths,
+        name=name,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        stream=stream,
+    )
+
+
+def _decode_payload(
+    folder: str,
+    files: list[os.DirEntry],
+    targets: list[int] | None,
+    classes: list[str] | None,
+    *,
+    image_size: int | None,
+    max_size: int,
+) -> dict:
+    """Decode ``files`` into a cache payload; raise ``ValueError`` when none of them decodes.
+
+    The payload holds uint8 (N, 3, H, W) images, the targets and paths of the N decoded files, the classes,
+    a description of each failure, and the per-channel mean and std of the images.
+    """
+    paths = [e.path for e in files]
+    size = (image_size, image_size) if image_size else None
+    images, ok, failed = decode_images(paths, size, max_size)
+    if not ok:
+        raise ValueError(f"none of the {len(paths)} images under {folder} could be decoded: {failed[:5]}")
+    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    mean, std = channel_stats(images)
+    return {
+        "images": images,
+        "targets": torch.tensor([targets[i] for i in ok]) if targets is not None else None,
+        "classes": classes,
+        "paths": [paths[i] for i in ok],
+        "failed": failed,
+        "mean": list(mean),
+        "std": list(std),
+    }
+
+
 def load_folder(
     root: str,
     split: str = "train",
@@ -331,50 +395,20 @@ def load_folder(
         cache: read and write the decoded-tensor cache.
         name: the ``ImageSet.name``.
     """
-    for arg, value in (("image_size", image_size), ("max_size", max_size)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{arg} must be a positive integer (px), got {value!r}")
-    if not os.fspath(root).strip():  # abspath('') is the current directory: never scan it by accident
-        raise ValueError("the image folder is an empty string; pass the folder that holds the images")
+    _check_arguments(root, image_size, max_size)
     folder = split_dir(os.path.abspath(os.fspath(root)), split)
     files, targets, classes = scan_folder(folder)
     if in_memory is None:
-        side = image_size or max_size
-        in_memory = len(files) * 3 * side * side <= memory_budget_gb * 2**30
+        in_memory = _fits_in_memory(len(files), image_size or max_size, memory_budget_gb)
     if not in_memory:
-        paths = [e.path for e in files]
-        stream = FolderStream(paths, image_size or DEFAULT_STREAM_SIZE)
-        return ImageSet(
-            images=None,
-            targets=torch.tensor(targets) if targets is not None else None,
-            classes=classes,
-            paths=paths,
-            name=name,
-            mean=IMAGENET_MEAN,
-            std=IMAGENET_STD,
-            stream=stream,
-        )
+        return _streamed_set(files, targets, classes, image_size or DEFAULT_STREAM_SIZE, name)
 
+    # in memory: the cache, or decode (the warnings are raised here so that they name our caller)
     cache_path = _cache_file(folder, files, image_size, max_size) if cache else None
     payload = _read_cache(cache_path) if cache_path else None
     if payload is None:
-        paths = [e.path for e in files]
-        size = (image_size, image_size) if image_size else None
-        images, ok, failed = decode_images(paths, size, max_size)
-        if not ok:
-            raise ValueError(f"none of the {len(paths)} images under {folder} could be decoded: {failed[:5]}")
-        images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
-        mean, std = channel_stats(images)
-        payload = {
-            "images": images,
-            "targets": torch.tensor([targets[i] for i in ok]) if targets is not None else None,
-            "classes": classes,
-            "paths": [paths[i] for i in ok],
-            "failed": failed,
-            "mean": list(mean),
-            "std": list(std),
-        }
-        _report_failures(failed, strict)
+        payload = _decode_payload(folder, files, targets, classes, image_size=image_size, max_size=max_size)
+        _report_failures(payload["failed"], strict)
         if cache_path:
             _write_cache(cache_path, payload)
     else:

@@ -17,6 +17,7 @@ Accuracies are in percent; NMI, AMI and ARI keep scikit-learn's scale.
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -28,6 +29,18 @@ from sela.eval.linear import linear_probe
 from sela.eval.metrics import cluster_metrics, cluster_sizes, many_to_one_accuracy
 
 _SCORES = ("nmi", "ami", "ari", "accuracy", "many_to_one")
+
+
+class _Split(NamedTuple):
+    """One split's extracted features and head logits, and which of its images have a ground-truth class."""
+
+    imageset: ImageSet
+    extracted: Extracted
+    mask: Tensor | None  # (n,) bool, or None when no image has a class
+
+    def truth(self) -> Tensor:
+        """(n_labelled,) ground-truth classes of the labelled images."""
+        return self.imageset.targets[self.mask]
 
 
 def _labelled(imageset: ImageSet | None) -> Tensor | None:
@@ -45,6 +58,11 @@ def _extract(model: nn.Module, imageset: ImageSet, *, batch_size: int, workers: 
     return extract(model, loader, **kwargs)
 
 
+def _split(model: nn.Module, imageset: ImageSet, **opts) -> _Split:
+    """``imageset``'s features and logits (``opts`` as for :func:`_extract`) and its labelled images."""
+    return _Split(imageset, _extract(model, imageset, **opts), _labelled(imageset))
+
+
 def _scores(pred: Tensor, truth: Tensor, k: int, fit: tuple[Tensor, Tensor] | None = None) -> dict:
     """NMI, AMI, ARI, Hungarian and many-to-one accuracy of (n,) clusters; many-to-one fitted on ``fit``."""
     m = cluster_metrics(pred, truth, n_clusters=k)
@@ -52,6 +70,118 @@ def _scores(pred: Tensor, truth: Tensor, k: int, fit: tuple[Tensor, Tensor] | No
     if fit is not None:
         out["many_to_one"] = many_to_one_accuracy(fit[0], fit[1], pred, truth)
     return out
+
+
+def _check_arguments(
+    n_heads: int, n_train: int, *, head: int | None, untrained: set[int], labels: Tensor | None
+) -> None:
+    """Raise ``ValueError`` for a ``head`` that is missing or untrained, or ``labels`` that are not (H, N)."""
+    if head is not None and not 0 <= head < n_heads:
+        raise ValueError(f"--head {head} does not exist; the model has heads 0..{n_heads - 1}")
+    if head is not None and head in untrained:
+        raise ValueError(
+            f"head {head} is not in the checkpoint; choose a trained head, not {sorted(untrained)}"
+        )
+    if labels is not None and tuple(labels.shape) != (n_heads, n_train):
+        raise ValueError(
+            f"labels must be (H, N) = ({n_heads}, {n_train}), got {tuple(labels.shape)}; "
+            "pass the self-labels of this training set"
+        )
+
+
+def _skipped(train: _Split, test: _Split | None) -> list[str]:
+    """Notes on the scores that missing ground truth rules out."""
+    if train.mask is None:
+        return ["the training split has no ground truth: kNN, linear probe and cluster scores skipped"]
+    if test is None or test.mask is None:
+        return ["no labelled test split: kNN and linear probe skipped, cluster scores on train only"]
+    return []
+
+
+def _representation(
+    train: _Split,
+    test: _Split | None,
+    *,
+    knn_k: int,
+    knn_temperature: float,
+    linear: bool,
+    device: torch.device | str | None,
+) -> dict:
+    """kNN and (when ``linear``) linear-probe accuracies in percent; empty without labelled train and test."""
+    if train.mask is None or test is None or test.mask is None:
+        return {}
+    bank, y_bank = train.extracted.features[train.mask], train.truth()  # (N', D), (N',)
+    query, y_query = test.extracted.features[test.mask], test.truth()  # (M', D), (M',)
+    knn = knn_accuracy(bank, y_bank, query, y_query, k=knn_k, temperature=knn_temperature, device=device)
+    result = {"knn_top1": knn["top1"], "knn_top5": knn["top5"]}
+    if linear:
+        probe = linear_probe(bank, y_bank, query, y_query, device=device)
+        result.update(
+            linear_top1=probe["top1"],
+            linear_top5=probe["top5"],
+            linear_weight_decay=probe["weight_decay"],
+        )
+    return result
+
+
+def _head_entry(
+    h: int, k: int, train: _Split, test: _Split | None, labels: Tensor | None, *, trained: bool
+) -> dict:
+    """Head ``h``'s cluster sizes, agreement with its self-labels and scores per split (see :func:`evaluate`)."""
+    entry: dict = {"head": h, "k": k, "trained": trained}
+    if not trained:
+        return entry
+    pred = train.extracted.logits[h].argmax(dim=1)  # (N,)
+    entry["sizes"] = cluster_sizes(pred, k)
+    if labels is not None:
+        entry["label_agreement"] = 100.0 * float((pred == labels[h]).float().mean())
+    if train.mask is None:
+        return entry
+    truth = train.truth()
+    fit = (pred[train.mask], truth)
+    entry["train"] = _scores(pred[train.mask], truth, k)
+    if test is not None and test.mask is not None:
+        test_pred = test.extracted.logits[h].argmax(dim=1)[test.mask]  # (M',)
+        entry["test"] = _scores(test_pred, test.truth(), k, fit=fit)
+    if labels is not None:
+        entry["self_labels"] = _scores(labels[h][train.mask], truth, k)
+    return entry
+
+
+def _head_entries(
+    n_clusters: list[int], train: _Split, test: _Split | None, labels: Tensor | None, untrained: set[int]
+) -> list[dict]:
+    """One :func:`_head_entry` per head, in order; heads in ``untrained`` are only marked untrained."""
+    return [
+        _head_entry(h, k, train, test, labels, trained=h not in untrained) for h, k in enumerate(n_clusters)
+    ]
+
+
+def _headline(heads: list[dict], head: int | None) -> dict:
+    """The reported head's scores: ``head``, or when None the head with the best NMI on the training split."""
+    scored = [e for e in heads if "train" in e]
+    if head is None and scored:
+        head = max(scored, key=lambda e: e["train"]["nmi"])["head"]
+    if head is None:
+        return {}
+    if "train" not in heads[head]:
+        return {"best_head": head}
+    split = "test" if "test" in heads[head] else "train"
+    return {**heads[head][split], "best_head": head, "split": split}
+
+
+def _setup(
+    train: _Split, test: _Split | None, *, layer: str | None, knn_k: int, knn_temperature: float
+) -> dict:
+    """What the scores were computed on: the features, the split sizes and the kNN settings."""
+    return dict(
+        layer=layer or "pooled",
+        feature_dim=int(train.extracted.features.shape[1]),
+        n_train=len(train.imageset),
+        n_test=0 if test is None else len(test.imageset),
+        knn_k=knn_k,
+        knn_temperature=knn_temperature,
+    )
 
 
 def evaluate(
@@ -96,87 +226,23 @@ def evaluate(
         ``self_labels`` scores and ``label_agreement`` (percent of training predictions equal to the
         self-labels); ``notes``: what was skipped and why. Keys whose inputs are missing are absent.
     """
-    n_heads = len(model.n_clusters)
     untrained = set(untrained_heads or [])
-    if head is not None and not 0 <= head < n_heads:
-        raise ValueError(f"--head {head} does not exist; the model has heads 0..{n_heads - 1}")
-    if head is not None and head in untrained:
-        raise ValueError(
-            f"head {head} is not in the checkpoint; choose a trained head, not {sorted(untrained)}"
-        )
-    if labels is not None and tuple(labels.shape) != (n_heads, len(train_set)):
-        raise ValueError(
-            f"labels must be (H, N) = ({n_heads}, {len(train_set)}), got {tuple(labels.shape)}; "
-            "pass the self-labels of this training set"
-        )
+    _check_arguments(len(model.n_clusters), len(train_set), head=head, untrained=untrained, labels=labels)
     start = time.perf_counter()
-    notes: list[str] = []
     opts = dict(transform=transform, device=device, layer=layer, progress=progress)
     opts.update(batch_size=batch_size, workers=workers)
-    train = _extract(model, train_set, **opts)
-    test = _extract(model, test_set, **opts) if test_set is not None and len(test_set) else None
-    train_mask, test_mask = _labelled(train_set), _labelled(test_set) if test is not None else None
-    result: dict = {}
+    train = _split(model, train_set, **opts)
+    test = _split(model, test_set, **opts) if test_set is not None and len(test_set) else None
+    knn = dict(knn_k=knn_k, knn_temperature=knn_temperature)
 
     # representation: kNN and linear probe (need labelled train and test images)
-    if train_mask is None:
-        notes.append("the training split has no ground truth: kNN, linear probe and cluster scores skipped")
-    elif test_mask is None:
-        notes.append("no labelled test split: kNN and linear probe skipped, cluster scores on train only")
-    else:
-        bank, y_bank = train.features[train_mask], train_set.targets[train_mask]
-        query, y_query = test.features[test_mask], test_set.targets[test_mask]
-        knn = knn_accuracy(bank, y_bank, query, y_query, k=knn_k, temperature=knn_temperature, device=device)
-        result.update(knn_top1=knn["top1"], knn_top5=knn["top5"])
-        if linear:
-            probe = linear_probe(bank, y_bank, query, y_query, device=device)
-            result.update(
-                linear_top1=probe["top1"],
-                linear_top5=probe["top5"],
-                linear_weight_decay=probe["weight_decay"],
-            )
+    result = _representation(train, test, **knn, linear=linear, device=device)
 
-    # clusters: every head's predictions and self-labels
-    heads = []
-    for h, k in enumerate(model.n_clusters):
-        entry: dict = {"head": h, "k": k, "trained": h not in untrained}
-        if h in untrained:
-            heads.append(entry)
-            continue
-        pred = train.logits[h].argmax(dim=1)  # (N,)
-        entry["sizes"] = cluster_sizes(pred, k)
-        if labels is not None:
-            entry["label_agreement"] = 100.0 * float((pred == labels[h]).float().mean())
-        if train_mask is not None:
-            truth = train_set.targets[train_mask]
-            fit = (pred[train_mask], truth)
-            entry["train"] = _scores(pred[train_mask], truth, k)
-            if test_mask is not None:
-                test_pred = test.logits[h].argmax(dim=1)[test_mask]
-                entry["test"] = _scores(test_pred, test_set.targets[test_mask], k, fit=fit)
-            if labels is not None:
-                entry["self_labels"] = _scores(labels[h][train_mask], truth, k)
-        heads.append(entry)
-    scored = [e for e in heads if "train" in e]
-    if head is None and scored:
-        head = max(scored, key=lambda e: e["train"]["nmi"])["head"]
-    if head is not None and "train" in heads[head]:
-        split = "test" if "test" in heads[head] else "train"
-        result.update(heads[head][split])
-        result.update(best_head=head, split=split)
-    elif head is not None:
-        result["best_head"] = head
-    result.update(
-        heads=heads,
-        layer=layer or "pooled",
-        feature_dim=int(train.features.shape[1]),
-        n_train=len(train_set),
-        n_test=0 if test is None else len(test_set),
-        knn_k=knn_k,
-        knn_temperature=knn_temperature,
-        time_s=round(time.perf_counter() - start, 2),
-        notes=notes,
-    )
+    # clusters: every head's predictions and self-labels, then the reported one
+    heads = _head_entries(model.n_clusters, train, test, labels, untrained)
+    result.update(_headline(heads, head))
+    result.update(heads=heads, **_setup(train, test, layer=layer, **knn))
+    result.update(time_s=round(time.perf_counter() - start, 2), notes=_skipped(train, test))
     return result
 
 

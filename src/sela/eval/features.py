@@ -3,7 +3,8 @@
 Letters: N samples, B batch, C image channels, D features, H heads, K_h clusters of head h.
 """
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -42,6 +43,58 @@ def _batches(images: Tensor | Iterable, batch_size: int) -> tuple[int, Iterable[
             f"(images, indices); got {type(images).__name__}"
         )
     return len(dataset), ((batch[0], batch[-1]) for batch in images)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter; the CPU when it has none."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Run the block with ``model`` in eval mode and restore its training mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+def _indices(idx: Tensor | Iterable[int], n_images: int, n: int) -> Tensor:
+    """A batch's (B,) int64 row indices on the CPU, checked to be one per image and within 0..n-1."""
+    idx = torch.as_tensor(idx, dtype=torch.int64).cpu()  # (B,)
+    if idx.shape != (n_images,) or int(idx.min()) < 0 or int(idx.max()) >= n:
+        raise ValueError(
+            f"a batch of {n_images} images came with indices of shape {tuple(idx.shape)} outside "
+            f"0..{n - 1}; the dataset must return (image, index) with index in range(len(dataset))"
+        )
+    return idx
+
+
+def _forward(model: nn.Module, x: Tensor, *, layer: str | None, heads: bool) -> tuple[Tensor, list[Tensor]]:
+    """The (B, D) features of a normalised batch and, when ``heads``, its H (B, K_h) head logits."""
+    base = model.forward_features(x) if layer is None or heads else None  # (B, D)
+    f = base if layer is None else model.features_by_layer(x, layer)  # (B, D)
+    return f, list(model.forward_head(base)) if heads else []  # H x (B, K_h)
+
+
+def _write(store: Tensor | None, idx: Tensor, rows: Tensor, n: int) -> Tensor:
+    """``store`` with the (B, d) ``rows`` written at ``idx``; an (n, d) float32 CPU tensor made when None."""
+    if store is None:
+        store = torch.empty(n, rows.shape[1], dtype=torch.float32)
+    store[idx] = rows.float().cpu()
+    return store
+
+
+def _coverage_error(filled: Tensor, n: int) -> ValueError:
+    """The error for a loader whose indices did not visit each of the n samples exactly once."""
+    missing, repeated = int((filled == 0).sum()), int((filled > 1).sum())
+    return ValueError(
+        f"the loader covered {n - missing} of {n} samples ({missing} missing, {repeated} seen twice); "
+        "use drop_last=False and a sampler that visits every index of the dataset once"
+    )
 
 
 @torch.no_grad()
@@ -83,45 +136,22 @@ def extract(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    if device is None:
-        param = next(model.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = _model_device(model) if device is None else torch.device(device)
     n, batches = _batches(images, batch_size)
 
     features: Tensor | None = None
     logits: list[Tensor] = []
-    filled = torch.zeros(n, dtype=torch.int64)
-    was_training = model.training
-    model.eval()
-    try:
+    filled = torch.zeros(n, dtype=torch.int64)  # (N,) times each row was written
+    with _eval_mode(model):
         for x, idx in tqdm(batches, desc="extract", disable=None if progress is None else not progress):
-            idx = torch.as_tensor(idx, dtype=torch.int64).cpu()  # (B,)
-            if idx.shape != (x.shape[0],) or int(idx.min()) < 0 or int(idx.max()) >= n:
-                raise ValueError(
-                    f"a batch of {x.shape[0]} images came with indices of shape {tuple(idx.shape)} outside "
-                    f"0..{n - 1}; the dataset must return (image, index) with index in range(len(dataset))"
-                )
+            idx = _indices(idx, x.shape[0], n)  # (B,)
             x = transform(x.to(device, non_blocking=True))  # (B, C, H, W) float
-            base = model.forward_features(x) if layer is None or heads else None  # (B, D)
-            f = base if layer is None else model.features_by_layer(x, layer)  # (B, D)
-            if features is None:
-                features = torch.empty(n, f.shape[1], dtype=torch.float32)
-            features[idx] = f.float().cpu()
-            if heads:
-                out = model.forward_head(base)  # H x (B, K_h)
-                if not logits:
-                    logits = [torch.empty(n, o.shape[1], dtype=torch.float32) for o in out]
-                for store, o in zip(logits, out, strict=True):
-                    store[idx] = o.float().cpu()
+            f, out = _forward(model, x, layer=layer, heads=heads)  # (B, D), H x (B, K_h)
+            features = _write(features, idx, f, n)
+            stores = logits or [None] * len(out)  # no stores before the first batch
+            logits = [_write(store, idx, o, n) for store, o in zip(stores, out, strict=True)]
             filled.index_add_(0, idx, torch.ones_like(idx))
-    finally:
-        model.train(was_training)
 
     if features is None or not bool((filled == 1).all()):
-        missing, repeated = int((filled == 0).sum()), int((filled > 1).sum())
-        raise ValueError(
-            f"the loader covered {n - missing} of {n} samples ({missing} missing, {repeated} seen twice); "
-            "use drop_last=False and a sampler that visits every index of the dataset once"
-        )
+        raise _coverage_error(filled, n)
     return Extracted(features=features, logits=logits)

@@ -39,6 +39,48 @@ def _labels(y: ArrayLike, n: int, name: str) -> Tensor:
     return y.long()
 
 
+def _check_settings(train: Tensor, test: Tensor, *, k: int, temperature: float, chunk_size: int) -> None:
+    """Raise ``ValueError`` for feature sets of different D or a non-positive k, T or chunk size."""
+    if train.shape[1] != test.shape[1]:
+        raise ValueError(
+            f"train_features have D={train.shape[1]} but test_features have D={test.shape[1]}; "
+            "extract both with the same model and layer"
+        )
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
+
+
+def _n_classes(labels: Tensor, n_classes: int | None) -> int:
+    """C: ``n_classes``, or one more than the largest label when None; it must cover every label."""
+    n_max = int(labels.max()) + 1
+    n_classes = n_max if n_classes is None else n_classes
+    if n_classes < n_max:
+        raise ValueError(f"train_labels hold class {n_max - 1} but n_classes={n_classes}; raise n_classes")
+    return n_classes
+
+
+def _chunk_scores(
+    chunk: Tensor, train: Tensor, labels: Tensor, *, k: int, temperature: float, n_classes: int
+) -> Tensor:
+    """(B, C) class scores of a (B, D) ``chunk`` of test rows, each row summing to 1.
+
+    ``train`` (N, D) is already L2-normalised; each chunk row's k most similar training rows vote for
+    their label with weight exp(s / T).
+    """
+    chunk = torch.nn.functional.normalize(chunk, dim=1)  # (B, D)
+    sim = chunk @ train.T  # (B, N)
+    top_sim, top_idx = sim.topk(k, dim=1)  # (B, k)
+    # Subtracting the row maximum rescales a row's votes by one constant, which the row sum removes.
+    weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (B, k)
+    votes = torch.zeros(chunk.shape[0], n_classes, device=chunk.device)  # (B, C)
+    votes.scatter_add_(1, labels[top_idx], weights)
+    return votes / votes.sum(dim=1, keepdim=True)
+
+
 @torch.no_grad()
 def knn_classify(
     train_features: ArrayLike,
@@ -76,21 +118,8 @@ def knn_classify(
     train = _features(train_features, "train_features")
     test = _features(test_features, "test_features")
     labels = _labels(train_labels, train.shape[0], "train_labels")
-    if train.shape[1] != test.shape[1]:
-        raise ValueError(
-            f"train_features have D={train.shape[1]} but test_features have D={test.shape[1]}; "
-            "extract both with the same model and layer"
-        )
-    if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
-    n_max = int(labels.max()) + 1
-    n_classes = n_max if n_classes is None else n_classes
-    if n_classes < n_max:
-        raise ValueError(f"train_labels hold class {n_max - 1} but n_classes={n_classes}; raise n_classes")
+    _check_settings(train, test, k=k, temperature=temperature, chunk_size=chunk_size)
+    n_classes = _n_classes(labels, n_classes)
 
     device = train.device if device is None else torch.device(device)
     train = torch.nn.functional.normalize(train.to(device, torch.float32), dim=1)  # (N, D)
@@ -98,15 +127,9 @@ def knn_classify(
     k = min(k, train.shape[0])
     scores = torch.empty(test.shape[0], n_classes, device=device)  # (M, C)
     for start in range(0, test.shape[0], chunk_size):
-        chunk = test[start : start + chunk_size].to(device, torch.float32)
-        chunk = torch.nn.functional.normalize(chunk, dim=1)  # (B, D)
-        sim = chunk @ train.T  # (B, N)
-        top_sim, top_idx = sim.topk(k, dim=1)  # (B, k)
-        # Subtracting the row maximum rescales a row's votes by one constant, which the row sum removes.
-        weights = ((top_sim - top_sim[:, :1]) / temperature).exp()  # (B, k)
-        votes = torch.zeros(chunk.shape[0], n_classes, device=device)  # (B, C)
-        votes.scatter_add_(1, labels[top_idx], weights)
-        scores[start : start + chunk.shape[0]] = votes / votes.sum(dim=1, keepdim=True)
+        chunk = test[start : start + chunk_size].to(device, torch.float32)  # (B, D)
+        votes = _chunk_scores(chunk, train, labels, k=k, temperature=temperature, n_classes=n_classes)
+        scores[start : start + chunk.shape[0]] = votes
     return scores
 
 

@@ -78,6 +78,87 @@ def _scores(x: Tensor, mean: Tensor, std: Tensor, weight: Tensor, bias: Tensor) 
     return torch.addmm(bias, (x - mean) / std, weight.T)  # (M, C)
 
 
+def _on_device(
+    train_features: ArrayLike,
+    train_labels: ArrayLike,
+    test_features: ArrayLike,
+    test_labels: ArrayLike,
+    device: torch.device | str | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The four inputs as tensors on ``device`` (None: the train features' device), features in float32."""
+    train = torch.as_tensor(train_features)
+    test = torch.as_tensor(test_features)
+    device = train.device if device is None else torch.device(device)
+    train, test = train.to(device, torch.float32), test.to(device, torch.float32)
+    y_train = torch.as_tensor(train_labels).to(device)
+    y_test = torch.as_tensor(test_labels).to(device)
+    return train, y_train, test, y_test
+
+
+def _check_inputs(
+    train: Tensor,
+    y_train: Tensor,
+    test: Tensor,
+    y_test: Tensor,
+    *,
+    weight_decays: tuple[float, ...],
+    val_fraction: float,
+) -> None:
+    """Raise ``ValueError`` for misshapen or non-finite features, bad class labels or invalid settings."""
+    if train.ndim != 2 or train.shape[0] < 2:
+        raise ValueError(f"train_features must be an (N, D) matrix, N >= 2, got shape {tuple(train.shape)}")
+    if test.ndim != 2 or test.shape[1] != train.shape[1]:
+        raise ValueError(
+            f"test_features must be (M, {train.shape[1]}) like train_features, got shape {tuple(test.shape)}"
+        )
+    for name, y, n in (("train_labels", y_train, train.shape[0]), ("test_labels", y_test, test.shape[0])):
+        if y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool:
+            raise ValueError(f"{name} must be integer classes, shape ({n},), got {y.dtype} {tuple(y.shape)}")
+        if int(y.min()) < 0:
+            raise ValueError(f"{name} holds negative classes; use classes 0, 1, 2, ...")
+    if not torch.isfinite(train).all() or not torch.isfinite(test).all():
+        raise ValueError("features hold NaN or inf; check the model and the extraction")
+    if not weight_decays or min(weight_decays) < 0:
+        raise ValueError(f"weight_decays must be a non-empty tuple of values >= 0, got {weight_decays}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+
+
+def _choose_weight_decay(
+    train: Tensor,
+    y_train: Tensor,
+    n_classes: int,
+    weight_decays: tuple[float, ...],
+    *,
+    max_iter: int,
+    val_fraction: float,
+    seed: int,
+) -> tuple[float, dict[float, float], tuple[Tensor, Tensor]]:
+    """The weight decay with the best top-1 on a random held-out part of the training set.
+
+    Returns:
+        The chosen weight decay, the validation top-1 (percent) of every candidate, and the chosen
+        candidate's weights (C, D) and bias (C,) to warm-start the refit from.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(train.shape[0], generator=gen).to(train.device)
+    n_val = max(1, round(val_fraction * train.shape[0]))
+    val_idx, fit_idx = perm[:n_val], perm[n_val:]
+    x_fit, y_fit = train[fit_idx], y_train[fit_idx]
+    mean, std = feature_moments(x_fit)
+    x_fit = (x_fit - mean) / std
+    val_top1: dict[float, float] = {}
+    solutions: dict[float, tuple[Tensor, Tensor]] = {}
+    init = None
+    # From strong to weak decay, each fit warm-started from the last: a regularisation path.
+    for wd in sorted(set(weight_decays), reverse=True):
+        init = solutions[wd] = _fit(x_fit, y_fit, n_classes, wd, max_iter, init)
+        scores = _scores(train[val_idx], mean, std, *init)  # (n_val, C)
+        val_top1[wd] = topk_accuracy(scores, y_train[val_idx])["top1"]
+    chosen = max(val_top1, key=val_top1.__getitem__)  # first maximum = largest weight decay
+    return chosen, val_top1, solutions[chosen]
+
+
 def linear_probe(
     train_features: ArrayLike,
     train_labels: ArrayLike,
@@ -110,55 +191,23 @@ def linear_probe(
         empty when there was a single candidate). Ties in validation accuracy go to the larger weight
         decay.
     """
-    train = torch.as_tensor(train_features)
-    test = torch.as_tensor(test_features)
-    device = train.device if device is None else torch.device(device)
-    train, test = train.to(device, torch.float32), test.to(device, torch.float32)
-    y_train = torch.as_tensor(train_labels).to(device)
-    y_test = torch.as_tensor(test_labels).to(device)
-    if train.ndim != 2 or train.shape[0] < 2:
-        raise ValueError(f"train_features must be an (N, D) matrix, N >= 2, got shape {tuple(train.shape)}")
-    if test.ndim != 2 or test.shape[1] != train.shape[1]:
-        raise ValueError(
-            f"test_features must be (M, {train.shape[1]}) like train_features, got shape {tuple(test.shape)}"
-        )
-    for name, y, n in (("train_labels", y_train, train.shape[0]), ("test_labels", y_test, test.shape[0])):
-        if y.shape != (n,) or y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"{name} must be integer classes, shape ({n},), got {y.dtype} {tuple(y.shape)}")
-        if int(y.min()) < 0:
-            raise ValueError(f"{name} holds negative classes; use classes 0, 1, 2, ...")
-    if not torch.isfinite(train).all() or not torch.isfinite(test).all():
-        raise ValueError("features hold NaN or inf; check the model and the extraction")
-    if not weight_decays or min(weight_decays) < 0:
-        raise ValueError(f"weight_decays must be a non-empty tuple of values >= 0, got {weight_decays}")
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+    train, y_train, test, y_test = _on_device(
+        train_features, train_labels, test_features, test_labels, device
+    )
+    _check_inputs(train, y_train, test, y_test, weight_decays=weight_decays, val_fraction=val_fraction)
     y_train, y_test = y_train.long(), y_test.long()
     n_classes = int(max(int(y_train.max()), int(y_test.max()))) + 1
 
     # Choose the weight decay on a random split of the training set only.
     val_top1: dict[float, float] = {}
-    chosen = weight_decays[0]
+    chosen, init = weight_decays[0], None
     if len(set(weight_decays)) > 1:
-        gen = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(train.shape[0], generator=gen).to(device)
-        n_val = max(1, round(val_fraction * train.shape[0]))
-        val_idx, fit_idx = perm[:n_val], perm[n_val:]
-        x_fit, y_fit = train[fit_idx], y_train[fit_idx]
-        mean, std = feature_moments(x_fit)
-        x_fit = (x_fit - mean) / std
-        solutions: dict[float, tuple[Tensor, Tensor]] = {}
-        init = None
-        # From strong to weak decay, each fit warm-started from the last: a regularisation path.
-        for wd in sorted(set(weight_decays), reverse=True):
-            init = solutions[wd] = _fit(x_fit, y_fit, n_classes, wd, max_iter, init)
-            scores = _scores(train[val_idx], mean, std, *init)  # (n_val, C)
-            val_top1[wd] = topk_accuracy(scores, y_train[val_idx])["top1"]
-        chosen = max(val_top1, key=val_top1.__getitem__)  # first maximum = largest weight decay
+        chosen, val_top1, init = _choose_weight_decay(
+            train, y_train, n_classes, weight_decays, max_iter=max_iter, val_fraction=val_fraction, seed=seed
+        )
 
     # Refit on the whole training set and score the test set once.
     mean, std = feature_moments(train)
-    init = solutions[chosen] if val_top1 else None
     weight, bias = _fit((train - mean) / std, y_train, n_classes, chosen, max_iter, init)
     result = topk_accuracy(_scores(test, mean, std, weight, bias), y_test)
     return {**result, "weight_decay": chosen, "val_top1": val_top1}
