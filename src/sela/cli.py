@@ -323,7 +323,7 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
         raise UsageError(f"--objective must be sela or swapped, got {cfg.objective!r}")
     names = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lam")
     names += ("label_updates", "label_spacing", "label_heads", "label_inputs", "seed", "workers", "progress")
-    names += ("sync_bn", "precision")
+    names += ("sync_bn", "precision", "label_share")
     return Trainer(
         model,
         train_set,
@@ -333,6 +333,7 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
         device=device,
         time_limit_s=None if cfg.time_limit is None else cfg.time_limit * 60,
         metadata=to_dict(cfg),
+        log=_say,
         **{name: getattr(cfg, name) for name in names},
     )
 

@@ -77,6 +77,8 @@ class TrainConfig:
     lam: float = DEFAULT_LAM
     label_updates: int = _default(Trainer, "label_updates")
     label_spacing: str = _default(Trainer, "label_spacing")  # "quadratic" or "linear"
+    # the largest share of training time that label passes may take (closer steps are merged)
+    label_share: float = _default(Trainer, "label_share")
     label_heads: str = _default(Trainer, "label_heads")  # "all" or "round-robin": one head per update
     # "eval": un-augmented, eval mode; "train": augmented, train mode; "recorded": the outputs of the
     # training pass itself, label steps at epoch ends (no extra forward pass)

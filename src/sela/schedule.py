@@ -80,9 +80,40 @@ def planned_epochs(done: int, times_s: list[float], limit_s: float) -> int:
     """The run's length in epochs for a time budget: ``done`` epochs finished, which took ``times_s``
     seconds each, and as many more whole epochs as the rest of ``limit_s`` holds at the median of the last
     five epochs' times, less a reserve so that one of them may be as slow as the slowest of those five
-    (the last epoch then overruns the budget only when it is slower still). Always at least one more:
-    the epoch about to start is then the last one."""
+    (the last epoch then overruns the budget only when it is slower still). ``done`` when no further epoch
+    fits: the run stops (after its first epoch, when that alone took the budget)."""
     recent = sorted(times_s[-5:])
     per_epoch = recent[len(recent) // 2]
     remaining = limit_s - sum(times_s) - (recent[-1] - per_epoch)
-    return done + max(1, math.floor(remaining / max(per_epoch, 1e-9) + 1e-9))
+    return done + max(0, math.floor(remaining / max(per_epoch, 1e-9) + 1e-9))
+
+
+LABEL_SHARE = 0.15  # the largest share of training time that label passes may take
+
+
+def label_pass_epochs(eval_side: int, view_side: int) -> float:
+    """A label pass's cost in training epochs, estimated from the sizes alone (so that a run's schedule
+    does not depend on timing): a forward pass over every image at ``eval_side`` px, where a training step
+    is a forward and a backward pass (about three forwards) at ``view_side`` px."""
+    return (eval_side / view_side) ** 2 / 3
+
+
+def min_label_gap(pass_epochs: float, steps_per_epoch: int, share: float = LABEL_SHARE) -> int:
+    """The fewest optimisation steps between two label passes so that the passes take at most ``share``
+    of the training time: a pass of p epochs after g steps of an epoch of S steps costs p / (p + g / S)."""
+    if not 0 < share < 1:
+        raise ValueError(f"the label share must be in (0, 1), got {share}")
+    return max(1, math.ceil(pass_epochs * (1 - share) / share * steps_per_epoch))
+
+
+def space_out(steps: list[int], min_gap: int, after: int | None = None) -> list[int]:
+    """The scheduled ``steps`` (sorted) thinned so that consecutive ones are at least ``min_gap`` apart,
+    starting ``min_gap`` after the step ``after`` (the last label step done, if any): a step too close to
+    the previous kept one is merged into it (dropped)."""
+    kept: list[int] = []
+    last = after
+    for s in steps:
+        if last is None or s - last >= min_gap:
+            kept.append(s)
+            last = s
+    return kept

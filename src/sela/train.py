@@ -21,7 +21,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -37,7 +37,17 @@ from sela.eval.metrics import cluster_sizes
 from sela.labeller import DEFAULT_LAM, LabelState
 from sela.objectives import Objective
 from sela.plots import cluster_grid, plot_cluster_sizes, plot_curves
-from sela.schedule import label_epochs, label_schedule, lr_at, planned_epochs, schedule_progress
+from sela.schedule import (
+    LABEL_SHARE,
+    label_epochs,
+    label_pass_epochs,
+    label_schedule,
+    lr_at,
+    min_label_gap,
+    planned_epochs,
+    schedule_progress,
+    space_out,
+)
 
 LABEL_INPUTS = ("eval", "train", "recorded")
 LABEL_HEADS = ("all", "round-robin")
@@ -89,6 +99,10 @@ class Trainer:
         lam: lambda of the label step (:class:`sela.labeller.LabelState`).
         label_updates, label_spacing: label steps over the run (the first at step 0), and their spacing
             (:func:`sela.schedule.label_schedule`).
+        label_share: the largest share of the training time that label passes may take (eval and train
+            inputs: each step is a pass over all images). Steps closer than that allows are merged
+            (:func:`sela.schedule.min_label_gap`), judged from the images' and views' sizes, or, with a
+            time budget, from the measured times; so the first epoch holds no label pass after step 0.
         label_heads: ``all`` heads per label step, or ``round-robin`` (one in turn; the first step
             assigns all).
         label_inputs: ``eval`` (un-augmented images, eval mode), ``train`` (augmented, train mode, the
@@ -107,6 +121,7 @@ class Trainer:
             schedule is laid out again. Timing decides the epoch count, so such a run is not
             bit-reproducible; resuming counts the time already spent.
         metadata: JSON-ready description of the run, stored in every checkpoint (never read here).
+        log: called with one line per epoch (and a note when the budget stops the run); None: silent.
     """
 
     def __init__(
@@ -126,6 +141,7 @@ class Trainer:
         lam: float = DEFAULT_LAM,
         label_updates: int = 40,
         label_spacing: str = "quadratic",
+        label_share: float = LABEL_SHARE,
         label_heads: str = "all",
         label_inputs: str = "eval",
         eval_transform: EvalTransform,
@@ -137,6 +153,7 @@ class Trainer:
         precision: str = "auto",
         time_limit_s: float | None = None,
         metadata: dict | None = None,
+        log: Callable[[str], None] | None = None,
     ):
         n = len(train_set)
         _check_settings(n, model, objective, epochs, batch_size, lr, label_heads, label_inputs, time_limit_s)
@@ -162,9 +179,11 @@ class Trainer:
         self.label_heads, self.label_inputs = label_heads, label_inputs
         self.label_steps: list[int] = []  # optimisation steps before which a label step runs
         self.label_epochs: list[int] = []  # epochs (1-based) after which a recorded label step runs
+        self.label_share, self.last_label_step = label_share, None
+        self.pass_epochs = label_pass_epochs(eval_transform.out_size, objective.augment.out_size)
         self._lay_out_label_steps(0)
         self.eval_transform = eval_transform
-        self.seed, self.workers, self.metadata = seed, workers, metadata or {}
+        self.seed, self.workers, self.metadata, self.log = seed, workers, metadata or {}, log
         self.progress = progress and dist.is_main()
         self.epoch = 0  # epochs completed
         amp = autocast_dtype(precision, device)
@@ -201,8 +220,9 @@ class Trainer:
                 e for e in label_epochs(steps, self.steps_per_epoch) if e > step // self.steps_per_epoch
             ]
             self.label_steps = [0] if step == 0 else []
-        else:
-            self.label_steps = [s for s in steps if s >= step]
+        else:  # every step a pass over the data: no closer together than the label share allows
+            gap = min_label_gap(self.pass_epochs, self.steps_per_epoch, self.label_share)
+            self.label_steps = space_out([s for s in steps if s >= step], gap, after=self.last_label_step)
 
     def plan(self, epochs: int) -> None:
         """Change the run's length to ``epochs`` from the next epoch on (a time budget's re-plan): the
@@ -224,23 +244,59 @@ class Trainer:
         """Train from ``self.epoch`` to ``epochs`` (or for at most ``max_epochs`` epochs now, e.g. to stop
         and resume later); returns the metrics of the epochs run now."""
         history: list[dict] = []
-        while max_epochs is None or len(history) < max_epochs:
-            if self.time_limit_s and self.epoch_times and self.epoch < self.epochs:
-                epochs = planned_epochs(self.epoch, self.epoch_times, self.time_limit_s)
-                if epochs != self.epochs:
-                    self.plan(epochs)
-            if self.epoch >= self.epochs:
-                break
+        while (max_epochs is None or len(history) < max_epochs) and self.epoch < self.epochs:
             epoch = self.epoch
             stats = self.train_one_epoch(epoch)
             self.epoch = epoch + 1
             self.epoch_times.append(dist.all_reduce_mean(stats["time_s"], self.device))
+            if self.time_limit_s and self.epoch < self.epochs:
+                stats = self._replan(stats)
             if dist.is_main():
                 rundir.append_metrics(self.out_dir, stats)
                 self.save_checkpoint()
+                self._report(stats)
             self._check_health(stats)
             history.append(stats)
         return history
+
+    def _replan(self, stats: dict) -> dict:
+        """Fit the run's length to the rest of the time budget (measured label-pass cost included); when
+        no further epoch fits, this one was the last: it gets the final label step it would have had."""
+        if self.objective.label_steps and self.label_inputs != "recorded" and stats["label_passes"]:
+            train_s = max(stats["time_s"] - stats["label_time_s"], 1e-9)
+            self.pass_epochs = stats["label_time_s"] / stats["label_passes"] / train_s
+        epochs = planned_epochs(self.epoch, self.epoch_times, self.time_limit_s)
+        if epochs != self.epochs:
+            self.plan(epochs)
+        if self.epoch < self.epochs:
+            return stats
+        if self.epoch == 1 and self.log and dist.is_main():
+            self.log(
+                f"the first epoch took {stats['time_s']:.0f} s of the {self.time_limit_s:.0f} s budget: stopping "
+                "after it; for more epochs give a longer --time-limit, or make each cheaper (a smaller "
+                "--crop-size or --image-size, fewer --heads, --recipe cpu-fast)"
+            )
+        if not self.objective.label_steps:  # the exported labels: one global, balanced assignment
+            extra = self.update_labels()
+            stats = {**stats, "label_time_s": round(stats["label_time_s"] + extra, 3)}
+            stats["time_s"] = round(stats["time_s"] + extra, 3)
+            stats["label_share"] = round(stats["label_time_s"] / stats["time_s"], 4)
+            stats.update(label_updates=self.state.n_updates, heads=self._cluster_sizes())
+        return stats
+
+    def _report(self, stats: dict) -> None:
+        """One line for the epoch: loss, time, label steps' time, cluster sizes, time left."""
+        if self.log is None:
+            return
+        smallest = min(h["min"] for h in stats["heads"])
+        empty = sum(h["n_empty"] for h in stats["heads"])
+        recent = sorted(self.epoch_times[-5:])
+        left = (self.epochs - self.epoch) * recent[len(recent) // 2]
+        self.log(
+            f"epoch {stats['epoch']}/{self.epochs}: loss {stats['loss']:.3f}, {stats['time_s']:.1f} s (label "
+            f"steps {stats['label_time_s']:.1f} s, {stats['label_share']:.0%}), clusters: smallest {smallest}, "
+            f"{empty} empty; about {left / 60:.1f} min left"
+        )
 
     def train_one_epoch(self, epoch: int) -> dict:
         """One pass over the data in global batches, with the label steps that fall inside it."""
@@ -250,7 +306,7 @@ class Trainer:
         # images exactly like the others); rank 0 draws what a single process draws
         aug_gen = gen if dist.rank() == 0 else torch.Generator().manual_seed(self._rank_seed(epoch))
         torch.manual_seed(self._rank_seed(epoch))  # dropout
-        start, label_time, loss_sum, seen = time.perf_counter(), 0.0, 0.0, 0
+        start, label_time, loss_sum, seen, passes = time.perf_counter(), 0.0, 0.0, 0, 0
         first = epoch * self.steps_per_epoch
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.epochs}", unit="batch",
                    disable=not self.progress, leave=False)  # fmt: skip
@@ -261,6 +317,7 @@ class Trainer:
             step = first + i
             if step in self.label_steps:  # label step(s) scheduled before this optimisation step
                 label_time += self.update_labels()
+                self.last_label_step, passes = step, passes + 1
                 self.net.train()
             for group in self.optimizer.param_groups:
                 group["lr"] = self.lr_at(step)
@@ -283,7 +340,8 @@ class Trainer:
             label_time += self._labels_from_records(rows, record)
         if not self.objective.label_steps and epoch + 1 == self.epochs:
             label_time += self.update_labels()  # the exported labels: one global, balanced assignment
-        return self._epoch_stats(epoch, time.perf_counter() - start, label_time, loss_sum, seen)
+        stats = self._epoch_stats(epoch, time.perf_counter() - start, label_time, loss_sum, seen)
+        return {**stats, "label_passes": passes}
 
     def _checked(self, loss: Tensor, epoch: int, step: int) -> float:
         """The loss as a float; :class:`TrainingDiverged` when it is NaN or inf."""
@@ -310,10 +368,13 @@ class Trainer:
             **self._label_memory_stats(),
             "images_per_s": round(seen * dist.world_size() / total, 1),
             "label_updates": self.state.n_updates,
-            "heads": [
-                cluster_sizes(lab, k) for lab, k in zip(self.state.labels, self.model.n_clusters, strict=True)
-            ],
+            "heads": self._cluster_sizes(),
         }
+
+    def _cluster_sizes(self) -> list[dict]:
+        return [
+            cluster_sizes(lab, k) for lab, k in zip(self.state.labels, self.model.n_clusters, strict=True)
+        ]
 
     def _rank_seed(self, epoch: int) -> int:
         """This rank's seed for an epoch's augmentation and dropout (rank 0: a single process's)."""
@@ -522,6 +583,8 @@ class Trainer:
             self.lr_anchor = tuple(plan["lr_anchor"]) if plan["lr_anchor"] else None
             self.label_steps, self.label_epochs = plan["label_steps"], plan["label_epochs"]
             self.epoch_times = plan["epoch_times"]
+            self.last_label_step = plan.get("last_label_step")
+            self.pass_epochs = plan.get("pass_epochs", self.pass_epochs)
         if dist.is_main():
             lines = rundir.truncate_metrics(self.out_dir, self.epoch)
             if not plan:  # format 1 before plans: the time spent is in the metrics
