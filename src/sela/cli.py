@@ -731,6 +731,77 @@ def cmd_cluster(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+# using a trained network without sela: sela embed, sela export
+
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="write the features of images (a folder or a file list) from a run's backbone",
+        description="Run images through a trained backbone and write their (N, D) features with the image "
+        "paths; -o's suffix picks the format: .npy (paths in <stem>.paths.txt next to it), .pt "
+        '({"features", "paths"}, torch.load(weights_only=True)) or .csv (path, f0 .. f{D-1}). Images are '
+        "fitted to the run's input size and normalised as in training.",
+    )
+    p.add_argument("source", metavar="RUN_DIR")
+    p.add_argument("images", metavar="IMAGES", help="a folder of images or a text file with one path a line")
+    p.add_argument("-o", "--output", required=True, help="features file: .npy, .pt or .csv")
+    p.add_argument("--layer", help="features from this layer (e.g. block2, layer3; default: pooled output)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_source_flags(p)
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from sela.export import check_embedding_path, embed_images, list_images, write_embedding
+
+    check_embedding_path(args.output)
+    if not Path(args.images).exists():
+        raise UsageError(f"{args.images} does not exist; pass a folder of images or a text file of paths")
+    list_images(args.images)  # an empty IMAGES fails before the run is opened
+    run = _open_run(args, test_split=False)
+    features, paths = embed_images(
+        run,
+        args.images,
+        layer=args.layer,
+        batch_size=args.batch_size,
+        progress=False if args.no_progress else None,
+    )
+    written = write_embedding(args.output, features, paths)
+    also = f" (image paths in {written[1]})" if len(written) > 1 else ""
+    print(f"wrote {written[0]}: {features.shape[0]} images x {features.shape[1]} features{also}")
+    return 0
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a run's backbone weights for use without sela (torchvision keys for the ResNets)",
+        description="Write the trained backbone (no heads, no projector) as a state dict: for the ResNets "
+        "with torchvision's keys, loadable with strict=True into torchvision.models.resnet18() etc. with "
+        'fc = nn.Identity(); for other architectures as {"spec", "state_dict"}, read by '
+        "sela.models.load_exported. A JSON file next to it records the preprocessing and how to load it.",
+    )
+    p.add_argument("source", metavar="RUN_DIR")
+    p.add_argument("-o", "--output", required=True, help="weights file: .pt or .pth")
+    _add_source_flags(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sela.export import WEIGHT_FORMATS, export_backbone
+
+    out = Path(args.output)
+    if out.is_dir() or out.suffix.lower() not in WEIGHT_FORMATS:
+        raise UsageError(f"-o {out}: give a weights file name ending in .pt or .pth, like weights.pt")
+    run = _open_run(args, test_split=False)
+    weights, info = export_backbone(run, out, extra={"_command": sys.argv, "_version": sela.__version__})
+    layout = "torchvision keys" if json.loads(info.read_text())["layout"] == "torchvision" else "sela spec"
+    print(f"wrote {weights}: {run.arch} backbone, D = {run.model.feature_dim}, {layout}; how to load: {info}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
 # entry point
 
 
@@ -746,6 +817,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_labels(sub)
     _add_show(sub)
     _add_cluster(sub)
+    _add_embed(sub)
+    _add_export(sub)
     return parser
 
 

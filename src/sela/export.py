@@ -1,26 +1,35 @@
-"""Labels out of sela: a run's self-labels with confidences, labelling new images, clustering a feature file.
+"""Labels and features out of sela: a run's self-labels with confidences, labelling new images, clustering
+a feature file, embedding images with a run's backbone, and exporting the backbone's weights.
 
 The labels CSV format is :mod:`sela.rundir`'s (``path`` or ``index``, ``head0`` .., ``confidence0`` ..);
 a confidence is the largest softmax probability of that head's logits on the un-augmented image, in
 0..1. ``sela train``'s labels.csv is the same format without the confidence columns.
+
+An embedding file (:func:`write_embedding`) is picked by its suffix: ``.npy`` (N, D) float32 with the
+image paths in ``<stem>.paths.txt`` next to it, ``.pt`` ``{"features": (N, D) float32, "paths": [...]}``
+(loads with ``torch.load(..., weights_only=True)``), or ``.csv`` (``path, f0 .. f{D-1}``).
 
 Letters: N images, H heads, K_h clusters of head h, D features.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from sela.data import EvalTransform, make_loader
 from sela.data.folder import IMAGE_EXTENSIONS, decode_images
 from sela.eval.features import extract
 from sela.labeller import DEFAULT_LAM, SelfLabeller, feature_matrix
-from sela.rundir import load_file, write_labels_csv
+from sela.models.export import backbone_export, backbone_spec, info_path, torchvision_recipe
+from sela.models.resnet import ResNet
+from sela.rundir import atomic_write, load_file, write_json, write_labels_csv
 from sela.runs import Run
 from sela.sinkhorn import assign
 
@@ -241,3 +250,130 @@ def label_images(
     labels = assign_labels(logits, balanced=balanced, lam=lam)  # (H, M)
     path = write_labels_csv(out, labels, paths=paths, confidence=confidences(logits))
     return path, size_histograms(labels, list(run.model.n_clusters), path), labels
+
+
+# ------------------------------------------------------------------------------- features and weights out
+
+EMBEDDING_FORMATS = (".npy", ".pt", ".csv")
+WEIGHT_FORMATS = (".pt", ".pth")
+
+
+def _output_file(out: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> Path:
+    """``out`` as a file path with one of ``suffixes``; a ValueError naming the fix otherwise."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"-o {out} is a directory; give a file name like {out / ('out' + suffixes[0])}")
+    if out.suffix.lower() not in suffixes:
+        raise ValueError(f"-o {out}: {what} are written as {', '.join(suffixes)}; end the name with one")
+    return out
+
+
+def check_embedding_path(out: str | os.PathLike) -> Path:
+    """The embedding file ``out`` (``.npy``, ``.pt`` or ``.csv``), checked before any work is done."""
+    return _output_file(out, EMBEDDING_FORMATS, "features")
+
+
+def embed_images(
+    run: Run,
+    images: str | os.PathLike,
+    *,
+    layer: str | None = None,
+    batch_size: int = 256,
+    progress: bool | None = None,
+) -> tuple[Tensor, list[str]]:
+    """(N, D) float32 features of images (a folder or a file list) from a run's backbone, and their paths.
+
+    Images are decoded ``batch_size`` at a time (never all at once), fitted to the run's input size and
+    normalised like its training set. ``layer`` picks an intermediate layer (``run.model.feature_layers``)
+    instead of the pooled output. ``progress``: a bar over the images; None shows it on a terminal only.
+    """
+    if layer is not None and layer not in run.model.feature_layers:
+        raise ValueError(f"--layer {layer!r} is not a layer of {run.arch}; choose {run.model.feature_layers}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    paths = list_images(images)
+    chunks = []
+    with tqdm(
+        total=len(paths), desc="embed", unit="img", disable=None if progress is None else not progress
+    ) as bar:
+        for start in range(0, len(paths), batch_size):
+            x = load_images(
+                paths[start : start + batch_size], run.image_size, channels=run.train_set.channels
+            )
+            found = extract(
+                run.model, x, transform=run.transform, batch_size=batch_size, layer=layer, heads=False
+            )
+            chunks.append(found.features)  # (B, D)
+            bar.update(x.shape[0])
+    return torch.cat(chunks), paths  # (N, D)
+
+
+def write_embedding(out: str | os.PathLike, features: Tensor, paths: list[str]) -> list[Path]:
+    """Write (N, D) features with their N image paths in the format of ``out``'s suffix (module docstring).
+
+    Returns the files written (for ``.npy``: the array and ``<stem>.paths.txt``).
+    """
+    out = check_embedding_path(out)
+    if features.ndim != 2 or features.shape[0] != len(paths):
+        raise ValueError(f"need (N, D) features for {len(paths)} paths, got {tuple(features.shape)}")
+    x = features.detach().float().cpu().contiguous()  # (N, D)
+    suffix = out.suffix.lower()
+    if suffix == ".pt":
+        record = {"features": x, "paths": list(paths)}
+        return [atomic_write(out, lambda tmp: torch.save(record, tmp))]
+    if suffix == ".npy":
+        array = x.numpy()
+        listing = out.with_suffix(".paths.txt")
+
+        def save_array(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.save would append .npy to tmp's name
+                np.save(f, array, allow_pickle=False)
+
+        return [
+            atomic_write(out, save_array),
+            atomic_write(listing, lambda tmp: tmp.write_text("".join(f"{p}\n" for p in paths))),
+        ]
+
+    def save_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", *(f"f{d}" for d in range(x.shape[1]))])
+            for path, row in zip(paths, x.tolist(), strict=True):
+                writer.writerow([path, *(f"{v:.9g}" for v in row)])  # 9 digits round-trip float32
+
+    return [atomic_write(out, save_csv)]
+
+
+def export_backbone(run: Run, out: str | os.PathLike, *, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write a run's backbone weights for use without sela, and a JSON file next to them that says how.
+
+    ``out`` (``.pt``/``.pth``) receives :func:`sela.models.export.backbone_export`: a ResNet's plain
+    state dict with torchvision's keys, else ``{"spec", "state_dict"}``. ``<stem>.json`` records the spec,
+    the feature width D, the preprocessing (side, pixel scale, mean, std) and the lines that load the
+    weights; ``extra`` is merged into it. Returns both paths.
+    """
+    out = _output_file(out, WEIGHT_FORMATS, "weights")
+    model, spec = run.model, backbone_spec(run.model)
+    payload = backbone_export(model)
+    recipe = torchvision_recipe(spec, str(out)) if isinstance(model, ResNet) else None
+    mean, std = run.train_set.mean, run.train_set.std
+    info = {
+        "arch": run.arch,
+        "layout": "torchvision" if recipe else "sela",
+        "spec": spec,
+        "feature_dim": model.feature_dim,
+        "load": recipe or ["import sela.models", f"m = sela.models.load_exported({str(out)!r})"],
+        "preprocess": {
+            "image_size": run.image_size,
+            "channels": run.train_set.channels,
+            "resize": "shorter side to image_size (bilinear, antialiased), then a central square crop",
+            "scale": "pixel / 255, then (x - mean) / std per channel",
+            "mean": None if mean is None else list(mean),
+            "std": None if std is None else list(std),
+            **({"gray": "0.299 R + 0.587 G + 0.114 B, rounded"} if run.train_set.channels == 1 else {}),
+        },
+        "source": str(run.source),
+        **(extra or {}),
+    }
+    weights = atomic_write(out, lambda tmp: torch.save(payload, tmp))
+    return weights, write_json(info_path(out), info)

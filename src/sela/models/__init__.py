@@ -11,6 +11,7 @@ from sela.models import resnet as _resnet  # noqa: F401  (registers the resnets)
 from sela.models.alexnet import AlexNet
 from sela.models.base import SelaModel
 from sela.models.convnet import ConvNet
+from sela.models.export import load_exported
 from sela.models.pretrained import load_pretrained, spec_from_state_dict
 from sela.models.registry import create_model, list_models, register_model
 from sela.models.resnet import ResNet
@@ -22,6 +23,7 @@ __all__ = [
     "SelaModel",
     "create_model",
     "list_models",
+    "load_exported",
     "load_pretrained",
     "spec_from_state_dict",
     "register_model",

@@ -1,0 +1,154 @@
+"""A trained backbone as plain weights, usable without sela; and the loader for what it writes.
+
+Two shapes (:func:`backbone_export`):
+  * ResNets: a plain state dict with torchvision's keys (``conv1``, ``bn1``, ``layer1`` .. ``layer4``;
+    no ``fc``). It loads with ``strict=True`` into the torchvision model built by
+    :func:`torchvision_resnet`: ``torchvision.models.resnet18()`` with ``fc = nn.Identity()`` (the model then
+    outputs the pooled (B, D) features), plus, for the ``_cifar`` variants, a 3x3 stride-1 ``conv1`` and
+    ``maxpool = nn.Identity()`` (and for C != 3 image channels, a ``conv1`` taking C channels).
+  * every other architecture (no torchvision equivalent): ``{"spec": ..., "state_dict": ...}``, the
+    backbone's state dict and the ``create_model`` spec that builds it (heads and projector left out).
+:func:`load_exported` reads either back as a module mapping normalised images (B, C, S, S) to (B, D).
+
+Letters: B batch, C image channels, S image side, D features.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import Tensor, nn
+
+from sela.models.base import SelaModel
+from sela.models.registry import create_model
+from sela.models.resnet import ResNet
+
+# the parts of a SelaModel above the backbone: they fit the self-labels, not the images
+_NOT_BACKBONE = ("heads.", "projector.")
+# spec keys that build the heads and projector, not the backbone
+_HEAD_SPEC = ("n_clusters", "normalize_heads", "projector")
+
+
+def backbone_state_dict(model: SelaModel) -> dict[str, Tensor]:
+    """The backbone's tensors (``heads.*`` and ``projector.*`` dropped), contiguous copies on the CPU."""
+    return {
+        k: v.detach().cpu().contiguous().clone()
+        for k, v in model.state_dict().items()
+        if not k.startswith(_NOT_BACKBONE)
+    }
+
+
+def backbone_spec(model: SelaModel) -> dict[str, Any]:
+    """The model's ``create_model`` spec without the heads and projector (``arch`` and backbone settings)."""
+    return {k: v for k, v in model.spec.items() if k not in _HEAD_SPEC}
+
+
+def torchvision_resnet(spec: Mapping[str, Any]) -> nn.Module:
+    """The torchvision ResNet that a ResNet export loads into with ``strict=True``; outputs (B, D).
+
+    ``spec`` is a backbone spec of a sela ResNet (``{"arch": "resnet18_cifar", "in_channels": 3, ...}``).
+    The network is ``torchvision.models.<resnet>()`` with ``fc = nn.Identity()``; a ``_cifar`` arch gets a
+    3x3 stride-1 ``conv1`` and ``maxpool = nn.Identity()``, C != 3 channels a ``conv1`` taking C.
+    """
+    arch = str(spec.get("arch", ""))
+    name, cifar = arch.removesuffix("_cifar"), arch.endswith("_cifar")
+    if not name.startswith("resnet") or not hasattr(torchvision.models, name):
+        raise ValueError(f"{arch!r} is not a sela ResNet; build it with sela.models.create_model(**spec)")
+    c = int(spec.get("in_channels", 3))
+    net = getattr(torchvision.models, name)(weights=None)
+    if cifar:
+        net.conv1 = nn.Conv2d(c, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    elif c != 3:
+        net.conv1 = nn.Conv2d(c, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    net.fc = nn.Identity()
+    return net
+
+
+def torchvision_recipe(spec: Mapping[str, Any], path: str = "PATH") -> list[str] | None:
+    """Python lines that build the model of :func:`torchvision_resnet` and load the export at ``path``
+    into it with ``strict=True``; None for an architecture that is not a ResNet."""
+    arch = str(spec.get("arch", ""))
+    name = arch.removesuffix("_cifar")
+    if not name.startswith("resnet"):
+        return None
+    c = int(spec.get("in_channels", 3))
+    lines = ["import torch, torchvision", "from torch import nn", f"m = torchvision.models.{name}()"]
+    if arch.endswith("_cifar"):
+        lines += [
+            f"m.conv1 = nn.Conv2d({c}, 64, 3, stride=1, padding=1, bias=False)",
+            "m.maxpool = nn.Identity()",
+        ]
+    elif c != 3:
+        lines += [f"m.conv1 = nn.Conv2d({c}, 64, 7, stride=2, padding=3, bias=False)"]
+    lines += [
+        "m.fc = nn.Identity()",
+        f"m.load_state_dict(torch.load({path!r}, weights_only=True), strict=True)",
+    ]
+    return lines
+
+
+def backbone_export(model: SelaModel) -> dict[str, Any]:
+    """What :func:`sela.export.export_backbone` saves: a ResNet's plain state dict with torchvision's keys,
+    else ``{"spec": backbone spec, "state_dict": backbone state dict}`` (see the module docstring)."""
+    state = backbone_state_dict(model)
+    if isinstance(model, ResNet):
+        return state
+    return {"spec": backbone_spec(model), "state_dict": state}
+
+
+def info_path(path: str | os.PathLike) -> Path:
+    """The JSON file that ``sela export`` writes next to ``path``: spec, preprocessing, how to load."""
+    return Path(path).with_suffix(".json")
+
+
+class _Features(nn.Module):
+    """A SelaModel's backbone as a module whose forward gives the pooled (B, D) features."""
+
+    def __init__(self, model: SelaModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x)  # (B, D)
+
+
+def load_exported(path: str | os.PathLike, *, spec: Mapping[str, Any] | None = None) -> nn.Module:
+    """Read a file of ``sela export`` back as an eval-mode module: normalised (B, C, S, S) -> (B, D).
+
+    Args:
+        path: the exported ``.pt`` file (loaded with ``weights_only=True``).
+        spec: for a ResNet export (a plain state dict), its backbone spec, e.g. ``{"arch": "resnet18"}``;
+            default: the ``spec`` of the JSON file that ``sela export`` writes next to it.
+
+    Returns:
+        For a ResNet, the torchvision model of :func:`torchvision_resnet`; otherwise the sela model
+        (its heads are untrained placeholders; the module's forward never reaches them).
+    """
+    path = Path(path)
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path} holds a {type(data).__name__}, not the state dict of `sela export`")
+    if "state_dict" in data and "spec" in data:
+        model = create_model(**data["spec"])
+        missing, unexpected = model.load_state_dict(data["state_dict"], strict=False)
+        missing = [k for k in missing if not k.startswith(_NOT_BACKBONE)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not fit its spec: missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )
+        return _Features(model).eval()
+    if spec is None:
+        info = info_path(path)
+        if not info.is_file():
+            raise ValueError(f"{path} is a plain state dict and {info} is absent; pass spec={{'arch': ...}}")
+        spec = json.loads(info.read_text())["spec"]
+    net = torchvision_resnet(spec)
+    net.load_state_dict(data, strict=True)
+    return net.eval()
