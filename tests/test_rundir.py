@@ -75,9 +75,7 @@ def test_checkpoint_formats(tmp_path):
     rundir.save_checkpoint(tmp_path, {"model": {}, "optimizer": {}, "labels": torch.zeros(1, 2), "epoch": 1})
     ckpt = rundir.load_checkpoint(tmp_path / rundir.CHECKPOINT)
     assert ckpt["format"] == rundir.FORMAT_VERSION == 2
-    assert (
-        rundir.checkpoint_format({"model": {}, "config": {}, "labels": 0, "epoch": 1}) == 1
-    )  # older sela
+    assert rundir.checkpoint_format({"model": {}, "config": {}, "labels": 0, "epoch": 1}) == 1  # older sela
     torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a sela training checkpoint"):
         rundir.load_checkpoint(tmp_path / "foreign.pt")

@@ -4,7 +4,17 @@ import math
 
 import pytest
 
-from sela.schedule import even_epochs, label_epochs, label_schedule, lr_at, planned_epochs, schedule_progress
+from sela.schedule import (
+    even_epochs,
+    label_epochs,
+    label_pass_epochs,
+    label_schedule,
+    lr_at,
+    min_label_gap,
+    planned_epochs,
+    schedule_progress,
+    space_out,
+)
 
 
 def test_label_schedule_quadratic_dense_early():
@@ -61,7 +71,7 @@ def test_planned_epochs_fill_the_budget():
     assert (
         planned_epochs(3, [10.0, 30.0, 20.0], 170.0) == 3 + 5
     )  # 110 s left: 4 epochs of 20 s and one of 30 s
-    assert planned_epochs(5, [10.0] * 5, 40.0) == 6  # budget spent: the next epoch is the last
+    assert planned_epochs(5, [10.0] * 5, 40.0) == 5  # budget spent: the run stops
     # the median of the last five ignores an outlier epoch (e.g. one with a long label step)
     assert planned_epochs(6, [100.0, 10.0, 10.0, 10.0, 10.0, 10.0], 250.0) == 6 + 10
 
@@ -75,3 +85,19 @@ def test_label_epochs_round_steps_up_to_epoch_ends():
 def test_even_epochs_spread_updates_over_the_run():
     assert even_epochs(10, 3) == {0, 2, 5, 8}  # the random heads' labels at 0, then 3 evenly spaced
     assert even_epochs(2, 10) == {0, 1, 2}  # collisions merge
+
+
+def test_label_gap_bounds_the_share_of_label_passes():
+    p = label_pass_epochs(32, 16)  # a pass at 32 px, training views at 16 px
+    assert p == pytest.approx(4 / 3)
+    gap = min_label_gap(p, steps_per_epoch=100, share=0.15)
+    assert p / (p + gap / 100) <= 0.15 + 1e-9  # a pass per gap costs at most 15 %
+    assert p / (p + (gap - 1) / 100) > 0.15  # and the gap is the smallest that does
+    with pytest.raises(ValueError, match="label share"):
+        min_label_gap(p, 100, share=1.5)
+
+
+def test_space_out_merges_crowded_steps_and_respects_the_last_one():
+    assert space_out([0, 1, 4, 9, 16, 25], 5) == [0, 9, 16, 25]
+    assert space_out([10, 12, 20], 5, after=8) == [20]  # 10 and 12 are too close to the step at 8
+    assert space_out([], 3) == []

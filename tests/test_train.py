@@ -25,7 +25,8 @@ def make_objective(imageset, objective="sela", **swap):
 
 def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0, projector=(), **settings):
     torch.manual_seed(init_seed)
-    settings = {"label_updates": 4, "label_heads": "round-robin", "lam": 25.0, **settings}
+    # label_share 0.5: the tiny runs keep several label passes (0.15 would merge all but the first)
+    settings = {"label_updates": 4, "label_heads": "round-robin", "lam": 25.0, "label_share": 0.5, **settings}
     swap = {k: settings.pop(k) for k in list(settings) if k.startswith(("swap_", "small_"))}
     model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8, projector=projector)
     return Trainer(
@@ -385,3 +386,34 @@ def test_time_limit_shrinks_the_plan_and_resume_counts_time_spent(tiny_set, tmp_
 def test_time_limit_must_be_positive(tiny_set, tmp_path):
     with pytest.raises(ValueError, match="time limit must be > 0"):
         make_trainer(tiny_set, tmp_path, time_limit_s=0.0)
+
+
+def test_label_passes_are_bounded_to_their_share_of_training(tiny_set, tmp_path):
+    t = make_trainer(tiny_set, tmp_path, epochs=12, label_updates=40, label_share=0.15)
+    # a pass at 8 px costs a third of an epoch of 8 px views: at most 15 % means >= 1.9 epochs apart
+    gaps = [b - a for a, b in zip(t.label_steps, t.label_steps[1:], strict=False)]
+    assert t.label_steps[0] == 0 and min(gaps) >= 12 and len(t.label_steps) <= 12 * 6 // 12
+    assert [s for s in t.label_steps if s < t.steps_per_epoch] == [0]  # no second pass in epoch 1
+    t.fit()
+    passes = sum(m["label_passes"] for m in map(json.loads, open(tmp_path / "metrics.jsonl")))
+    assert passes == len(t.label_steps)
+
+
+@pytest.mark.filterwarnings("ignore:the swapped objective")
+def test_a_budget_shorter_than_the_first_epoch_stops_after_it(tiny_set, tmp_path):
+    lines = []
+    t = make_trainer(tiny_set, tmp_path, epochs=8, time_limit_s=5.0, objective="swapped", log=lines.append)
+    _fixed_epoch_time(t, 10.0)
+    history = t.fit()
+    assert len(history) == 1 and t.epoch == t.epochs == 1
+    assert "first epoch took 10 s of the 5 s budget: stopping after it" in lines[-1]
+    assert t.state.n_updates == 1 and history[0]["label_updates"] == 1  # the final labels were assigned
+    sizes = torch.bincount(t.state.labels[0], minlength=6)
+    assert sizes.sum() == len(tiny_set) and sizes.min() > 0
+
+
+def test_one_progress_line_per_epoch(tiny_set, tmp_path):
+    lines = []
+    make_trainer(tiny_set, tmp_path, epochs=2, log=lines.append).fit()
+    assert len(lines) == 2 and lines[0].startswith("epoch 1/2: loss ") and "label steps" in lines[0]
+    assert "smallest" in lines[1] and "min left" in lines[1]

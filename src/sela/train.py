@@ -184,6 +184,7 @@ class Trainer:
         self._lay_out_label_steps(0)
         self.eval_transform = eval_transform
         self.seed, self.workers, self.metadata, self.log = seed, workers, metadata or {}, log
+        self._note: str | None = None  # said after the epoch's line (the budget stopped the run)
         self.progress = progress and dist.is_main()
         self.epoch = 0  # epochs completed
         amp = autocast_dtype(precision, device)
@@ -256,6 +257,9 @@ class Trainer:
                 self.save_checkpoint()
                 self._report(stats)
             self._check_health(stats)
+            if self._note and self.log and dist.is_main():
+                self.log(self._note)
+            self._note = None
             history.append(stats)
         return history
 
@@ -270,8 +274,8 @@ class Trainer:
             self.plan(epochs)
         if self.epoch < self.epochs:
             return stats
-        if self.epoch == 1 and self.log and dist.is_main():
-            self.log(
+        if self.epoch == 1:
+            self._note = (
                 f"the first epoch took {stats['time_s']:.0f} s of the {self.time_limit_s:.0f} s budget: stopping "
                 "after it; for more epochs give a longer --time-limit, or make each cheaper (a smaller "
                 "--crop-size or --image-size, fewer --heads, --recipe cpu-fast)"

@@ -1,0 +1,63 @@
+"""Recipes: the rule that picks one from the images and the device, and what each sets."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from sela.cli import main
+from sela.data import ImageSet
+from sela.recipes import RECIPES, DataFacts, choose, data_facts, settings
+
+
+def test_the_rule_follows_the_device():
+    cpu = DataFacts(side=32, channels=3, grey=False, n=50_000, device="cpu")
+    assert choose(cpu)[0] == "cpu-fast" and "CPU, 50000 3-channel images of 32 px" in choose(cpu)[1]
+    assert choose(DataFacts(32, 3, False, 50_000, "cuda"))[0] == "gpu-fast"
+
+
+@pytest.mark.parametrize(("side", "view", "pools"), [(32, 16, [True, True, False]), (28, 14, [True, True, False]),
+                                                     (64, 32, [True, True, True]), (16, 8, [True, False, False])])  # fmt: skip
+def test_views_are_half_the_side_and_pool_to_a_small_map(side, view, pools):
+    s = settings("cpu-fast", DataFacts(side, 3, False, 50_000, "cpu"))
+    assert s["crop_size"] == view and s["pools"] == pools and s["objective"] == "swapped"
+
+
+def test_greyscale_images_get_no_colour_augmentation_and_few_images_fewer_clusters():
+    grey = settings("cpu-fast", DataFacts(28, 3, True, 1_000, "cpu"))
+    assert grey["augment.jitter"][2:] == [0.0, 0.0] and grey["augment.grayscale_p"] == 0.0
+    assert grey["augment.flip_p"] == 0.0 and grey["clusters"] == [50]  # N / 20
+    colour = settings("cpu-fast", DataFacts(32, 3, False, 50_000, "cpu"))
+    assert colour["augment.jitter"] == [0.4, 0.4, 0.4, 0.1] and colour["clusters"] == [128]
+    paper = settings("paper", colour)
+    assert (paper["arch"], paper["heads"], paper["lam"], paper["epochs"]) == ("alexnet", 10, 10.0, 400)
+    with pytest.raises(ValueError, match="unknown recipe"):
+        settings("fastest", colour)
+    assert set(RECIPES) == {"cpu-fast", "gpu-fast", "paper"}
+
+
+def test_greyscale_is_detected_from_equal_channels():
+    rgb = torch.randint(0, 255, (20, 3, 8, 8), dtype=torch.uint8)
+    grey = rgb[:, :1].repeat(1, 3, 1, 1)
+    cpu = torch.device("cpu")
+    assert not data_facts(ImageSet(rgb), 8, cpu).grey and data_facts(ImageSet(grey), 8, cpu).grey
+    assert data_facts(ImageSet(rgb[:, :1]), 8, cpu).grey
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, capsys):
+    for split, n in (("train", 40), ("test", 10)):
+        for c in range(2):
+            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
+            for i in range(n // 2):
+                colour = (255 * c, 40 * (i % 5), 90)
+                Image.new("RGB", (12, 12), colour).save(tmp_path / "data" / split / str(c) / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
+    said = capsys.readouterr().out
+    assert "recipe cpu-fast (CPU, 40 3-channel images of 12 px" in said
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"] == "cpu-fast" and config["objective"] == "swapped" and config["crop_size"] == 8
+    assert config["batch_size"] == 16 and config["heads"] == 1  # flags win over the recipe
