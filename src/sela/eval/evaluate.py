@@ -64,9 +64,16 @@ def _split(model: nn.Module, imageset: ImageSet, **opts) -> _Split:
 
 
 def _scores(pred: Tensor, truth: Tensor, k: int, fit: tuple[Tensor, Tensor] | None = None) -> dict:
-    """NMI, AMI, ARI, Hungarian and many-to-one accuracy of (n,) clusters; many-to-one fitted on ``fit``."""
+    """NMI, AMI, ARI, Hungarian and many-to-one accuracy of (n,) clusters; many-to-one fitted on ``fit``.
+
+    Hungarian accuracy (a one-to-one matching of clusters to classes) is left out unless the head has as
+    many clusters as there are classes: with more clusters most of them cannot be matched, and the number
+    means nothing; many-to-one accuracy is the fair score then.
+    """
     m = cluster_metrics(pred, truth, n_clusters=k)
     out = {key: m[key] for key in _SCORES}
+    if k != len(torch.unique(truth)):
+        del out["accuracy"]
     if fit is not None:
         out["many_to_one"] = many_to_one_accuracy(fit[0], fit[1], pred, truth)
     return out
@@ -220,7 +227,7 @@ def evaluate(
 
     Returns:
         A JSON-ready dict. ``knn_top1``, ``knn_top5``, ``linear_top1`` (percent), ``nmi``, ``ami``,
-        ``ari``, ``accuracy``, ``many_to_one`` of the reported head (``best_head``) on ``split``
+        ``ari``, ``accuracy`` (only when K equals the number of classes), ``many_to_one`` of the reported head (``best_head``) on ``split``
         (``"test"``, or ``"train"`` without a labelled test split); ``heads``: one dict per head with
         ``head``, ``k``, ``trained``, ``sizes`` (of its training predictions), ``train`` / ``test`` /
         ``self_labels`` scores and ``label_agreement`` (percent of training predictions equal to the
@@ -246,6 +253,11 @@ def evaluate(
     return result
 
 
+def _acc(scores: dict, spec: str) -> str:
+    """Hungarian accuracy formatted, or '-' where it is left out (K differs from the classes)."""
+    return format(scores["accuracy"], spec) if "accuracy" in scores else format("-", spec.split(".")[0] or "")
+
+
 def format_report(result: dict) -> str:
     """The result of :func:`evaluate` as a plain-text table (one row per head and split)."""
     lines = []
@@ -262,7 +274,7 @@ def format_report(result: dict) -> str:
     if "nmi" in result:
         lines.append(
             f"head {result['best_head']} (best NMI on train) on {result['split']}:  NMI {result['nmi']:.4f}  "
-            f"AMI {result['ami']:.4f}  ARI {result['ari']:.4f}  acc {result['accuracy']:.2f}  "
+            f"AMI {result['ami']:.4f}  ARI {result['ari']:.4f}  acc {_acc(result, '.2f')}  "
             f"many-to-one {result['many_to_one']:.2f}"
         )
     header = f"{'head':>5} {'K':>5}  {'split':<11} {'NMI':>6} {'AMI':>6} {'ARI':>6} {'acc':>6} {'m-to-1':>6}"
@@ -278,7 +290,7 @@ def format_report(result: dict) -> str:
                 s = e[split]
                 rows.append(
                     f"{name:>5} {e['k']:>5}  {split.replace('_', '-'):<11} {s['nmi']:6.3f} {s['ami']:6.3f} "
-                    f"{s['ari']:6.3f} {s['accuracy']:6.2f} {s['many_to_one']:6.2f}"
+                    f"{s['ari']:6.3f} {_acc(s, '6.2f')} {s['many_to_one']:6.2f}"
                 )
         sizes = e["sizes"]
         extra = f", agrees with self-labels {e['label_agreement']:.1f}%" if "label_agreement" in e else ""
