@@ -40,6 +40,7 @@ equals the single-process solve of all rows.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -49,14 +50,20 @@ __all__ = ["Assignment", "assign", "marginal_error"]
 
 # exp(-87) is just above the smallest normal float32 (1.18e-38).
 _LOG_FLOOR = -87.0
-# A column whose largest (row-shifted) log-kernel entry is below this needs b > e^69: use the log domain.
-_LOG_UNDERFLOW = -69.0
+# Absorb the scaling into the kernel when log b spans more than this relative to the kernel's own
+# shift: a clamped entry (e^-87 instead of smaller) then weighs at most K e^(60 - 87) < 2e-8 K of its
+# row's mass, and the row scaling a = 1 / (K b) stays below e^60, far from float32's e^88.7.
+_SPAN = 60.0
+# Building the kernel in float32 rounds lam * logits + shift to eps * magnitude: above this magnitude
+# (relative error of kernel entries > 6e-5) it is built in float64 and stored in float32.
+_EXACT_BUILD = 500.0
 _CHUNK_BYTES_CPU = 1 << 20  # ~1 MiB chunks stay in L2 cache on CPU
 _CHUNK_ELEMS_CUDA = 1 << 28  # GPUs are bandwidth-bound: few large chunks
 _ANDERSON_MEMORY = 5
 _ANDERSON_REG = 1e-10
 _RESTART_FACTOR = 2.0  # an Anderson step may raise the error a little, but not double it
 _PROGRESS, _STALL_PASSES = 0.99, 50  # stop when 50 passes have not lowered the error by 1 %
+_LAM_START, _LAM_FACTOR = 25.0, 4.0  # continuation in lam (epsilon scaling) for a stalled large lam
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,9 @@ class Assignment:
     """Result of :func:`assign`.
 
     Attributes:
-        labels: int64 (N,), hard label of each (local) sample, argmax_k Q[n, k].
+        labels: int64 (N,), hard label of each (local) sample: argmax_k Q[n, k], except that a cluster
+            the argmax leaves empty receives the sample that loses least by moving to it (see
+            :func:`assign`, "Balance"), so that with N >= K no cluster is empty.
         scaling: float64 (K,), the column scaling b of Q = diag(a) P^lambda diag(b), normalised to max 1.
             It fixes the labels; pass it as ``init=`` to warm-start the next solve.
         n_iter: number of passes over the N x K kernel (each pass evaluates one b).
@@ -72,7 +81,16 @@ class Assignment:
             sum_k |sum_n Q[n, k] - c_k| with Q's rows summing to exactly 1/N (0 means an exact solution;
             2 is the largest possible value).
         converged: whether ``error <= tol`` was reached within ``max_iter`` passes.
-        log_domain: whether the log-domain path was used (some column underflowed in float32).
+        imbalance: balance of the hard labels: max_k n_k / (N c_k), the largest cluster's size over its
+            share under the prior (n_k samples labelled k, over all ranks). 1.0 is an exact equipartition;
+            K means every sample in one cluster (uniform prior). A converged plan of informative logits
+            gives about 1.05-1.5; degenerate logits (identical rows, a collapsed network) give ~K even
+            with ``error`` ~0, since the plan is then balanced but flat: callers should warn above ~2.
+        log_domain: whether the exact float64 log-domain path was used (the last resort, when the
+            float32 kernel could not reach ``tol``).
+        n_absorb: how often the scaling was absorbed into the float32 kernel (each costs about
+            5-8 passes' time: the kernel is rebuilt from the logits); 0 when the first kernel sufficed.
+        n_repaired: samples moved off their argmax cluster to fill clusters it left empty.
     """
 
     labels: Tensor
@@ -80,7 +98,10 @@ class Assignment:
     n_iter: int
     error: float
     converged: bool
+    imbalance: float = 1.0
     log_domain: bool = False
+    n_absorb: int = 0
+    n_repaired: int = 0
 
 
 def marginal_error(col: Tensor, prior: Tensor) -> float:
@@ -100,12 +121,13 @@ def assign(
     inplace: bool = False,
     storage_dtype: torch.dtype | None = None,
     distributed: bool | None = None,
+    threads: int = 1,
 ) -> Assignment:
     """Assign balanced labels to N samples from their logits over K clusters.
 
     Args:
-        logits: (N, K) float tensor of one head's outputs (any float dtype, any device). With
-            ``torch.distributed`` initialised these are this rank's rows only.
+        logits: (N, K) float tensor of one head's outputs (any float dtype, any device; values must fit
+            float32). With ``torch.distributed`` initialised these are this rank's rows only.
         lam: lambda, the inverse strength of the entropic regularisation (paper default 25); larger
             gives harder, closer-to-exact assignments.
         prior: (K,) positive column marginal summing to 1 (cluster proportions); default uniform 1/K,
@@ -115,18 +137,48 @@ def assign(
         max_iter: the most passes over the kernel.
         init: (K,) positive scaling b from a previous :class:`Assignment` to warm-start from.
         inplace: build the kernel in the memory of ``logits`` (which is overwritten) instead of a new
-            N x K buffer; requires a floating ``logits`` that may be destroyed.
+            N x K buffer; requires a floating ``logits`` that may be destroyed. The kernel is then
+            re-scaled in place when the scaling is absorbed, and there is no log-domain fallback.
         storage_dtype: dtype of the N x K kernel buffer when not in place (default float32);
             ``torch.bfloat16`` halves memory at a small cost in label agreement.
         distributed: solve the global problem over all ranks (default: whenever torch.distributed is
             initialised with more than one process).
+        threads: CPU threads for the passes (ignored on GPU). Each pass hands one contiguous block of
+            rows to each thread once (a Python thread running single-threaded torch ops over
+            cache-sized chunks), so a busy machine delays a pass by one descheduled block, never by
+            hundreds of barriers. The default 1 is the measured choice inside training on shared or
+            laptop CPUs: the passes are memory-bound (a second thread gains ~1.2x on a quiet 2-core
+            machine) and one thread cannot be slowed by its own siblings. During the call torch's
+            intra-op thread count is set to 1 and restored afterwards.
 
     Returns:
         an :class:`Assignment` with this rank's labels.
 
     Raises:
-        ValueError: NaN/inf logits, K < 2, N < K (over all ranks), lam <= 0, a bad prior or init,
-            a float16 kernel (``inplace=True`` with float16 logits, or ``storage_dtype=torch.float16``).
+        ValueError: NaN/inf logits or logits beyond float32's range, K < 2, N < K (over all ranks),
+            lam <= 0, tol not > 0, a bad prior or init, a float16 kernel (``inplace=True`` with float16
+            logits, or ``storage_dtype=torch.float16``), threads < 1.
+
+    Method (see docs/solver.md). The kernel P^lam is stored in float32 *stabilised* (Schmitzer 2019,
+    "Stabilized sparse scaling algorithms for entropy regularized transport problems", Alg. 2): with an
+    absorbed scaling beta_hat, K~[n, k] = exp(lam logits[n, k] + beta_hat_k - alpha_n) where alpha_n makes
+    each row's largest entry 1, clamped at exp(-87). A pass evaluates b = exp(beta - beta_hat) only; when
+    beta - beta_hat spans more than e^60 the kernel is rebuilt around beta (``n_absorb``), so columns that
+    no sample prefers (far clusters, logits of magnitude 1e4, a collapsed network) stay representable.
+    The dual iteration on beta is Anderson-accelerated. If it stalls above ``tol`` with lam > 100, it is
+    continued in lam (epsilon scaling: lam = 25, 100, 400, ..., each stage warm-started from the last,
+    beta scaled by the ratio of lams), which reaches tolerances that plain Sinkhorn at lam = 1e6 would
+    need ~1e6 passes for; if it still stalls (float32's resolution, tol < ~1e-7), the exact float64
+    log-domain path finishes from the best point. ``converged=False`` means all of this failed within
+    ``max_iter`` passes; the labels are then those of the best point found, and ``error`` says how good.
+
+    Balance. The plan's columns meet the prior to ``error``; each hard cluster size n_k then differs
+    from N c_k by at most N |col_k - c_k| plus the plan's softness around k (mass that rows labelled k
+    put elsewhere or others put on k), which is small when lam times the logit gaps is large but not in
+    general: with N close to K, or flat rows, argmax leaves some clusters empty. After solving, every
+    cluster the argmax left empty receives, one by one, the sample of a cluster holding >= 2 that loses
+    least log-plan mass by moving (max_n log Q[n, k] - log Q[n, l_n]); with N >= K no cluster is empty.
+    It costs one column read per empty cluster, nothing when none is empty. ``imbalance`` reports the rest.
     """
     device = logits.device
     if logits.ndim != 2:
@@ -138,8 +190,13 @@ def assign(
         raise ValueError(f"need at least K = 2 clusters, got K = {k}")
     if not (lam > 0 and math.isfinite(lam)):
         raise ValueError(f"lam must be a positive finite number, got {lam}")
-    if tol <= 0 or max_iter < 1:
-        raise ValueError(f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}")
+    if not (tol > 0) or max_iter < 1:  # `not (tol > 0)` also refuses NaN
+        raise ValueError(
+            f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}; "
+            "use e.g. the default tol=1e-3 and max_iter=1000"
+        )
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
     kernel_dtype = logits.dtype if inplace else (storage_dtype or torch.float32)
     if kernel_dtype not in (torch.float32, torch.bfloat16, torch.float64):
         # float16 flushes kernel entries below 6e-8 (a cluster lam * 0.7 below a sample's best) to 0.
@@ -158,40 +215,55 @@ def assign(
     c = _check_prior(prior, k, device)
     beta0 = _check_init(init, k, device)
 
-    chunk = _chunk_rows(n_local, k, device)
-    row_max, col_max, low, finite = _scan(logits, chunk)
-    if not finite:
-        raise ValueError("logits contain NaN or inf; check the network outputs (a diverged loss?)")
-    col_max = _all_reduce(col_max, use_dist, op="max")
-    # Entries clamped at exp(-87) lose information; the log domain keeps it (decided on all ranks alike).
-    clamped = bool(_all_reduce(torch.tensor([float(low * lam < _LOG_FLOOR)], device=device), use_dist) > 0)
-    log_domain = bool((col_max * lam < _LOG_UNDERFLOW).any())
-
-    n_iter = 0
-    if not log_domain:
-        if inplace:
-            kernel = logits
-        else:
-            kernel = torch.empty(n_local, k, dtype=storage_dtype or torch.float32, device=device)
-        _build_kernel(logits, row_max, lam, kernel, chunk)
-        pass_fn = _KernelPass(kernel, chunk)
-        beta, n_iter, err = _anderson_solve(pass_fn, c, beta0, n_total, tol, max_iter, use_dist)
-        # The float32 kernel cannot express the huge scalings some extreme inputs need: if it stalled
-        # with clamped entries and the logits still exist, finish in the log domain from where it got.
-        # Also when b spans more than e^69: a clamped entry (e^-87 instead of smaller) then weighs up to
-        # e^(span - 87) of its row's scaled mass, so the float32 error understates the true one.
-        wide = float(beta.max() - beta.min()) > -_LOG_UNDERFLOW
-        if (err > tol or wide) and clamped and not inplace and n_iter < max_iter:
-            del kernel, pass_fn
-            log_domain, beta0 = True, beta
-    if log_domain:
-        pass_fn = _LogDomainPass(logits, row_max, lam, chunk)
-        beta, more, err = _anderson_solve(pass_fn, c, beta0, n_total, tol, max_iter - n_iter, use_dist)
-        n_iter += more
-    labels = pass_fn.labels(beta)
+    old_threads = torch.get_num_threads()
+    pool = None
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # no OpenMP regions: parallelism, if any, is one row block per thread
+        if threads > 1 and n_local >= 2 * threads:
+            pool = ThreadPoolExecutor(max_workers=threads)
+    try:
+        blocks = _row_blocks(n_local, threads if pool else 1)
+        chunk = _chunk_rows(n_local, k, device)
+        row_max, magnitude = _scan(logits, chunk, use_dist)
+        kernel = KernelPass(logits, row_max, lam, chunk, blocks, pool, magnitude, inplace, kernel_dtype)
+        kernel.absorb(beta0)
+        beta, n_iter, err = _anderson_solve(kernel, c, beta0, n_total, tol, max_iter, use_dist)
+        pass_fn: KernelPass | _LogDomainPass = kernel
+        if err > tol and lam > _LAM_FACTOR * _LAM_START and n_iter < max_iter:
+            # a stalled large lam: continue in lam from the start (epsilon scaling)
+            beta, more, err = _continuation(kernel, c, beta, err, n_total, tol, max_iter - n_iter, use_dist)
+            n_iter += more
+        log_domain = False
+        if err > tol and not inplace and n_iter < max_iter:
+            # float32's resolution: finish exactly in the log domain, from where it got
+            n_absorb = kernel.n_absorb
+            del kernel
+            pass_fn = _LogDomainPass(logits, row_max, lam, chunk)
+            beta_l, more, err_l = _anderson_solve(pass_fn, c, beta, n_total, tol, max_iter - n_iter, use_dist)
+            n_iter += more
+            log_domain = True
+            if err_l <= err:
+                beta, err = beta_l, err_l
+        labels = pass_fn.labels(beta)
+        labels, n_repaired, imbalance = _repair(pass_fn, beta, labels, c, n_total, use_dist)
+        if isinstance(pass_fn, KernelPass):
+            n_absorb = pass_fn.n_absorb
+    finally:
+        if pool is not None:
+            pool.shutdown()
+        if device.type == "cpu":
+            torch.set_num_threads(old_threads)
     scaling = torch.exp(beta - beta.max()).clamp_min_(1e-300)  # stays a valid (positive) warm start
     return Assignment(
-        labels=labels, scaling=scaling, n_iter=n_iter, error=err, converged=err <= tol, log_domain=log_domain
+        labels=labels,
+        scaling=scaling,
+        n_iter=n_iter,
+        error=err,
+        converged=err <= tol,
+        imbalance=imbalance,
+        log_domain=log_domain,
+        n_absorb=n_absorb,
+        n_repaired=n_repaired,
     )
 
 
@@ -210,8 +282,9 @@ def _use_distributed(flag: bool | None) -> bool:
 
 def _all_reduce(t: Tensor, use_dist: bool, op: str = "sum") -> Tensor:
     if use_dist:
-        red = torch.distributed.ReduceOp.SUM if op == "sum" else torch.distributed.ReduceOp.MAX
-        torch.distributed.all_reduce(t, op=red)
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+        ops["min"] = torch.distributed.ReduceOp.MIN
+        torch.distributed.all_reduce(t, op=ops[op])
     return t
 
 
@@ -236,8 +309,7 @@ def _check_init(init: Tensor | None, k: int, device: torch.device) -> Tensor:
         raise ValueError(f"init must be a scaling of K = {k} entries (Assignment.scaling), got {b.numel()}")
     if not torch.isfinite(b).all() or (b <= 0).any():
         raise ValueError("init must be strictly positive and finite (pass a previous Assignment.scaling)")
-    beta = b.log()
-    return beta.clamp_min(float(beta.max()) + _LOG_FLOOR)  # a hint: keep it within float32's range
+    return b.log()
 
 
 def _chunk_rows(n: int, k: int, device: torch.device) -> int:
@@ -246,80 +318,164 @@ def _chunk_rows(n: int, k: int, device: torch.device) -> int:
     return max(16, min(n, _CHUNK_BYTES_CPU // (4 * k)))
 
 
-def _scan(logits: Tensor, chunk: int) -> tuple[Tensor, Tensor, float, bool]:
-    """One read pass over the logits.
+def _row_blocks(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous (start, end) row ranges covering 0..n, as equal as possible."""
+    bounds = [n * i // parts for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
-    Returns row maxima (N,), column maxima of the row-shifted logits (K,), the smallest row-shifted
-    logit, and whether all logits are finite.
-    """
-    n, k = logits.shape
+
+def _scan(logits: Tensor, chunk: int, use_dist: bool) -> tuple[Tensor, float]:
+    """One read pass over the logits: row maxima (N,) float32 and max |logit - row max| (all ranks)."""
+    n = logits.shape[0]
     row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
-    col_max = torch.full((k,), -math.inf, dtype=torch.float32, device=logits.device)
-    low = torch.zeros((), dtype=torch.float32, device=logits.device)
-    finite = torch.ones((), dtype=torch.bool, device=logits.device)
+    spread = torch.zeros((), dtype=torch.float32, device=logits.device)
+    ok = torch.ones((), dtype=torch.bool, device=logits.device)
+    fits = torch.ones((), dtype=torch.bool, device=logits.device)
     for s in range(0, n, chunk):
-        x = logits[s : s + chunk].float()  # (B, K)
-        finite &= torch.isfinite(x).all()
+        raw = logits[s : s + chunk]  # (B, K)
+        ok &= torch.isfinite(raw).all()
+        x = raw.float()
+        fits &= torch.isfinite(x).all()  # a float64 beyond 3.4e38 becomes inf
         m = x.amax(dim=1)  # (B,)
         row_max[s : s + chunk] = m
-        shifted = x - m[:, None]  # (B, K), <= 0
-        torch.maximum(col_max, shifted.amax(dim=0), out=col_max)
-        torch.minimum(low, shifted.amin(), out=low)
-    return row_max, col_max, float(low), bool(finite)
-
-
-def _build_kernel(logits: Tensor, row_max: Tensor, lam: float, out: Tensor, chunk: int) -> None:
-    """out[n, k] = exp(max(lam * (logits[n, k] - row_max[n]), -87)); safe when out is logits."""
-    for s in range(0, logits.shape[0], chunk):
-        x = logits[s : s + chunk].float()  # (B, K); a view when logits is float32, never written
-        x = x.sub(row_max[s : s + chunk, None]).mul_(lam).clamp_min_(_LOG_FLOOR).exp_()  # new tensor
-        out[s : s + chunk] = x
+        torch.maximum(spread, (m[:, None] - x).amax(), out=spread)
+    if not bool(ok):
+        raise ValueError("logits contain NaN or inf; check the network outputs (a diverged loss?)")
+    if not bool(fits):
+        raise ValueError(
+            "logits exceed float32's range (|x| > 3.4e38), in which the solver computes; "
+            "rescale them (labels depend on lam * logits only: divide the logits and multiply lam)"
+        )
+    spread64 = _all_reduce(spread.double().reshape(1), use_dist, op="max")
+    return row_max, float(spread64)
 
 
 # --------------------------------------------------------------------------------------------------------
-# one pass over the kernel: column marginal for a given b
+# the stabilised float32 kernel: one pass evaluates the column marginal for a scaling b
 
 
-def _scaling32(beta: Tensor) -> Tensor:
-    """b = exp(beta) in float32, max 1, floored at exp(-87) so that no column's mass becomes exactly 0.
+class KernelPass:
+    """P^lam stored in float32 with a scaling beta_hat absorbed (Schmitzer 2019), evaluated per pass.
 
-    A column whose b sits at the floor still receives (tiny) mass, so its residual stays finite and the
-    next update raises it; an exact 0 would make log(col) = -inf and stall the solve.
+    ``kernel[n, k] = exp(max(lam (logits[n, k] - m_n) + beta_hat_k - alpha_n, -87))`` with alpha_n
+    making each row's largest entry exactly 1 (m_n: the row maximum, for float32 headroom); the plan is
+    Q = diag(a) kernel diag(exp(beta - beta_hat)).
     """
-    return torch.exp((beta - beta.max()).clamp_min(_LOG_FLOOR)).float()
 
-
-class _KernelPass:
-    """Evaluates the column marginal of the row-normalised plan for a scaling b, one pass per call."""
-
-    def __init__(self, kernel: Tensor, chunk: int):
-        self.kernel = kernel
+    def __init__(self, logits, row_max, lam, chunk, blocks, pool, spread, inplace, dtype):
+        self.logits = None if inplace else logits
+        self.kernel = logits if inplace else torch.empty(logits.shape, dtype=dtype, device=logits.device)
+        self.row_max = row_max
+        self.lam = lam
         self.chunk = chunk
+        self.blocks = blocks
+        self.pool = pool
+        self.spread = spread  # max |logit - row max| over all ranks
+        self.beta_hat: Tensor | None = None
+        self.n_absorb = -1  # the first build is not an absorption
+
+    def _map(self, fn) -> list:
+        if self.pool is None:
+            return [fn(s, e) for s, e in self.blocks]
+        return list(self.pool.map(lambda be: fn(*be), self.blocks))
+
+    def _chunks(self, s: int, e: int):
+        return ((i, min(i + self.chunk, e)) for i in range(s, e, self.chunk))
+
+    def needs_absorb(self, beta: Tensor) -> bool:
+        d = beta - self.beta_hat
+        return float(d.max() - d.min()) > _SPAN
+
+    def absorb(self, beta: Tensor) -> None:
+        """Rebuild the kernel around the scaling ``beta`` (K,) float64: afterwards b = 1."""
+        beta_hat = beta - beta.max()
+        if self.logits is None and self.beta_hat is not None:
+            self._rescale(beta_hat - self.beta_hat)  # in place: the logits are gone
+        else:
+            # float32 rounds lam * logits + beta_hat to eps times their magnitude; beyond _EXACT_BUILD
+            # (relative error 6e-5 in the entries) build in float64
+            exact = self.lam * self.spread + float(-beta_hat.min()) > _EXACT_BUILD
+            dt = torch.float64 if exact else torch.float32
+            bh = beta_hat.to(dt).clamp_min(-1e30)
+            src = self.kernel if self.logits is None else self.logits  # in place: the first build only
+
+            def build(s: int, e: int) -> None:
+                for i, j in self._chunks(s, e):
+                    z = src[i:j].to(dt).sub(self.row_max[i:j, None]).mul_(self.lam).add_(bh)  # (B, K)
+                    z = z.sub_(z.amax(dim=1, keepdim=True)).clamp_min_(_LOG_FLOOR).float().exp_()
+                    self.kernel[i:j] = z
+
+            self._map(build)
+        self.beta_hat = beta_hat
+        self.n_absorb += 1
+
+    def _rescale(self, delta: Tensor) -> None:
+        b = torch.exp((delta - delta.max()).clamp_min(_LOG_FLOOR)).float()  # (K,)
+
+        def rescale(s: int, e: int) -> None:
+            for i, j in self._chunks(s, e):
+                x = self.kernel[i:j].float() * b  # (B, K)
+                x /= x.amax(dim=1, keepdim=True)
+                self.kernel[i:j] = x.clamp_min_(math.exp(_LOG_FLOOR))
+
+        self._map(rescale)
+
+    def _b(self, beta: Tensor) -> Tensor:
+        d = beta - self.beta_hat
+        return torch.exp((d - d.max()).clamp_min(_LOG_FLOOR)).float()  # (K,) in [e^-87, 1]
 
     def log_column_mass(self, beta: Tensor, use_dist: bool) -> Tensor:
         """log sum_n Q[n, k] over all ranks' rows, each row normalised to sum 1: (K,) float64."""
-        b = _scaling32(beta)  # (K,)
-        col = torch.zeros_like(beta)  # float64: a float32 running sum over N rows would floor the error
-        for s in range(0, self.kernel.shape[0], self.chunk):
-            x = self.kernel[s : s + self.chunk]
-            if x.dtype != torch.float32:
-                x = x.float()
-            a = torch.mv(x, b).reciprocal_()  # (B,) row scaling up to 1/N, <= e^87
-            a_max = a.max()  # scale a into (0, 1] so that the float32 sum below cannot overflow
-            col += torch.mv(x.t(), a / a_max).double() * a_max.double()  # (K,)
+        if self.needs_absorb(beta):
+            self.absorb(beta)
+        b = self._b(beta)  # (K,)
+
+        def block(s: int, e: int) -> Tensor:
+            # float64: a float32 running sum over N rows would floor the error
+            col = torch.zeros(b.shape, dtype=torch.float64, device=b.device)
+            for i, j in self._chunks(s, e):
+                x = self.kernel[i:j]
+                if x.dtype != torch.float32:
+                    x = x.float()
+                a = torch.mv(x, b).reciprocal_()  # (B,) row scaling, <= e^60 (a row's 1 times b >= e^-60)
+                col += torch.mv(x.t(), a)  # (K,) float32 sum of <= B terms of <= e^60
+            return col
+
+        col = sum(self._map(block))
         return _all_reduce(col * b.double(), use_dist).log()
 
     def labels(self, beta: Tensor) -> Tensor:
-        b = _scaling32(beta)
+        b = self._b(beta)
         out = torch.empty(self.kernel.shape[0], dtype=torch.long, device=self.kernel.device)
-        for s in range(0, self.kernel.shape[0], self.chunk):
-            x = self.kernel[s : s + self.chunk]
-            torch.argmax(x.float() * b, dim=1, out=out[s : s + self.chunk])
+
+        def block(s: int, e: int) -> None:
+            for i, j in self._chunks(s, e):
+                torch.argmax(self.kernel[i:j].float() * b, dim=1, out=out[i:j])
+
+        self._map(block)
         return out
+
+    def log_ratio(self, beta: Tensor, col: int, labels: Tensor) -> Tensor:
+        """log Q[n, col] - log Q[n, labels[n]] for every local row: (N,) float64."""
+        b = self._b(beta).double()
+        idx = torch.arange(self.kernel.shape[0], device=labels.device)
+        to = self.kernel[:, col].double() * b[col]
+        at = self.kernel[idx, labels].double() * b[labels]
+        return (to / at).log()
+
+    def rebuild_for(self, lam: float, beta: Tensor) -> None:
+        """Rebuild for a new lam (continuation); only possible while the logits exist."""
+        self.lam = lam
+        self.n_absorb -= 1  # a new problem, not an absorption
+        self.absorb(beta)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the exact last resort: the same evaluation in the float64 log domain
 
 
 class _LogDomainPass:
-    """The same evaluation in the log domain (float64), for kernels whose columns underflow float32."""
+    """The same evaluation in the log domain (float64), exact where float32 cannot resolve tol."""
 
     def __init__(self, logits: Tensor, row_max: Tensor, lam: float, chunk: int):
         self.logits = logits
@@ -330,6 +486,9 @@ class _LogDomainPass:
     def _log_kernel(self, s: int) -> Tensor:
         x = self.logits[s : s + self.chunk].double()  # (B, K)
         return (x - self.row_max[s : s + self.chunk, None].double()) * self.lam
+
+    def needs_absorb(self, beta: Tensor) -> bool:
+        return False
 
     def log_column_mass(self, beta: Tensor, use_dist: bool) -> Tensor:
         k = beta.numel()
@@ -353,6 +512,11 @@ class _LogDomainPass:
             torch.argmax(self._log_kernel(s) + beta, dim=1, out=out[s : s + self.chunk])
         return out
 
+    def log_ratio(self, beta: Tensor, col: int, labels: Tensor) -> Tensor:
+        x = self.logits.double()
+        idx = torch.arange(x.shape[0], device=labels.device)
+        return self.lam * (x[:, col] - x[idx, labels]) + beta[col] - beta[labels]
+
 
 # --------------------------------------------------------------------------------------------------------
 # the outer iteration: Anderson-accelerated fixed point on beta = log b
@@ -372,6 +536,7 @@ def _anderson_solve(
     fs: list[Tensor] = []
     best: tuple[float, Tensor, Tensor] | None = None
     last_progress = 0
+    it = 0
     for it in range(1, max_iter + 1):
         log_col = pass_fn.log_column_mass(beta, use_dist) - math.log(n_total)  # (K,)
         err = marginal_error(log_col.exp(), c)  # col sums to 1
@@ -400,7 +565,8 @@ def _anderson_solve(
             xs.pop(0)
             fs.pop(0)
         beta = _anderson_step(xs, fs)
-    assert best is not None
+    if best is None:
+        raise FloatingPointError("the label solver ran no pass")
     return best[1], it, best[0]
 
 
@@ -419,6 +585,92 @@ def _anderson_step(xs: list[Tensor], fs: list[Tensor]) -> Tensor:
     if not torch.isfinite(step).all():
         return x + f
     return step
+
+
+def _continuation(
+    kernel: KernelPass,
+    c: Tensor,
+    beta: Tensor,
+    err: float,
+    n_total: int,
+    tol: float,
+    max_iter: int,
+    use_dist: bool,
+) -> tuple[Tensor, int, float]:
+    """Epsilon scaling: solve at lam = 25, 100, 400, ..., up to the target lam, each stage from the last.
+
+    The dual potential beta / lam changes little between stages, so beta is scaled by the lams' ratio.
+    Intermediate stages are solved to ``tol`` as well (cheap: a few passes each). Returns the better of
+    the final stage and the given (stalled) ``beta``, with the passes spent.
+    """
+    target = kernel.lam
+    if kernel.logits is None:
+        return beta, 0, err  # in place: the logits are gone, nothing to rebuild from
+    lams = [_LAM_START]
+    while lams[-1] * _LAM_FACTOR < target:
+        lams.append(lams[-1] * _LAM_FACTOR)
+    lams.append(target)
+    b = torch.zeros_like(beta)
+    used, prev = 0, None
+    for lam in lams:
+        if prev is not None:
+            b = b * (lam / prev)
+        kernel.rebuild_for(lam, b)
+        b, more, e = _anderson_solve(kernel, c, b, n_total, tol, max_iter - used, use_dist)
+        used += more
+        prev = lam
+        if used >= max_iter:
+            break
+    if prev == target and e < err:
+        return b, used, e
+    kernel.rebuild_for(target, beta)
+    return beta, used, err
+
+
+# --------------------------------------------------------------------------------------------------------
+# balance of the hard labels
+
+
+def _repair(pass_fn, beta: Tensor, labels: Tensor, c: Tensor, n_total: int, use_dist: bool):
+    """Give each cluster the argmax left empty the sample that loses least by moving there.
+
+    Returns (labels, samples moved, imbalance = max_k n_k / (N c_k)). Greedy, one empty cluster at a
+    time: the candidate rows are those of clusters holding >= 2 samples (so no cluster is emptied), and
+    the chosen one maximises log Q[n, k] - log Q[n, l_n] (over all ranks; ties go to the lowest rank).
+    """
+    k = c.numel()
+    counts = _all_reduce(torch.bincount(labels, minlength=k).double(), use_dist)  # (K,)
+    moved = 0
+    empty = torch.nonzero(counts == 0).flatten().tolist()
+    if empty:
+        labels = labels.clone()
+        rank = torch.distributed.get_rank() if use_dist else 0
+        for col in empty:
+            score = pass_fn.log_ratio(beta, col, labels)  # (N,)
+            score = score.masked_fill(counts[labels] < 2, -math.inf)
+            best = score.max() if score.numel() else torch.tensor(-math.inf, dtype=torch.float64)
+            top = _all_reduce(best.reshape(1).clone(), use_dist, op="max")
+            mine = (
+                float(rank)
+                if score.numel() and bool(best == top[0]) and math.isfinite(float(best))
+                else math.inf
+            )
+            winner = _all_reduce(
+                torch.tensor([mine], dtype=torch.float64, device=c.device), use_dist, op="min"
+            )
+            if not math.isfinite(float(winner[0])):
+                break  # no donor anywhere: cannot happen with N >= K
+            old = torch.zeros(k, dtype=torch.float64, device=c.device)
+            if float(winner[0]) == rank:
+                row = int(score.argmax())
+                old[labels[row]] = 1.0
+                labels[row] = col
+            old = _all_reduce(old, use_dist)
+            counts -= old
+            counts[col] += 1
+            moved += 1
+    imbalance = float((counts / (n_total * c)).max())
+    return labels, moved, imbalance
 
 
 @torch.no_grad()
