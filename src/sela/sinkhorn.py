@@ -54,9 +54,10 @@ _LOG_FLOOR = -87.0
 # shift: a clamped entry (e^-87 instead of smaller) then weighs at most K e^(60 - 87) < 2e-8 K of its
 # row's mass, and the row scaling a = 1 / (K b) stays below e^60, far from float32's e^88.7.
 _SPAN = 60.0
-# Building the kernel in float32 rounds lam * logits + shift to eps * magnitude: above this magnitude
-# (relative error of kernel entries > 6e-5) it is built in float64 and stored in float32.
-_EXACT_BUILD = 500.0
+# Building the kernel in float32 rounds each exponent lam (x - m) + beta_hat - alpha to eps times the
+# magnitude of its terms; for the entries that matter (exponent >= -87) that is at most ~87 plus the span
+# of beta_hat. Beyond this span (relative error of kernel entries > 6e-5) it is built in float64.
+_EXACT_SPAN = 400.0
 _CHUNK_BYTES_CPU = 1 << 20  # ~1 MiB chunks stay in L2 cache on CPU
 _CHUNK_ELEMS_CUDA = 1 << 28  # GPUs are bandwidth-bound: few large chunks
 _ANDERSON_MEMORY = 5
@@ -224,8 +225,8 @@ def assign(
     try:
         blocks = _row_blocks(n_local, threads if pool else 1)
         chunk = _chunk_rows(n_local, k, device)
-        row_max, magnitude = _scan(logits, chunk, use_dist)
-        kernel = KernelPass(logits, row_max, lam, chunk, blocks, pool, magnitude, inplace, kernel_dtype)
+        row_max = _scan(logits, chunk)
+        kernel = KernelPass(logits, row_max, lam, chunk, blocks, pool, inplace, kernel_dtype)
         kernel.absorb(beta0)
         beta, n_iter, err = _anderson_solve(kernel, c, beta0, n_total, tol, max_iter, use_dist)
         pass_fn: KernelPass | _LogDomainPass = kernel
@@ -324,30 +325,26 @@ def _row_blocks(n: int, parts: int) -> list[tuple[int, int]]:
     return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
-def _scan(logits: Tensor, chunk: int, use_dist: bool) -> tuple[Tensor, float]:
-    """One read pass over the logits: row maxima (N,) float32 and max |logit - row max| (all ranks)."""
+def _scan(logits: Tensor, chunk: int) -> Tensor:
+    """One read pass over the logits: checks them and returns the row maxima (N,) float32.
+
+    All entries are finite iff every row's max and min are (NaN propagates through both), which costs
+    two reductions instead of a boolean N x K temporary.
+    """
     n = logits.shape[0]
-    row_max = torch.empty(n, dtype=torch.float32, device=logits.device)
-    spread = torch.zeros((), dtype=torch.float32, device=logits.device)
-    ok = torch.ones((), dtype=torch.bool, device=logits.device)
-    fits = torch.ones((), dtype=torch.bool, device=logits.device)
+    hi = torch.empty(n, dtype=logits.dtype, device=logits.device)
+    lo = torch.empty(n, dtype=logits.dtype, device=logits.device)
     for s in range(0, n, chunk):
-        raw = logits[s : s + chunk]  # (B, K)
-        ok &= torch.isfinite(raw).all()
-        x = raw.float()
-        fits &= torch.isfinite(x).all()  # a float64 beyond 3.4e38 becomes inf
-        m = x.amax(dim=1)  # (B,)
-        row_max[s : s + chunk] = m
-        torch.maximum(spread, (m[:, None] - x).amax(), out=spread)
-    if not bool(ok):
+        torch.amax(logits[s : s + chunk], dim=1, out=hi[s : s + chunk])  # (B,)
+        torch.amin(logits[s : s + chunk], dim=1, out=lo[s : s + chunk])
+    if not bool(torch.isfinite(hi).all() & torch.isfinite(lo).all()):
         raise ValueError("logits contain NaN or inf; check the network outputs (a diverged loss?)")
-    if not bool(fits):
+    if not bool(torch.isfinite(hi.float()).all() & torch.isfinite(lo.float()).all()):
         raise ValueError(
             "logits exceed float32's range (|x| > 3.4e38), in which the solver computes; "
             "rescale them (labels depend on lam * logits only: divide the logits and multiply lam)"
         )
-    spread64 = _all_reduce(spread.double().reshape(1), use_dist, op="max")
-    return row_max, float(spread64)
+    return hi.float()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -362,7 +359,7 @@ class KernelPass:
     Q = diag(a) kernel diag(exp(beta - beta_hat)).
     """
 
-    def __init__(self, logits, row_max, lam, chunk, blocks, pool, spread, inplace, dtype):
+    def __init__(self, logits, row_max, lam, chunk, blocks, pool, inplace, dtype):
         self.logits = None if inplace else logits
         self.kernel = logits if inplace else torch.empty(logits.shape, dtype=dtype, device=logits.device)
         self.row_max = row_max
@@ -370,7 +367,6 @@ class KernelPass:
         self.chunk = chunk
         self.blocks = blocks
         self.pool = pool
-        self.spread = spread  # max |logit - row max| over all ranks
         self.beta_hat: Tensor | None = None
         self.n_absorb = -1  # the first build is not an absorption
 
@@ -392,22 +388,30 @@ class KernelPass:
         if self.logits is None and self.beta_hat is not None:
             self._rescale(beta_hat - self.beta_hat)  # in place: the logits are gone
         else:
-            # float32 rounds lam * logits + beta_hat to eps times their magnitude; beyond _EXACT_BUILD
-            # (relative error 6e-5 in the entries) build in float64
-            exact = self.lam * self.spread + float(-beta_hat.min()) > _EXACT_BUILD
+            # float32 rounds the exponents to eps times ~(87 + span of beta_hat); see _EXACT_SPAN
+            exact = float(-beta_hat.min()) > _EXACT_SPAN
             dt = torch.float64 if exact else torch.float32
             bh = beta_hat.to(dt).clamp_min(-1e30)
             src = self.kernel if self.logits is None else self.logits  # in place: the first build only
 
             def build(s: int, e: int) -> None:
+                buf = self._buffer(dt)  # reused: a fresh 1 MB tensor per chunk costs page faults
                 for i, j in self._chunks(s, e):
-                    z = src[i:j].to(dt).sub(self.row_max[i:j, None]).mul_(self.lam).add_(bh)  # (B, K)
-                    z = z.sub_(z.amax(dim=1, keepdim=True)).clamp_min_(_LOG_FLOOR).float().exp_()
-                    self.kernel[i:j] = z
+                    z = buf[: j - i]  # (B, K)
+                    torch.sub(src[i:j].to(dt), self.row_max[i:j, None], out=z)  # <= 0, exact in float32
+                    z.mul_(self.lam).add_(bh)
+                    z.sub_(z.amax(dim=1, keepdim=True)).clamp_min_(_LOG_FLOOR)
+                    if z.dtype == self.kernel.dtype:
+                        torch.exp(z, out=self.kernel[i:j])
+                    else:
+                        self.kernel[i:j] = z.float().exp_()
 
             self._map(build)
         self.beta_hat = beta_hat
         self.n_absorb += 1
+
+    def _buffer(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.empty(self.chunk, self.kernel.shape[1], dtype=dtype, device=self.kernel.device)
 
     def _rescale(self, delta: Tensor) -> None:
         b = torch.exp((delta - delta.max()).clamp_min(_LOG_FLOOR)).float()  # (K,)
@@ -433,10 +437,11 @@ class KernelPass:
         def block(s: int, e: int) -> Tensor:
             # float64: a float32 running sum over N rows would floor the error
             col = torch.zeros(b.shape, dtype=torch.float64, device=b.device)
+            buf = None if self.kernel.dtype == torch.float32 else self._buffer()
             for i, j in self._chunks(s, e):
                 x = self.kernel[i:j]
-                if x.dtype != torch.float32:
-                    x = x.float()
+                if buf is not None:
+                    x = buf[: j - i].copy_(x)
                 a = torch.mv(x, b).reciprocal_()  # (B,) row scaling, <= e^60 (a row's 1 times b >= e^-60)
                 col += torch.mv(x.t(), a)  # (K,) float32 sum of <= B terms of <= e^60
             return col
@@ -449,8 +454,9 @@ class KernelPass:
         out = torch.empty(self.kernel.shape[0], dtype=torch.long, device=self.kernel.device)
 
         def block(s: int, e: int) -> None:
+            buf = self._buffer()
             for i, j in self._chunks(s, e):
-                torch.argmax(self.kernel[i:j].float() * b, dim=1, out=out[i:j])
+                torch.argmax(torch.mul(self.kernel[i:j], b, out=buf[: j - i]), dim=1, out=out[i:j])
 
         self._map(block)
         return out
