@@ -64,6 +64,7 @@ _ANDERSON_MEMORY = 5
 _ANDERSON_REG = 1e-10
 _RESTART_FACTOR = 2.0  # an Anderson step may raise the error a little, but not double it
 _PROGRESS, _STALL_PASSES = 0.99, 50  # stop when 50 passes have not lowered the error by 1 %
+_MAX_THREADS = 8  # the passes are memory-bound: more threads than this add little
 _LAM_START, _LAM_FACTOR = 25.0, 4.0  # continuation in lam (epsilon scaling) for a stalled large lam
 
 
@@ -122,7 +123,7 @@ def assign(
     inplace: bool = False,
     storage_dtype: torch.dtype | None = None,
     distributed: bool | None = None,
-    threads: int = 1,
+    threads: int | None = None,
 ) -> Assignment:
     """Assign balanced labels to N samples from their logits over K clusters.
 
@@ -196,8 +197,10 @@ def assign(
             f"need tol > 0 and max_iter >= 1, got tol={tol}, max_iter={max_iter}; "
             "use e.g. the default tol=1e-3 and max_iter=1000"
         )
+    if threads is None:
+        threads = min(torch.get_num_threads(), _MAX_THREADS)
     if threads < 1:
-        raise ValueError(f"threads must be >= 1, got {threads}")
+        raise ValueError(f"threads must be >= 1 (or None for the default), got {threads}")
     kernel_dtype = logits.dtype if inplace else (storage_dtype or torch.float32)
     if kernel_dtype not in (torch.float32, torch.bfloat16, torch.float64):
         # float16 flushes kernel entries below 6e-8 (a cluster lam * 0.7 below a sample's best) to 0.
@@ -221,19 +224,29 @@ def assign(
     if device.type == "cpu":
         torch.set_num_threads(1)  # no OpenMP regions: parallelism, if any, is one row block per thread
         if threads > 1 and n_local >= 2 * threads:
-            pool = ThreadPoolExecutor(max_workers=threads)
+            # each worker runs its ops single-threaded: OpenMP settings are per thread
+            pool = ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,))
     try:
         blocks = _row_blocks(n_local, threads if pool else 1)
         chunk = _chunk_rows(n_local, k, device)
         row_max = _scan(logits, chunk)
         kernel = KernelPass(logits, row_max, lam, chunk, blocks, pool, inplace, kernel_dtype)
-        kernel.absorb(beta0)
-        beta, n_iter, err = _anderson_solve(kernel, c, beta0, n_total, tol, max_iter, use_dist)
+        stages = _lam_stages(lam)
+        if init is None and len(stages) > 1 and not inplace and max_iter >= len(stages):
+            # a large lam from a cold start: continuation in lam (epsilon scaling) from lam = 25
+            beta, n_iter, err = _continuation(kernel, stages, c, n_total, tol, max_iter, use_dist)
+        else:
+            kernel.absorb(beta0)
+            beta, n_iter, err = _anderson_solve(kernel, c, beta0, n_total, tol, max_iter, use_dist)
+            if err > tol and len(stages) > 1 and not inplace and max_iter - n_iter >= len(stages):
+                # a warm start that stalled at a large lam: the continuation from lam = 25
+                beta1, more, err1 = _continuation(
+                    kernel, stages, c, n_total, tol, max_iter - n_iter, use_dist
+                )
+                n_iter += more
+                if err1 <= err:
+                    beta, err = beta1, err1
         pass_fn: KernelPass | _LogDomainPass = kernel
-        if err > tol and lam > _LAM_FACTOR * _LAM_START and n_iter < max_iter:
-            # a stalled large lam: continue in lam from the start (epsilon scaling)
-            beta, more, err = _continuation(kernel, c, beta, err, n_total, tol, max_iter - n_iter, use_dist)
-            n_iter += more
         log_domain = False
         if err > tol and not inplace and n_iter < max_iter:
             # float32's resolution: finish exactly in the log domain, from where it got
@@ -368,7 +381,7 @@ class KernelPass:
         self.blocks = blocks
         self.pool = pool
         self.beta_hat: Tensor | None = None
-        self.n_absorb = -1  # the first build is not an absorption
+        self.n_absorb = 0  # absorptions during the iteration (builds for a new lam not counted)
 
     def _map(self, fn) -> list:
         if self.pool is None:
@@ -381,6 +394,11 @@ class KernelPass:
     def needs_absorb(self, beta: Tensor) -> bool:
         d = beta - self.beta_hat
         return float(d.max() - d.min()) > _SPAN
+
+    def _absorb_if_wide(self, beta: Tensor) -> None:
+        if self.needs_absorb(beta):
+            self.absorb(beta)
+            self.n_absorb += 1
 
     def absorb(self, beta: Tensor) -> None:
         """Rebuild the kernel around the scaling ``beta`` (K,) float64: afterwards b = 1."""
@@ -408,7 +426,6 @@ class KernelPass:
 
             self._map(build)
         self.beta_hat = beta_hat
-        self.n_absorb += 1
 
     def _buffer(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return torch.empty(self.chunk, self.kernel.shape[1], dtype=dtype, device=self.kernel.device)
@@ -430,8 +447,7 @@ class KernelPass:
 
     def log_column_mass(self, beta: Tensor, use_dist: bool) -> Tensor:
         """log sum_n Q[n, k] over all ranks' rows, each row normalised to sum 1: (K,) float64."""
-        if self.needs_absorb(beta):
-            self.absorb(beta)
+        self._absorb_if_wide(beta)
         b = self._b(beta)  # (K,)
 
         def block(s: int, e: int) -> Tensor:
@@ -450,6 +466,7 @@ class KernelPass:
         return _all_reduce(col * b.double(), use_dist).log()
 
     def labels(self, beta: Tensor) -> Tensor:
+        self._absorb_if_wide(beta)
         b = self._b(beta)
         out = torch.empty(self.kernel.shape[0], dtype=torch.long, device=self.kernel.device)
 
@@ -472,7 +489,6 @@ class KernelPass:
     def rebuild_for(self, lam: float, beta: Tensor) -> None:
         """Rebuild for a new lam (continuation); only possible while the logits exist."""
         self.lam = lam
-        self.n_absorb -= 1  # a new problem, not an absorption
         self.absorb(beta)
 
 
@@ -593,43 +609,45 @@ def _anderson_step(xs: list[Tensor], fs: list[Tensor]) -> Tensor:
     return step
 
 
+def _lam_stages(lam: float) -> list[float]:
+    """[lam] for lam <= 100; else 25, 100, 400, ... (each below lam), then lam."""
+    if lam <= _LAM_FACTOR * _LAM_START:
+        return [lam]
+    stages = [_LAM_START]
+    while stages[-1] * _LAM_FACTOR < lam:
+        stages.append(stages[-1] * _LAM_FACTOR)
+    return stages + [lam]
+
+
 def _continuation(
     kernel: KernelPass,
+    stages: list[float],
     c: Tensor,
-    beta: Tensor,
-    err: float,
     n_total: int,
     tol: float,
     max_iter: int,
     use_dist: bool,
 ) -> tuple[Tensor, int, float]:
-    """Epsilon scaling: solve at lam = 25, 100, 400, ..., up to the target lam, each stage from the last.
+    """Epsilon scaling: solve at each lam of ``stages`` in turn, each stage warm-started from the last.
 
-    The dual potential beta / lam changes little between stages, so beta is scaled by the lams' ratio.
-    Intermediate stages are solved to ``tol`` as well (cheap: a few passes each). Returns the better of
-    the final stage and the given (stalled) ``beta``, with the passes spent.
+    The dual potential beta / lam changes little between stages, so beta is scaled by the ratio of the
+    lams. Intermediate stages are solved to tol / 10, so that the next stage starts close to tol (at a
+    large lam a plain Sinkhorn pass barely moves the error, whereas the extrapolated start usually
+    meets tol at once); each leaves the last stage at least one pass. Leaves the kernel at the final
+    lam; returns (beta, passes, error) there.
     """
-    target = kernel.lam
-    if kernel.logits is None:
-        return beta, 0, err  # in place: the logits are gone, nothing to rebuild from
-    lams = [_LAM_START]
-    while lams[-1] * _LAM_FACTOR < target:
-        lams.append(lams[-1] * _LAM_FACTOR)
-    lams.append(target)
-    b = torch.zeros_like(beta)
-    used, prev = 0, None
-    for lam in lams:
-        if prev is not None:
-            b = b * (lam / prev)
-        kernel.rebuild_for(lam, b)
-        b, more, e = _anderson_solve(kernel, c, b, n_total, tol, max_iter - used, use_dist)
+    beta = torch.zeros_like(c)  # (K,) float64
+    used = 0
+    for i, lam in enumerate(stages):
+        if i > 0:
+            beta = beta * (lam / stages[i - 1])
+        kernel.rebuild_for(lam, beta)
+        last = i == len(stages) - 1
+        budget = max_iter - used - (len(stages) - 1 - i)  # keep one pass for each later stage
+        beta, more, err = _anderson_solve(
+            kernel, c, beta, n_total, tol if last else tol / 10, budget, use_dist
+        )
         used += more
-        prev = lam
-        if used >= max_iter:
-            break
-    if prev == target and e < err:
-        return b, used, e
-    kernel.rebuild_for(target, beta)
     return beta, used, err
 
 
