@@ -64,6 +64,7 @@ _ANDERSON_MEMORY = 5
 _ANDERSON_REG = 1e-10
 _RESTART_FACTOR = 2.0  # an Anderson step may raise the error a little, but not double it
 _PROGRESS, _STALL_PASSES = 0.99, 50  # stop when 50 passes have not lowered the error by 1 %
+_COARSE_STRIDE, _COARSE_ROWS = 8, 8  # cold start from every 8th row, if that leaves >= 8 rows a cluster
 _MAX_THREADS = 8  # the passes are memory-bound: more threads than this add little
 _LAM_START, _LAM_FACTOR = 25.0, 4.0  # continuation in lam (epsilon scaling) for a stalled large lam
 
@@ -227,37 +228,55 @@ def assign(
             # each worker runs its ops single-threaded: OpenMP settings are per thread
             pool = ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,))
     try:
-        blocks = _row_blocks(n_local, threads if pool else 1)
-        chunk = _chunk_rows(n_local, k, device)
-        row_max = _scan(logits, chunk)
-        kernel = KernelPass(logits, row_max, lam, chunk, blocks, pool, inplace, kernel_dtype)
-        stages = _lam_stages(lam)
-        if init is None and len(stages) > 1 and not inplace and max_iter >= len(stages):
-            # a large lam from a cold start: continuation in lam (epsilon scaling) from lam = 25
-            beta, n_iter, err = _continuation(kernel, stages, c, n_total, tol, max_iter, use_dist)
-        else:
-            kernel.absorb(beta0)
-            beta, n_iter, err = _anderson_solve(kernel, c, beta0, n_total, tol, max_iter, use_dist)
-            if err > tol and len(stages) > 1 and not inplace and max_iter - n_iter >= len(stages):
-                # a warm start that stalled at a large lam: the continuation from lam = 25
-                beta1, more, err1 = _continuation(
-                    kernel, stages, c, n_total, tol, max_iter - n_iter, use_dist
-                )
-                n_iter += more
-                if err1 <= err:
-                    beta, err = beta1, err1
-        pass_fn: KernelPass | _LogDomainPass = kernel
-        log_domain = False
-        if err > tol and not inplace and n_iter < max_iter:
-            # float32's resolution: finish exactly in the log domain, from where it got
-            n_absorb = kernel.n_absorb
-            del kernel
-            pass_fn = _LogDomainPass(logits, row_max, lam, chunk)
-            beta_l, more, err_l = _anderson_solve(pass_fn, c, beta, n_total, tol, max_iter - n_iter, use_dist)
-            n_iter += more
-            log_domain = True
-            if err_l <= err:
-                beta, err = beta_l, err_l
+        beta0, coarse, warm = beta0, 0.0, init is not None
+        stride = _coarse_stride(n_total, k) if inplace and not warm else 1
+        if stride > 1:
+            # in place, cold: the kernel will overwrite the logits, and absorbing a scaling later can only
+            # rescale it (entries clamped at exp(-87) stay lost). So first solve a strided subsample of the
+            # rows (each rank its own; the global subsample is their union) out of place, and build the
+            # kernel around its scaling, close enough that the full solve rarely needs to absorb. (Out of
+            # place this does not pay: the full solve still needs ~10 passes, 15 without it.)
+            sub = logits[::stride].float()  # (N / stride, K), a copy
+            n_sub = int(
+                _all_reduce(
+                    torch.tensor([float(sub.shape[0])], dtype=torch.float64, device=device), use_dist
+                ).item()
+            )
+            beta0, passes, _, _, _, _ = _solve(
+                sub,
+                lam,
+                c,
+                beta0,
+                False,
+                n_sub,
+                tol,
+                max_iter,
+                use_dist,
+                False,
+                torch.float32,
+                pool,
+                threads,
+                False,
+            )
+            coarse, warm = passes * n_sub / n_total, True
+            del sub
+        beta, n_iter, err, pass_fn, log_domain, n_absorb = _solve(
+            logits,
+            lam,
+            c,
+            beta0,
+            warm,
+            n_total,
+            tol,
+            max_iter,
+            use_dist,
+            inplace,
+            kernel_dtype,
+            pool,
+            threads,
+            True,
+        )
+        n_iter += math.ceil(coarse)
         labels = pass_fn.labels(beta)
         labels, n_repaired, imbalance = _repair(pass_fn, beta, labels, c, n_total, use_dist)
         if isinstance(pass_fn, KernelPass):
@@ -279,6 +298,62 @@ def assign(
         n_absorb=n_absorb,
         n_repaired=n_repaired,
     )
+
+
+def _solve(
+    logits: Tensor,
+    lam: float,
+    c: Tensor,
+    beta0: Tensor,
+    warm: bool,
+    n_total: int,
+    tol: float,
+    max_iter: int,
+    use_dist: bool,
+    inplace: bool,
+    kernel_dtype: torch.dtype,
+    pool: ThreadPoolExecutor | None,
+    threads: int,
+    exact_fallback: bool,
+) -> tuple[Tensor, int, float, KernelPass | _LogDomainPass, bool, int]:
+    """The solve proper: (beta, passes, error, the pass object for labels, log domain used, absorptions).
+
+    A cold start (``warm`` False) at lam > 100 goes through the continuation in lam; a stalled warm start
+    too. ``exact_fallback`` allows the float64 log domain as the last resort.
+    """
+    n_local, k = logits.shape
+    blocks = _row_blocks(n_local, threads if pool else 1)
+    chunk = _chunk_rows(n_local, k, logits.device)
+    row_max = _scan(logits, chunk)
+    kernel = KernelPass(logits, row_max, lam, chunk, blocks, pool, inplace, kernel_dtype)
+    stages = _lam_stages(lam)
+    if not warm and len(stages) > 1 and not inplace and max_iter >= len(stages):
+        # a large lam from a cold start: continuation in lam (epsilon scaling) from lam = 25
+        beta, n_iter, err = _continuation(kernel, stages, c, n_total, tol, max_iter, use_dist)
+    else:
+        kernel.absorb(beta0)
+        beta, n_iter, err = _anderson_solve(kernel, c, beta0, n_total, tol, max_iter, use_dist)
+        if err > tol and len(stages) > 1 and not inplace and max_iter - n_iter >= len(stages):
+            # a warm start that stalled at a large lam: the continuation from lam = 25
+            beta1, more, err1 = _continuation(kernel, stages, c, n_total, tol, max_iter - n_iter, use_dist)
+            n_iter += more
+            if err1 <= err:
+                beta, err = beta1, err1
+    pass_fn: KernelPass | _LogDomainPass = kernel
+    log_domain = False
+    if err > tol and exact_fallback and not inplace and n_iter < max_iter:
+        # float32's resolution: finish exactly in the log domain, from where it got
+        n_absorb = kernel.n_absorb
+        del kernel
+        pass_fn = _LogDomainPass(logits, row_max, lam, chunk)
+        beta_l, more, err_l = _anderson_solve(pass_fn, c, beta, n_total, tol, max_iter - n_iter, use_dist)
+        n_iter += more
+        log_domain = True
+        if err_l <= err:
+            beta, err = beta_l, err_l
+    if isinstance(pass_fn, KernelPass):
+        n_absorb = pass_fn.n_absorb
+    return beta, n_iter, err, pass_fn, log_domain, n_absorb
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -330,6 +405,11 @@ def _chunk_rows(n: int, k: int, device: torch.device) -> int:
     if device.type == "cuda":
         return max(1, min(n, _CHUNK_ELEMS_CUDA // k))
     return max(16, min(n, _CHUNK_BYTES_CPU // (4 * k)))
+
+
+def _coarse_stride(n: int, k: int) -> int:
+    """Row stride of the cold-start subsample: 1 (none) unless every cluster keeps ~_COARSE_ROWS rows."""
+    return _COARSE_STRIDE if n >= _COARSE_STRIDE * _COARSE_ROWS * k else 1
 
 
 def _row_blocks(n: int, parts: int) -> list[tuple[int, int]]:
