@@ -66,6 +66,9 @@ _RESTART_FACTOR = 2.0  # an Anderson step may raise the error a little, but not 
 _PROGRESS, _STALL_PASSES = 0.99, 50  # stop when 50 passes have not lowered the error by 1 %
 _COARSE_STRIDE, _COARSE_ROWS = 8, 8  # cold start from every 8th row, if that leaves >= 8 rows a cluster
 _MAX_THREADS = 8  # the passes are memory-bound: more threads than this add little
+# below this many kernel entries per thread (a pass shorter than a few scheduler time slices), the
+# synchronisation per pass costs more than a second thread saves on a busy machine: one thread
+_MIN_ELEMS_PER_THREAD = 1 << 23
 _LAM_START, _LAM_FACTOR = 25.0, 4.0  # continuation in lam (epsilon scaling) for a stalled large lam
 
 
@@ -224,7 +227,7 @@ def assign(
     pool = None
     if device.type == "cpu":
         torch.set_num_threads(1)  # no OpenMP regions: parallelism, if any, is one row block per thread
-        if threads > 1 and n_local >= 2 * threads:
+        if threads > 1 and n_local * k >= _MIN_ELEMS_PER_THREAD * threads:
             # each worker runs its ops single-threaded: OpenMP settings are per thread
             pool = ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,))
     try:
