@@ -156,11 +156,16 @@ def _busy(x: torch.Tensor, lam: float, default_threads: int) -> dict:
 
     def timed(threads: int | None, torch_threads: int) -> float:
         torch.set_num_threads(torch_threads)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         assign(x, lam=lam, threads=threads)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        cpu.append((time.process_time() - c0) / seconds)  # cores this process got on average
+        return seconds
+
+    cpu: list[float] = []
 
     quiet = min(timed(1, 1) for _ in range(2))
+    quiet_cpu = cpu[-1]
     spin = [sys.executable, "-c", "while True: pass"]
     procs = [subprocess.Popen(spin) for _ in range(os.cpu_count() or 1)]
     try:
@@ -171,7 +176,13 @@ def _busy(x: torch.Tensor, lam: float, default_threads: int) -> dict:
         for p in procs:
             p.kill()
             p.wait()
-    return {"quiet1": quiet, "busy_default": max(busy_default), "busy1": max(busy_one)}
+    return {
+        "quiet1": quiet,
+        "busy_default": max(busy_default),
+        "busy1": max(busy_one),
+        "cpu": [quiet_cpu, max(cpu[-4:-2]), max(cpu[-2:])],
+        "load": os.getloadavg()[0],
+    }
 
 
 def run_problem(problem: str, n: int, k: int, args: argparse.Namespace) -> dict:
@@ -362,14 +373,17 @@ def main() -> None:
             busy_rows.append((problem, n, k, r["busy"]))
     if busy_rows:
         print(f"\n# busy machine: {os.cpu_count()} spinning processes (one per core) next to the solver")
+        print("# cores: CPU seconds over wall seconds of the call, the share of the machine it got")
         print(
-            f"{'problem':<11} {'N':>9} {'K':>6} {'quiet 1 thr':>12} {'busy default':>13} {'busy 1 thr':>11} {'busy ratio':>11}"
+            f"{'problem':<11} {'N':>9} {'K':>6} {'quiet 1 thr':>12} {'busy default':>13} {'busy 1 thr':>11} "
+            f"{'busy ratio':>11}  cores (quiet, busy default, busy 1 thr); load after"
         )
         for problem, n, k, b in busy_rows:
             ratio = b["busy_default"] / b["quiet1"]
             print(
                 f"{problem:<11} {n:>9,} {k:>6} {b['quiet1']:>12.2f} {b['busy_default']:>13.2f} "
-                f"{b['busy1']:>11.2f} {ratio:>10.2f}x"
+                f"{b['busy1']:>11.2f} {ratio:>10.2f}x  {b['cpu'][0]:.2f}, {b['cpu'][1]:.2f}, "
+                f"{b['cpu'][2]:.2f}; {b['load']:.1f}"
             )
     load1 = os.getloadavg()
     print(f"\n# load average {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} (1/5/15 min) at end")

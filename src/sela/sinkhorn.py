@@ -69,6 +69,7 @@ _MAX_THREADS = 8  # the passes are memory-bound: more threads than this add litt
 # below this many kernel entries per thread (a pass shorter than a few scheduler time slices), the
 # synchronisation per pass costs more than a second thread saves on a busy machine: one thread
 _MIN_ELEMS_PER_THREAD = 1 << 23
+_BLOCKS_PER_THREAD = 4
 _LAM_START, _LAM_FACTOR = 25.0, 4.0  # continuation in lam (epsilon scaling) for a stalled large lam
 
 
@@ -325,7 +326,8 @@ def _solve(
     too. ``exact_fallback`` allows the float64 log domain as the last resort.
     """
     n_local, k = logits.shape
-    blocks = _row_blocks(n_local, threads if pool else 1)
+    # a few blocks per thread, queued: when the OS deschedules one thread, the others take its blocks
+    blocks = _row_blocks(n_local, _BLOCKS_PER_THREAD * threads if pool else 1)
     chunk = _chunk_rows(n_local, k, logits.device)
     row_max = _scan(logits, chunk)
     kernel = KernelPass(logits, row_max, lam, chunk, blocks, pool, inplace, kernel_dtype)
