@@ -11,26 +11,31 @@ that minimises <Q, -log P> - (1/lambda) H(Q). The solution has the form Q = diag
 depends on b alone. Paper symbols map to the code as follows:
 
     paper          code
-    P^lambda       ``kernel`` (stored row-shifted: exp(lambda * (logits - rowmax)), entries in (0, 1])
+    P^lambda       ``kernel`` (stored stabilised: exp(lambda logits + beta_hat - alpha_n), see below)
     alpha, beta    ``a`` (rows, recomputed every pass, never stored), ``b = exp(beta)`` (K-vector)
     r, c           1/N, ``prior``
     lambda         ``lam``
 
-What makes it fast, compared with the original alternating updates of r and c in float64:
+What makes it fast, compared with the original alternating updates of r and c in float64
+(docs/solver.md has the measurements):
 
 * **one pass per iteration**: rows are visited in cache-sized chunks; for each chunk the row scaling
   a = 1 / (P^lambda b) and its contribution P^lambda^T a to the column marginal are computed while the
   chunk is in cache, so each iteration reads the N x K buffer once;
-* **float32 without underflow**: the kernel is shifted per row (every row keeps an entry equal to 1, so
-  no row can vanish) and clamped at exp(-87), the smallest normal float32, which keeps denormals out of
-  the inner loop and perturbs entries by less than 1.2e-38 relative to the row maximum;
+* **one float32 path, stabilised** (Schmitzer 2019): the kernel stores P^lambda with a column scaling
+  beta_hat absorbed and each row shifted so that its largest entry is 1, clamped at exp(-87) (the
+  smallest normal float32: no denormals, no row can vanish). A pass only applies b = exp(beta - beta_hat);
+  when that spans more than e^60, the kernel is rebuilt around beta (an "absorption"), so clusters far
+  from every sample, logits of magnitude 1e4 or a collapsed network stay in float32;
 * **Anderson acceleration** of the dual update on log b (Walker and Ni 2011; applied to Sinkhorn by e.g.
   Chizat 2020), safeguarded by falling back to a plain Sinkhorn step whenever the error grows: it
-  needs 5-15 passes where plain Sinkhorn needs 30-300.
+  needs 5-15 passes where plain Sinkhorn needs 30-300;
+* **continuation in lambda** (epsilon scaling) for large lambda from a cold start: 25, 100, 400, ...;
+* **threads as row blocks**: a pass hands a few contiguous row blocks to each thread once, and every
+  torch op runs single-threaded, so a busy machine cannot stall it at hundreds of barriers.
 
-When a column of the kernel underflows entirely (a cluster that no sample gives appreciable probability,
-e.g. logits of magnitude 1e4 or a collapsed network), the solver switches to the log domain (float64
-log-sum-exp over chunks), which is slower but exact.
+The float64 log domain (log-sum-exp over chunks, exact but ~4x slower a pass) remains the last resort,
+for tolerances below float32's resolution (~1e-7).
 
 With ``torch.distributed`` initialised, each rank passes its own rows; the solver all-reduces the
 K-sized column marginal (and the sample count) each pass, so all ranks follow the same b and the result
@@ -620,9 +625,9 @@ class _LogDomainPass:
         return out
 
     def log_ratio(self, beta: Tensor, col: int, labels: Tensor) -> Tensor:
-        x = self.logits.double()
+        x = self.logits
         idx = torch.arange(x.shape[0], device=labels.device)
-        return self.lam * (x[:, col] - x[idx, labels]) + beta[col] - beta[labels]
+        return self.lam * (x[:, col].double() - x[idx, labels].double()) + beta[col] - beta[labels]
 
 
 # --------------------------------------------------------------------------------------------------------
