@@ -502,13 +502,20 @@ class KernelPass:
             bh = beta_hat.to(dt).clamp_min(-1e30)
             src = self.kernel if self.logits is None else self.logits  # in place: the first build only
 
+            # with no scaling to absorb, the row maxima (of the float32 values) already shift every row's
+            # largest exponent to exactly 0
+            shifted = dt == torch.float32 and not bool(bh.any())
+
             def build(s: int, e: int) -> None:
                 buf = self._buffer(dt)  # reused: a fresh 1 MB tensor per chunk costs page faults
                 for i, j in self._chunks(s, e):
                     z = buf[: j - i]  # (B, K)
                     torch.sub(src[i:j].to(dt), self.row_max[i:j, None], out=z)  # <= 0, exact in float32
-                    z.mul_(self.lam).add_(bh)
-                    z.sub_(z.amax(dim=1, keepdim=True)).clamp_min_(_LOG_FLOOR)
+                    z.mul_(self.lam)
+                    if not shifted:
+                        z.add_(bh)
+                        z.sub_(z.amax(dim=1, keepdim=True))
+                    z.clamp_min_(_LOG_FLOOR)
                     if z.dtype == self.kernel.dtype:
                         torch.exp(z, out=self.kernel[i:j])
                     else:
