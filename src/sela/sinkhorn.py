@@ -100,8 +100,8 @@ class Assignment:
             with ``error`` ~0, since the plan is then balanced but flat: callers should warn above ~2.
         log_domain: whether the exact float64 log-domain path was used (the last resort, when the
             float32 kernel could not reach ``tol``).
-        n_absorb: how often the scaling was absorbed into the float32 kernel (each costs about
-            5-8 passes' time: the kernel is rebuilt from the logits); 0 when the first kernel sufficed.
+        n_absorb: how often the scaling was absorbed into the float32 kernel (each costs about 4
+            passes' time: the kernel is rebuilt from the logits); 0 when the first kernel sufficed.
         n_repaired: samples moved off their argmax cluster to fill clusters it left empty.
     """
 
@@ -155,13 +155,14 @@ def assign(
             ``torch.bfloat16`` halves memory at a small cost in label agreement.
         distributed: solve the global problem over all ranks (default: whenever torch.distributed is
             initialised with more than one process).
-        threads: CPU threads for the passes (ignored on GPU). Each pass hands one contiguous block of
-            rows to each thread once (a Python thread running single-threaded torch ops over
-            cache-sized chunks), so a busy machine delays a pass by one descheduled block, never by
-            hundreds of barriers. The default 1 is the measured choice inside training on shared or
-            laptop CPUs: the passes are memory-bound (a second thread gains ~1.2x on a quiet 2-core
-            machine) and one thread cannot be slowed by its own siblings. During the call torch's
-            intra-op thread count is set to 1 and restored afterwards.
+        threads: CPU threads for the passes (ignored on GPU); default ``min(torch.get_num_threads(), 8)``,
+            i.e. the trainer's own thread count. Each pass queues 4 contiguous row blocks per thread once
+            (Python threads running single-threaded torch ops over cache-sized chunks), so a busy machine
+            delays a pass by a descheduled block, whose queued successors the other threads take, never
+            by hundreds of OpenMP barriers. Problems under 2^23 kernel entries per thread use one thread.
+            During the call torch's intra-op thread count is 1 and restored afterwards. Measured in
+            docs/solver.md: with a spinning process on every core, the default takes ~2.4-3x the quiet
+            1-thread time on a 2-core machine already loaded by others, one thread 3.2-4x.
 
     Returns:
         an :class:`Assignment` with this rank's labels.
@@ -177,12 +178,14 @@ def assign(
     each row's largest entry 1, clamped at exp(-87). A pass evaluates b = exp(beta - beta_hat) only; when
     beta - beta_hat spans more than e^60 the kernel is rebuilt around beta (``n_absorb``), so columns that
     no sample prefers (far clusters, logits of magnitude 1e4, a collapsed network) stay representable.
-    The dual iteration on beta is Anderson-accelerated. If it stalls above ``tol`` with lam > 100, it is
-    continued in lam (epsilon scaling: lam = 25, 100, 400, ..., each stage warm-started from the last,
-    beta scaled by the ratio of lams), which reaches tolerances that plain Sinkhorn at lam = 1e6 would
-    need ~1e6 passes for; if it still stalls (float32's resolution, tol < ~1e-7), the exact float64
-    log-domain path finishes from the best point. ``converged=False`` means all of this failed within
-    ``max_iter`` passes; the labels are then those of the best point found, and ``error`` says how good.
+    The dual iteration on beta is Anderson-accelerated. At lam > 100 a cold start (or a warm start that
+    stalls) is continued in lam (epsilon scaling: lam = 25, 100, 400, ..., each stage warm-started from
+    the last, beta scaled by the ratio of lams), which reaches tolerances that plain Sinkhorn at lam = 1e6
+    would need ~1e6 passes for; if the float32 solve still stalls (its resolution: tol < ~1e-7), the exact
+    float64 log-domain path finishes from the best point. ``converged=False`` means all of this failed
+    within ``max_iter`` passes; the labels are then those of the best point found, and ``error`` says how
+    good. In place, a cold start first solves every 8th row out of place and builds the kernel around
+    that scaling (the in-place kernel cannot be rebuilt from the logits later, only rescaled).
 
     Balance. The plan's columns meet the prior to ``error``; each hard cluster size n_k then differs
     from N c_k by at most N |col_k - c_k| plus the plan's softness around k (mass that rows labelled k
