@@ -161,8 +161,8 @@ def assign(
             delays a pass by a descheduled block, whose queued successors the other threads take, never
             by hundreds of OpenMP barriers. Problems under 2^23 kernel entries per thread use one thread.
             During the call torch's intra-op thread count is 1 and restored afterwards. Measured in
-            docs/solver.md: with a spinning process on every core, the default takes ~2.4-3x the quiet
-            1-thread time on a 2-core machine already loaded by others, one thread 3.2-4x.
+            docs/solver.md: with a spinning process on every core, the default takes 2.1-3.1x the quiet
+            1-thread time on a 2-core machine already loaded by others, one thread 2.7-4.1x.
 
     Returns:
         an :class:`Assignment` with this rank's labels.
