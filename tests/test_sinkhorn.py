@@ -277,6 +277,15 @@ def test_underflowing_columns_are_absorbed_not_sent_to_log_domain():
     assert float((inplace.labels == res.labels).double().mean()) >= 0.999
 
 
+def test_inplace_cold_start_counts_the_subsample_within_max_iter():
+    x = _logits(6400, 10, seed=27)  # >= 8 rows per cluster in every 8th row: the subsample start is used
+    for max_iter in (2, 5, 1000):
+        res = assign(x.clone(), inplace=True, max_iter=max_iter)
+        _assert_valid(res, 6400, 10, 1e-3)
+        assert res.n_iter <= max_iter
+    assert res.converged
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_huge_lam_converges_to_the_exact_balanced_assignment(seed):
     # lam = 1e6: plain Sinkhorn would need ~1e6 passes; the continuation in lam reaches the exact balanced

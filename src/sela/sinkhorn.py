@@ -248,50 +248,24 @@ def assign(
             # rows (each rank its own; the global subsample is their union) out of place, and build the
             # kernel around its scaling, close enough that the full solve rarely needs to absorb. (Out of
             # place this does not pay: the full solve still needs ~10 passes, 15 without it.)
-            sub = logits[::stride].float()  # (N / stride, K), a copy
-            n_sub = int(
-                _all_reduce(
-                    torch.tensor([float(sub.shape[0])], dtype=torch.float64, device=device), use_dist
-                ).item()
-            )
-            beta0, passes, _, _, _, _ = _solve(
-                sub,
-                lam,
-                c,
-                beta0,
-                False,
-                n_sub,
-                tol,
-                max_iter,
-                use_dist,
-                False,
-                torch.float32,
-                pool,
-                threads,
-                False,
-            )
-            coarse, warm = passes * n_sub / n_total, True
+            sub = logits[::stride].float().contiguous()  # (N / stride, K), a copy
+            rows = torch.tensor([float(sub.shape[0])], dtype=torch.float64, device=device)
+            n_sub = int(_all_reduce(rows, use_dist).item())
+            beta0, passes, *_ = _solve(
+                sub, lam, c, beta0, n_sub, tol, max_iter, use_dist, pool, threads,
+                warm=False, inplace=False, kernel_dtype=torch.float32, exact_fallback=False,
+            )  # fmt: skip
+            coarse, warm = passes * n_sub / n_total, True  # in full passes: <= max_iter / stride
             del sub
+        budget = max(1, max_iter - math.ceil(coarse))
         beta, n_iter, err, pass_fn, log_domain, n_absorb = _solve(
-            logits,
-            lam,
-            c,
-            beta0,
-            warm,
-            n_total,
-            tol,
-            max_iter,
-            use_dist,
-            inplace,
-            kernel_dtype,
-            pool,
-            threads,
-            True,
-        )
+            logits, lam, c, beta0, n_total, tol, budget, use_dist, pool, threads,
+            warm=warm, inplace=inplace, kernel_dtype=kernel_dtype, exact_fallback=True,
+        )  # fmt: skip
         n_iter += math.ceil(coarse)
         labels = pass_fn.labels(beta)
         labels, n_repaired, imbalance = _repair(pass_fn, beta, labels, c, n_total, use_dist)
-        if isinstance(pass_fn, KernelPass):
+        if isinstance(pass_fn, _KernelPass):
             n_absorb = pass_fn.n_absorb
     finally:
         if pool is not None:
@@ -317,17 +291,18 @@ def _solve(
     lam: float,
     c: Tensor,
     beta0: Tensor,
-    warm: bool,
     n_total: int,
     tol: float,
     max_iter: int,
     use_dist: bool,
-    inplace: bool,
-    kernel_dtype: torch.dtype,
     pool: ThreadPoolExecutor | None,
     threads: int,
+    *,
+    warm: bool,
+    inplace: bool,
+    kernel_dtype: torch.dtype,
     exact_fallback: bool,
-) -> tuple[Tensor, int, float, KernelPass | _LogDomainPass, bool, int]:
+) -> tuple[Tensor, int, float, _KernelPass | _LogDomainPass, bool, int]:
     """The solve proper: (beta, passes, error, the pass object for labels, log domain used, absorptions).
 
     A cold start (``warm`` False) at lam > 100 goes through the continuation in lam; a stalled warm start
@@ -338,7 +313,7 @@ def _solve(
     blocks = _row_blocks(n_local, _BLOCKS_PER_THREAD * threads if pool else 1)
     chunk = _chunk_rows(n_local, k, logits.device)
     row_max = _scan(logits, chunk)
-    kernel = KernelPass(logits, row_max, lam, chunk, blocks, pool, inplace, kernel_dtype)
+    kernel = _KernelPass(logits, row_max, lam, chunk, blocks, pool, inplace, kernel_dtype)
     stages = _lam_stages(lam)
     if not warm and len(stages) > 1 and not inplace and max_iter >= len(stages):
         # a large lam from a cold start: continuation in lam (epsilon scaling) from lam = 25
@@ -352,7 +327,7 @@ def _solve(
             n_iter += more
             if err1 <= err:
                 beta, err = beta1, err1
-    pass_fn: KernelPass | _LogDomainPass = kernel
+    pass_fn: _KernelPass | _LogDomainPass = kernel
     log_domain = False
     if err > tol and exact_fallback and not inplace and n_iter < max_iter:
         # float32's resolution: finish exactly in the log domain, from where it got
@@ -364,7 +339,7 @@ def _solve(
         log_domain = True
         if err_l <= err:
             beta, err = beta_l, err_l
-    if isinstance(pass_fn, KernelPass):
+    if isinstance(pass_fn, _KernelPass):
         n_absorb = pass_fn.n_absorb
     return beta, n_iter, err, pass_fn, log_domain, n_absorb
 
@@ -457,7 +432,7 @@ def _scan(logits: Tensor, chunk: int) -> Tensor:
 # the stabilised float32 kernel: one pass evaluates the column marginal for a scaling b
 
 
-class KernelPass:
+class _KernelPass:
     """P^lam stored in float32 with a scaling beta_hat absorbed (Schmitzer 2019), evaluated per pass.
 
     ``kernel[n, k] = exp(max(lam (logits[n, k] - m_n) + beta_hat_k - alpha_n, -87))`` with alpha_n
@@ -720,7 +695,7 @@ def _lam_stages(lam: float) -> list[float]:
 
 
 def _continuation(
-    kernel: KernelPass,
+    kernel: _KernelPass,
     stages: list[float],
     c: Tensor,
     n_total: int,
