@@ -296,8 +296,8 @@ def main() -> None:
     print(f"# sela.sinkhorn.assign vs the original SeLa Sinkhorn-Knopp (NumPy float64); lam = {args.lam:g}")
     print(f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(
-        f"# machine: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, numpy {np.__version__}, "
-        f"{args.threads} thread(s) each; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start"
+        f"# machine: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
+        f"numpy {np.__version__}, {args.threads} thread(s) each; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start"
     )
     print("# time: wall seconds of the whole call; iter: passes over N x K (original: iterations, 2 matvecs)")
     print(f"# agree: labels equal to assign(tol={REF_TOL:g}); x floor: time / (one mv pass x passes)")
@@ -331,7 +331,8 @@ def main() -> None:
         s, o, w, ref = r["sela"], r.get("original"), r["warm"], r["ref"]
         ratio = f"{o['s'] / s['s']:.1f}x" if o else ""
         x_floor = f"{s['s'] / (r['floor_s'] * s['iter']):.1f}"
-        note = f"path {s['path']}; error {s['err']:.1e}; imbalance {s['imbalance']:.3f}; logit std {r['std']:.2f}; "
+        note = f"path {s['path']}; error {s['err']:.1e}; imbalance {s['imbalance']:.3f}; "
+        note += f"logit std {r['std']:.2f}; "
         note += f"ref err {ref['err']:.1e} ({ref['iter']} passes, {ref['path']})"
         row = (problem, f"{n:,}", k)
         print(

@@ -173,10 +173,11 @@ def assign(
             lam <= 0, tol not > 0, a bad prior or init, a float16 kernel (``inplace=True`` with float16
             logits, or ``storage_dtype=torch.float16``), threads < 1.
 
-    Method (see docs/solver.md). The kernel P^lam is stored in float32 *stabilised* (Schmitzer 2019,
-    "Stabilized sparse scaling algorithms for entropy regularized transport problems", Alg. 2): with an
-    absorbed scaling beta_hat, K~[n, k] = exp(lam logits[n, k] + beta_hat_k - alpha_n) where alpha_n makes
-    each row's largest entry 1, clamped at exp(-87). A pass evaluates b = exp(beta - beta_hat) only; when
+    Method (see docs/solver.md). The kernel P^lam is stored in float32 *stabilised*, large scalings
+    absorbed into it (Schmitzer 2019, "Stabilized sparse scaling algorithms for entropy regularized
+    transport problems"): with an absorbed scaling beta_hat,
+    K~[n, k] = exp(lam logits[n, k] + beta_hat_k - alpha_n), where alpha_n makes each row's largest entry
+    1, clamped at exp(-87). A pass evaluates b = exp(beta - beta_hat) only; when
     beta - beta_hat spans more than e^60 the kernel is rebuilt around beta (``n_absorb``), so columns that
     no sample prefers (far clusters, logits of magnitude 1e4, a collapsed network) stay representable.
     The dual iteration on beta is Anderson-accelerated. At lam > 100 a cold start (or a warm start that
