@@ -297,7 +297,8 @@ def main() -> None:
     print(f"# command: {' '.join([os.path.basename(sys.executable)] + sys.argv)}")
     print(
         f"# machine: {_cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}, "
-        f"numpy {np.__version__}, {args.threads} thread(s) each; load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start"
+        f"numpy {np.__version__}, {args.threads} thread(s) each; "
+        f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f} at start"
     )
     print("# time: wall seconds of the whole call; iter: passes over N x K (original: iterations, 2 matvecs)")
     print(f"# agree: labels equal to assign(tol={REF_TOL:g}); x floor: time / (one mv pass x passes)")
