@@ -17,6 +17,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from sela import sinkhorn
 from sela.sinkhorn import Assignment, assign, soft_codes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -204,6 +205,174 @@ def test_large_lam_approaches_exact_balanced_assignment(seed):
 
 
 # --------------------------------------------------------------------------------------------------------
+# the stabilised float32 path: hard columns, huge magnitudes, collapsed networks, huge lam
+
+
+def _pot_log(x: Tensor, lam: float) -> tuple[np.ndarray, np.ndarray]:
+    """POT's log-domain Sinkhorn on cost -log p: (plan (N, K), log v (K,)), exp(-M / reg) = p^lam."""
+    n, k = x.shape
+    cost = -torch.log_softmax(x.double(), dim=1).numpy()
+    plan, log = ot.bregman.sinkhorn_log(
+        np.full(n, 1.0 / n),
+        np.full(k, 1.0 / k),
+        cost,
+        reg=1.0 / lam,
+        stopThr=1e-11,
+        numItermax=100_000,
+        log=True,
+    )
+    return plan, log["log_v"]
+
+
+def _stabilised_cases() -> dict[str, tuple[Tensor, float]]:
+    g = torch.Generator().manual_seed(20)
+    n, k = 300, 10
+    # a cluster every sample puts 10-11 logits below its best: its kernel column is exp(-250) < 1e-38
+    under = torch.randn(n, k, generator=g)
+    under[:, 0] = under.amax(dim=1) - 10.0 - torch.rand(n, generator=g)
+    # a collapsed network: every sample prefers cluster 0 by ~10 logits, all others underflow
+    collapsed = torch.randn(n, k, generator=g) * 0.5
+    collapsed[:, 0] += 10.0
+    return {
+        "underflowing_column": (under, 25.0),
+        "collapsed": (collapsed, 25.0),
+        "nearly_identical_rows": (
+            torch.randn(1, k, generator=g) * 3 + 1e-2 * torch.randn(n, k, generator=g),
+            25.0,
+        ),
+        "magnitude_1e4": (torch.randn(n, k, generator=g) * 1e4, 5e-4),  # lam * logits of std 5
+        "offset_1e4": (torch.randn(n, k, generator=g) * 2 + 1e4, 25.0),
+    }
+
+
+@pytest.mark.parametrize("name", list(_stabilised_cases()))
+def test_stabilised_path_matches_pot_labels_and_scaling(name):
+    x, lam = _stabilised_cases()[name]
+    n, k = x.shape
+    res = assign(x, lam=lam, tol=1e-6, max_iter=5000)
+    _assert_valid(res, n, k, 1e-6)
+    assert res.converged and not res.log_domain  # float32 throughout: no float64 fallback
+    plan_pot, log_v = _pot_log(x, lam)
+    # labels and plan as POT's
+    assert (plan_pot.argmax(axis=1) == res.labels.numpy()).all()
+    assert np.abs(_plan(x, lam, res.scaling).numpy() - plan_pot).max() * n < 1e-4
+    # the scaling is POT's column potential v = exp(log_v), up to a constant factor
+    log_b = res.scaling.log().numpy()
+    np.testing.assert_allclose(log_b - log_b.max(), log_v - log_v.max(), atol=1e-3, rtol=0)
+
+
+def test_underflowing_columns_are_absorbed_not_sent_to_log_domain():
+    x, lam = _stabilised_cases()["underflowing_column"]
+    res = assign(x, lam=lam)
+    assert res.converged and not res.log_domain and res.n_absorb >= 1
+    assert float(res.scaling[0]) > 1e30 * float(res.scaling[1:].min())  # b spans more than float32 can
+    # in place (no logits to rebuild from): from a cold start the kernel is built around the scaling of
+    # a subsample's solve (every 8th row), the same labels
+    x = torch.cat([x] * 7) + 0.1 * torch.randn(
+        7 * x.shape[0], x.shape[1], generator=torch.Generator().manual_seed(26)
+    )
+    res = assign(x, lam=lam, tol=1e-5)
+    inplace = assign(x.clone(), lam=lam, inplace=True, tol=1e-5)
+    assert inplace.converged and res.converged
+    assert float((inplace.labels == res.labels).double().mean()) >= 0.999
+
+
+def test_inplace_cold_start_counts_the_subsample_within_max_iter():
+    x = _logits(6400, 10, seed=27)  # >= 8 rows per cluster in every 8th row: the subsample start is used
+    for max_iter in (2, 5, 1000):
+        res = assign(x.clone(), inplace=True, max_iter=max_iter)
+        _assert_valid(res, 6400, 10, 1e-3)
+        assert res.n_iter <= max_iter
+    assert res.converged
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_huge_lam_converges_to_the_exact_balanced_assignment(seed):
+    # lam = 1e6: plain Sinkhorn would need ~1e6 passes; the continuation in lam reaches the exact balanced
+    # assignment (a linear assignment with each column repeated m times) within the default max_iter
+    k, m = 6, 20
+    n = k * m
+    x = _logits(n, k, 3.0, seed=seed)
+    cost = -torch.log_softmax(x.double(), dim=1)
+    rows, cols = linear_sum_assignment(np.repeat(cost.numpy(), m, axis=1))
+    exact = torch.from_numpy(cols // m)[np.argsort(rows)]
+    res = assign(x, lam=1e6)
+    _assert_valid(res, n, k, 1e-3)
+    assert res.converged and res.imbalance == pytest.approx(1.0)
+    assert torch.equal(res.labels, exact)
+
+
+def test_huge_lam_from_a_warm_start_still_converges():
+    x = _logits(2000, 20, 3.0, seed=21)
+    warm = assign(x, lam=25.0).scaling  # a scaling for another lam: a poor start at lam = 1e4
+    res = assign(x, lam=1e4, init=warm)
+    assert res.converged and res.imbalance < 1.1
+
+
+# --------------------------------------------------------------------------------------------------------
+# balance of the hard labels: imbalance, empty clusters
+
+
+def test_imbalance_reports_degenerate_logits():
+    n, k = 1000, 10
+    x = _logits(n, k, seed=22)
+    spike = x.clone()
+    spike[:, 3] = 1e30
+    degenerate = {"identical_rows": x[:1].repeat(n, 1), "all_zeros": torch.zeros(n, k), "column_1e30": spike}
+    for name, logits in degenerate.items():
+        res = assign(logits)
+        # the plan is balanced (flat rows), so error is ~0 and converged, but the hard labels are not:
+        # K - 1 clusters get one sample each (the repair), the rest share one cluster
+        assert res.converged, name
+        assert res.imbalance == pytest.approx((n - k + 1) / (n / k)), name
+        assert res.n_repaired == k - 1 and int(torch.bincount(res.labels, minlength=k).min()) == 1, name
+    res = assign(x)  # informative logits: balanced to a few percent
+    sizes = torch.bincount(res.labels, minlength=k).double()
+    assert res.imbalance == pytest.approx(float(sizes.max()) / (n / k)) and res.imbalance < 1.1
+    assert res.n_repaired == 0
+
+
+@pytest.mark.parametrize(("n", "k"), [(100, 100), (1000, 1000), (200, 100), (300, 100)])
+def test_no_empty_cluster_when_n_is_a_small_multiple_of_k(n, k):
+    x = _logits(n, k, seed=23)
+    res = assign(x)
+    sizes = torch.bincount(res.labels, minlength=k)
+    assert int(sizes.min()) >= 1
+    if n == k:
+        assert torch.equal(sizes, torch.ones(k, dtype=torch.long))  # a permutation
+    # the repair moved only the samples it reports; every other label is the plan's argmax
+    argmax = _plan(x, 25.0, res.scaling).argmax(dim=1)
+    assert int((argmax != res.labels).sum()) <= res.n_repaired
+    assert res.imbalance == pytest.approx(float(sizes.max()) / (n / k))
+
+
+def test_repair_keeps_argmax_labels_elsewhere_and_is_cheap():
+    # N == K: the argmax leaves some clusters empty; each is filled by one sample of a cluster of >= 2
+    x = _logits(100, 100, seed=1)
+    res = assign(x)
+    argmax = _plan(x, 25.0, res.scaling).argmax(dim=1)
+    moved = argmax != res.labels
+    assert int(moved.sum()) == res.n_repaired >= 1
+    empty_before = set(range(100)) - set(argmax.tolist())
+    assert set(res.labels[moved].tolist()) == empty_before
+
+
+# --------------------------------------------------------------------------------------------------------
+# threads
+
+
+def test_threads_give_the_same_solution(monkeypatch):
+    # the column sums are added in another order (per block), so the iterates differ by float rounding
+    monkeypatch.setattr(sinkhorn, "_MIN_ELEMS_PER_THREAD", 0)  # blocks even for this small problem
+    x = _logits(5000, 40, seed=25)
+    one = assign(x, threads=1, tol=1e-6)
+    two = assign(x, threads=2, tol=1e-6)
+    torch.testing.assert_close(two.scaling, one.scaling, rtol=1e-3, atol=0)
+    assert torch.equal(two.labels, one.labels)
+    assert torch.get_num_threads() == 1  # the fixture's setting is restored
+
+
+# --------------------------------------------------------------------------------------------------------
 # symmetries and warm starts
 
 
@@ -285,23 +454,30 @@ def test_extreme_logits_give_valid_results(name, lam):
 
 
 def test_wide_scaling_reports_the_true_error():
-    # lam = 100 on these logits needs a scaling spanning more than e^87: beyond the float32 kernel, which
-    # must hand over to the log domain instead of reporting its own (understated) error
+    # lam = 100 on these logits needs a scaling spanning more than e^87: beyond the first float32 kernel,
+    # which absorbs the scaling (stabilised Sinkhorn) instead of reporting its own (understated) error
     n, k, lam = 2000, 50, 100.0
     x = _logits(n, k, seed=0)
     res = assign(x, lam=lam)
     q = _plan(x, lam, res.scaling)
     err = float((q.sum(dim=0) - _uniform(k)).abs().sum())
-    assert res.log_domain and res.converged and abs(err - res.error) <= 1e-6
+    assert float(res.scaling.log().min()) < -87
+    assert not res.log_domain and res.n_absorb >= 1
+    assert res.converged and abs(err - res.error) <= 1e-6
 
 
 def test_inplace_matches_and_overwrites():
     x = _logits(2000, 30, seed=9)
-    ref = assign(x)
+    # from the same start both build the same kernel and follow the same iterates (a cold start in place
+    # first solves a subsample, see test_underflowing_columns_are_absorbed_not_sent_to_log_domain)
+    ones = torch.ones(30)
+    ref = assign(x, init=ones)
     buf = x.clone()
-    res = assign(buf, inplace=True)
+    res = assign(buf, inplace=True, init=ones)
     assert torch.equal(res.labels, ref.labels) and torch.equal(res.scaling, ref.scaling)
     assert res.n_iter == ref.n_iter
+    cold = assign(x.clone(), inplace=True)
+    assert cold.converged and float((cold.labels == ref.labels).double().mean()) >= 0.99
     # the buffer now holds the kernel P^lam, row-shifted: entries in (0, 1], a 1 in every row
     assert not torch.equal(buf, x)
     assert (buf > 0).all() and (buf <= 1).all() and (buf.amax(dim=1) == 1).all()
@@ -369,6 +545,9 @@ def _bad_inputs() -> list[tuple[str, Tensor, dict, str]]:
         ("lam_nan", x, {"lam": float("nan")}, "lam must be"),
         ("lam_inf", x, {"lam": float("inf")}, "lam must be"),
         ("tol_zero", x, {"tol": 0.0}, "tol > 0"),
+        ("tol_nan", x, {"tol": float("nan")}, "tol > 0"),
+        ("float64_beyond_float32", x.double() * 1e300, {}, "float32's range"),
+        ("threads_zero", x, {"threads": 0}, "threads must be >= 1"),
         ("max_iter_zero", x, {"max_iter": 0}, "max_iter >= 1"),
         ("prior_length", x, {"prior": _uniform(4)}, "prior must have K = 5"),
         ("prior_negative", x, {"prior": torch.tensor([0.5, 0.5, 0.2, -0.1, -0.1])}, "strictly positive"),
