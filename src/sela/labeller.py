@@ -33,6 +33,7 @@ from sela.sinkhorn import Assignment, assign
 ArrayLike = np.ndarray | Tensor
 
 DEFAULT_LAM = 25.0  # the paper's lambda (Asano et al. 2020, Sec. 4); the one default every caller reads
+_IMBALANCE_WARN = 2.0  # the largest cluster at twice its share: far from equipartition
 _INPLACE_BYTES = 2**30  # solve in place (no second n_r x K buffer) when one rank's kernel exceeds 1 GiB
 
 
@@ -94,6 +95,13 @@ class LabelState:
         # an entry of the scaling can underflow to 0 on extreme logits: then solve cold next time
         ok = bool(torch.isfinite(result.scaling).all() and (result.scaling > 0).all())
         self.scalings[head] = result.scaling if ok else None
+        if result.converged and result.imbalance > _IMBALANCE_WARN and dist.is_main():
+            warnings.warn(
+                f"label step {self.n_updates + 1}, head {head}: the largest cluster holds {result.imbalance:.1f}x "
+                "its equal share although the solve converged: the logits barely differ between images (a "
+                "collapsed or untrained network); if it persists lower the learning rate or use fewer clusters",
+                stacklevel=2,
+            )
         if not result.converged and dist.is_main():
             warnings.warn(
                 f"label step {self.n_updates + 1}, head {head}: the Sinkhorn solve did not converge (marginal "
