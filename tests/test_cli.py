@@ -88,7 +88,7 @@ def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
         (["--set", "epochs=two"], "integer"),
         (["--config", "/nonexistent.toml"], "does not exist"),
         (["--crop-size", "0"], "crop_size must be a positive number of px"),
-        (["--small-crops", "2"], "need the swapped objective"),
+        (["--set", "swap_queue=8"], "needs the swapped objective"),
         (["--time-limit", "0"], "time limit must be > 0 minutes"),
     ],
 )
@@ -101,9 +101,9 @@ def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, args, message
 
 
 def test_train_time_limit_replans_the_epochs(tmp_path, capsys):
-    # a budget of 6 ms: the first epoch spends it, so the first plan of 5 epochs becomes 2
+    # a budget of 6 ms: the first epoch spends it, so the first plan of 5 epochs ends after it
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *TINY, "--epochs", "5", "--time-limit", "0.0001"]) == 0
     assert "0.0001 min (about 5 epochs, re-planned each epoch)" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["time_limit"] == 0.0001
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1

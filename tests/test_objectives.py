@@ -111,3 +111,43 @@ def test_multicrop_small_views_predict_the_full_views_codes(tiny_set, tmp_path, 
     assert torch.equal(t.state.labels[0, :b], seen[0][:b].argmax(1))  # the first full view's codes
     loss.backward()  # the small views' branch is part of the graph
     assert t.model.stem[0].weight.grad is not None
+
+
+def test_sela_multicrop_small_views_learn_the_images_label(tiny_set, tmp_path):
+    small = BatchAugment(4, crop_scale=(0.2, 0.5), mean=tiny_set.mean, std=tiny_set.std)
+    t = make_trainer(tiny_set, tmp_path, precision="fp32", small_crops=2, small_augment=small)
+    t.update_labels()
+    b, gen = 8, torch.Generator().manual_seed(0)
+    idx = torch.arange(b)
+    loss, recorded = t.objective.loss(
+        t.net, tiny_set.images[:b], idx, t.state, generator=gen, autocast=t.autocast
+    )
+    gen = torch.Generator().manual_seed(0)  # the same views again
+    full = t.objective.augment(tiny_set.images[:b], generator=gen)
+    smalls = torch.cat([small(tiny_set.images[:b], generator=gen) for _ in range(2)])
+    outputs = t.net([full, smalls])
+    expected = sum(
+        torch.nn.functional.cross_entropy(o, t.state.labels[h, idx].repeat(3)) for h, o in enumerate(outputs)
+    ) / len(outputs)
+    assert torch.allclose(loss, expected, atol=1e-6)
+    assert [r.shape[0] for r in recorded] == [b, b]  # the full view's outputs only
+    loss.backward()
+    assert t.model.stem[0].weight.grad is not None
+
+
+def test_sela_cosine_heads_divide_normalised_scores_by_the_temperature(tiny_set, tmp_path):
+    t = make_trainer(tiny_set, tmp_path, precision="fp32", sela_temperature=0.1)
+    assert t.model.normalize_heads and t.model.spec["normalize_heads"]
+    for head in t.model.heads:
+        assert torch.allclose(head.weight.norm(dim=1), torch.ones(head.out_features), atol=1e-5)
+    t.update_labels()
+    with torch.no_grad():
+        scores = t.model.eval()(t.eval_transform(tiny_set.images))  # cosine similarities
+    from sela.sinkhorn import assign
+
+    for h, s in enumerate(scores):
+        assert s.abs().max() <= 1 + 1e-5
+        agree = (assign(s / 0.1, lam=25.0).labels == t.state.labels[h]).float().mean()
+        assert agree > 0.98  # the label step solves on scores / T, like the loss
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        make_trainer(tiny_set, tmp_path, sela_temperature=0.0)

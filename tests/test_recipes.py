@@ -61,3 +61,12 @@ def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, 
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == "cpu-fast" and config["objective"] == "swapped" and config["crop_size"] == 8
     assert config["batch_size"] == 16 and config["heads"] == 1  # flags win over the recipe
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_sela_objective_options_are_recorded_in_config_json(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out), "--epochs", "1", "--no-progress", "--small-crops", "1"]
+    assert main([*args, "--set", "sela_temperature=0.2", "--label-inputs", "recorded"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["objective"], config["small_crops"], config["sela_temperature"]) == ("sela", 1, 0.2)

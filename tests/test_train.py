@@ -19,7 +19,7 @@ def make_objective(imageset, objective="sela", **swap):
     """The objective of make_trainer; ``swap``: SwappedObjective's settings (swap_* / small_* names)."""
     augment = BatchAugment(8, crop_scale=(0.6, 1.0), flip_p=0.0, mean=imageset.mean, std=imageset.std)
     if objective == "sela":
-        return SelaObjective(augment)
+        return SelaObjective(augment, temperature=swap.pop("sela_temperature", None), **swap)
     return SwappedObjective(augment, **{SWAP_KEYS.get(k, k): v for k, v in swap.items()})
 
 
@@ -27,7 +27,7 @@ def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0, proje
     torch.manual_seed(init_seed)
     # label_share 0.5: the tiny runs keep several label passes (0.15 would merge all but the first)
     settings = {"label_updates": 4, "label_heads": "round-robin", "lam": 25.0, "label_share": 0.5, **settings}
-    swap = {k: settings.pop(k) for k in list(settings) if k.startswith(("swap_", "small_"))}
+    swap = {k: settings.pop(k) for k in list(settings) if k.startswith(("swap_", "small_", "sela_"))}
     model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8, projector=projector)
     return Trainer(
         model,
@@ -71,7 +71,8 @@ def test_end_to_end_writes_the_run(tiny_set, tmp_path):
     for h, k in enumerate([6, 8]):
         sizes = torch.bincount(trainer.state.labels[h], minlength=k)
         assert sizes.min() >= 240 / k * 0.5, sizes
-    assert set(summary) >= {"knn_top1", "nmi", "ari", "accuracy", "heads", "best_head"}
+    assert set(summary) >= {"knn_top1", "nmi", "ari", "many_to_one", "heads", "best_head", "eval_time_s"}
+    assert "accuracy" not in summary  # 6 and 8 clusters for 10 classes: no one-to-one matching
     csv = (tmp_path / "labels.csv").read_text().splitlines()
     assert csv[0] == "index,head0,head1" and len(csv) == 241
 
@@ -106,6 +107,29 @@ def test_resume_is_exact(tiny_set, tmp_path, settings):
     ):
         assert torch.equal(a, b), name
     assert torch.equal(full.state.labels, second.state.labels)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"sela_temperature": 0.1}, {"small_crops": 2}, {**RECORDED, "sela_temperature": 0.1, "small_crops": 1}],
+    ids=["cosine", "multicrop", "recorded-cosine-multicrop"],
+)
+def test_sela_objective_options_resume_exactly(tiny_set, tmp_path, settings):
+    if "small_crops" in settings:
+        settings = {**settings, "small_augment": BatchAugment(4, mean=tiny_set.mean, std=tiny_set.std)}
+    kw = dict(epochs=3, precision="fp32", **settings)
+    full = make_trainer(tiny_set, tmp_path / "a", **kw)
+    full.fit()
+    part = make_trainer(tiny_set, tmp_path / "b", **kw)
+    part.fit(max_epochs=1)
+    again = make_trainer(tiny_set, tmp_path / "b", init_seed=5, **kw)
+    again.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    again.fit()
+    for (name, x), (_, y) in zip(
+        full.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), name
+    assert torch.equal(full.state.labels, again.state.labels)
 
 
 def test_resume_rejects_a_checkpoint_of_another_network(tiny_set, tmp_path):

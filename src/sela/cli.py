@@ -77,7 +77,7 @@ _TRAIN_FLAGS = {
     "--small-crops": (
         "small_crops",
         int,
-        "swapped objective only: extra small views per image (multi-crop, SwAV), half the image size by default",
+        "extra small views per image (multi-crop; half the view size by default): swapped, they predict the full views' codes; sela, they learn the image's label",
     ),
     "--batch-size": ("batch_size", int, "global batch size (over all processes)"),
     "--lr": ("lr", float, "peak learning rate of SGD"),
@@ -306,19 +306,19 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
     model = create_model(cfg.arch, _clusters_per_head(cfg), **_model_kwargs(cfg, side, train_set.channels))
     view = cfg.crop_size or side  # training views; the label step and evaluation use the image side
     augment = _batch_augment(cfg.augment, view, cfg.augment.crop_scale, train_set).to(device)
+    small_side = cfg.small_crop_size or max(view // 2, 1)
+    small = _batch_augment(cfg.augment, small_side, cfg.augment.small_crop_scale, train_set).to(device)
     if cfg.objective == "swapped":
-        small_side = cfg.small_crop_size or max(view // 2, 1)
-        small = _batch_augment(cfg.augment, small_side, cfg.augment.small_crop_scale, train_set).to(device)
         objective = SwappedObjective(
             augment, temperature=cfg.swap_temperature, epsilon=cfg.swap_epsilon, queue=cfg.swap_queue,
             small_crops=cfg.small_crops, small_augment=small,
         )  # fmt: skip
     elif cfg.objective == "sela":
-        if cfg.swap_queue or cfg.small_crops:
-            raise UsageError(
-                "swap_queue and --small-crops need the swapped objective: add --objective swapped or drop them"
-            )
-        objective = SelaObjective(augment)
+        if cfg.swap_queue:
+            raise UsageError("swap_queue needs the swapped objective: add --objective swapped or drop it")
+        objective = SelaObjective(
+            augment, temperature=cfg.sela_temperature, small_crops=cfg.small_crops, small_augment=small
+        )
     else:
         raise UsageError(f"--objective must be sela or swapped, got {cfg.objective!r}")
     names = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lam")

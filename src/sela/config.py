@@ -86,6 +86,8 @@ class TrainConfig:
     # "sela": the paper's objective; "swapped": an online deviation (SwAV-style swapped prediction of
     # per-batch Sinkhorn codes between two views, cosine heads), with its temperature and epsilon
     objective: str = "sela"
+    # sela objective: None for the paper's linear heads; T for cosine heads with scores / T (SeLa-v2)
+    sela_temperature: float | None = None
     swap_temperature: float = _default(SwappedObjective, "temperature")
     swap_epsilon: float = _default(SwappedObjective, "epsilon")
     # swapped: head inputs of this many recent full views (per process) join each batch's Sinkhorn
@@ -94,8 +96,8 @@ class TrainConfig:
     # side (px) of the augmented training views; None: the image size. Smaller views train faster;
     # the label step and evaluation still see whole images at image_size
     crop_size: int | None = None
-    # multi-crop (swapped only): extra small views per image, of small_crop_size px (None: half the
-    # training view size), cropped with augment.small_crop_scale
+    # multi-crop: extra small views per image, of small_crop_size px (None: half the training view size),
+    # cropped with augment.small_crop_scale (swapped: they predict the full views' codes; sela: the label)
     small_crops: int = _default(SwappedObjective, "small_crops")
     small_crop_size: int | None = None
     # optimisation

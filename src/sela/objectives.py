@@ -47,6 +47,7 @@ class Objective:
     name = ""
     label_steps = True
     empty_advice = ""
+    logit_scale = 1.0  # the label step solves on logits x this (cosine heads: 1 / temperature)
 
     def prepare(self, model: nn.Module) -> None:
         """Adapt the model before training (called once, before it moves to its device)."""
@@ -75,10 +76,17 @@ class Objective:
 
 class SelaObjective(Objective):
     """The paper's objective: cross-entropy of each head's outputs on an augmented view against the
-    image's current self-label, averaged over heads (Asano et al. 2020, eq. 1).
+    image's current self-label, averaged over heads (Asano et al. 2020, eq. 1); the labels come from global
+    label steps. Two of SeLa-v2's training improvements (Caron et al. 2020) are options:
 
     Args:
         augment: the training augmentation, uint8 batch -> normalised float views.
+        temperature: None for the paper's linear heads; a number T makes the heads cosine classifiers
+            (unit-norm prototypes, no bias, over L2-normalised inputs) whose scores are divided by T, in
+            the loss and in the label step alike.
+        small_crops, small_augment: multi-crop: this many extra, smaller views per image (made by
+            ``small_augment``) that all learn the image's current label; the label step and the recorded
+            outputs use the full view only. Each costs about (s / S)^2 of a full view.
     """
 
     name = "sela"
@@ -87,17 +95,42 @@ class SelaObjective(Objective):
         "empty clusters (partial collapse); more label updates or a smaller --lam keep clusters balanced"
     )
 
-    def __init__(self, augment: BatchAugment):
-        self.augment = augment
+    def __init__(
+        self,
+        augment: BatchAugment,
+        *,
+        temperature: float | None = None,
+        small_crops: int = 0,
+        small_augment: BatchAugment | None = None,
+    ):
+        if temperature is not None and not temperature > 0:
+            raise ValueError(f"the sela objective's temperature must be > 0 (or unset), got {temperature}")
+        if small_crops < 0 or (small_crops and small_augment is None):
+            raise ValueError(f"small_crops must be >= 0 and needs small_augment, got {small_crops}")
+        self.augment, self.temperature = augment, temperature
+        self.small_crops, self.small_augment = small_crops, small_augment
+        self.logit_scale = 1.0 if temperature is None else 1.0 / temperature
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.temperature is not None:
+            _cosine_heads(model)
+
+    def after_step(self, model: nn.Module) -> None:
+        if self.temperature is not None:
+            normalize_prototypes(model)
 
     def loss(self, net, images, idx, labels, *, generator, autocast):
+        b, m = len(idx), self.small_crops
         views = make_views(self.augment, images, generator)  # (b, C, S, S)
-        targets = labels.labels[:, idx].to(images.device, non_blocking=True)  # (H, b)
+        if m:  # (m b, C, s, s): one more backbone pass in the same forward call
+            small = torch.cat([make_views(self.small_augment, images, generator) for _ in range(m)])
+            views = [views, small]
+        targets = labels.labels[:, idx].to(images.device, non_blocking=True).repeat(1, 1 + m)  # (H, (1+m) b)
         with autocast:
-            outputs = net(views)  # H x (b, K_h)
-            loss = sum(F.cross_entropy(o.float(), t) for o, t in zip(outputs, targets, strict=True))
-            loss = loss / len(outputs)
-        return loss, [o.detach() for o in outputs]
+            outputs = net(views)  # H x ((1 + m) b, K_h)
+            logits = [o.float() * self.logit_scale for o in outputs]
+            loss = sum(F.cross_entropy(o, t) for o, t in zip(logits, targets, strict=True)) / len(outputs)
+        return loss, [o[:b].detach() for o in logits]
 
 
 class SwappedObjective(Objective):
@@ -157,11 +190,7 @@ class SwappedObjective(Objective):
                 f"(seen on digits); use --clusters >= {model.head_dim} or a narrower head input",
                 stacklevel=3,
             )
-        model.normalize_heads = True
-        for head in model.heads:
-            head.bias.data.zero_()
-            head.bias.requires_grad_(False)
-        normalize_prototypes(model)
+        _cosine_heads(model)
         self.model = model
 
     def start_epoch(self) -> None:
@@ -210,6 +239,16 @@ class SwappedObjective(Objective):
             prototypes = self.model.heads[head].weight.detach().float()  # (K_h, P), unit rows
             balanced = torch.cat([scores, self.queue @ prototypes.t()])
         return soft_codes(balanced, epsilon=self.epsilon)[: len(scores)]
+
+
+def _cosine_heads(model: nn.Module) -> None:
+    """The heads become prototypes: cosine similarity of unit-norm rows over normalised inputs, no bias."""
+    model.normalize_heads = True
+    model.spec = {**getattr(model, "spec", {}), "normalize_heads": True}
+    for head in model.heads:
+        head.bias.data.zero_()
+        head.bias.requires_grad_(False)
+    normalize_prototypes(model)
 
 
 @torch.no_grad()

@@ -425,6 +425,8 @@ class Trainer:
             self._calibrate_batchnorm(rows[:4096])
         dist.average_buffers(self.model)  # one network on all ranks: their BatchNorm statistics drift apart
         feats = self._head_inputs(rows)  # (n_r, P)
+        if self.model.normalize_heads:  # cosine heads score normalised inputs, as in the loss
+            feats = torch.nn.functional.normalize(feats, dim=1)
         buffer = torch.empty(len(rows) * max(self.model.n_clusters), device=self.device)
         feats_finite = bool(torch.isfinite(feats).all())  # one pass over (n_r, P), not one per head
         solver_copy = 0
@@ -434,7 +436,10 @@ class Trainer:
                 raise self._diverged_outputs()
             logits = buffer[: len(rows) * head.out_features].view(len(rows), head.out_features)  # (n_r, K_h)
             for s in range(0, len(rows), 8192):
-                torch.addmm(head.bias, feats[s : s + 8192].float(), head.weight.t(), out=logits[s : s + 8192])
+                chunk = logits[s : s + 8192]
+                torch.addmm(head.bias, feats[s : s + 8192].float(), head.weight.t(), out=chunk)
+            if self.objective.logit_scale != 1.0:
+                logits.mul_(self.objective.logit_scale)
             self.state.relabel(h, logits, rows)
             big = -(-len(self.train_set) // dist.world_size()) * head.out_features * 4 > 2**30
             solver_copy = max(solver_copy, 0 if big else logits.numel() * 4)  # the solver's float32 kernel
