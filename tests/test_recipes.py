@@ -34,7 +34,9 @@ def test_greyscale_images_get_no_colour_augmentation_and_few_images_fewer_cluste
     assert (paper["arch"], paper["heads"], paper["lam"], paper["epochs"]) == ("alexnet", 10, 10.0, 400)
     with pytest.raises(ValueError, match="unknown recipe"):
         settings("fastest", colour)
-    assert set(RECIPES) == {"cpu-fast", "gpu-fast", "paper"}
+    assert set(RECIPES) == {"cpu-fast", "cpu-sela", "gpu-fast", "paper"}
+    sela = settings("cpu-sela", colour)
+    assert (sela["objective"], sela["label_inputs"], sela["small_crops"]) == ("sela", "recorded", 2)
 
 
 def test_greyscale_is_detected_from_equal_channels():
