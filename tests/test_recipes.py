@@ -30,12 +30,12 @@ def test_greyscale_images_get_no_colour_augmentation_and_few_images_fewer_cluste
     assert grey["augment.flip_p"] == 0.0 and grey["clusters"] == [50]  # N / 20
     colour = settings("cpu-fast", DataFacts(32, 3, False, 50_000, "cpu"))
     assert colour["augment.jitter"] == [0.4, 0.4, 0.4, 0.1] and colour["clusters"] == [128]
-    paper = settings("paper", colour)
+    paper = settings("paper", DataFacts(32, 3, False, 50_000, "cpu"))
     assert (paper["arch"], paper["heads"], paper["lam"], paper["epochs"]) == ("alexnet", 10, 10.0, 400)
     with pytest.raises(ValueError, match="unknown recipe"):
-        settings("fastest", colour)
+        settings("fastest", DataFacts(32, 3, False, 50_000, "cpu"))
     assert set(RECIPES) == {"cpu-fast", "cpu-sela", "gpu-fast", "paper"}
-    sela = settings("cpu-sela", colour)
+    sela = settings("cpu-sela", DataFacts(32, 3, False, 50_000, "cpu"))
     assert (sela["objective"], sela["label_inputs"], sela["small_crops"]) == ("sela", "recorded", 2)
 
 
