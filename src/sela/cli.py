@@ -14,9 +14,10 @@ import warnings
 from pathlib import Path
 
 import sela
-from sela.config import TrainConfig, apply_overrides, load_toml, to_dict, train_defaults
+from sela.config import TrainConfig, apply_overrides, component_default, load_toml, to_dict, train_defaults
 from sela.eval.knn import KNN_K, KNN_TEMPERATURE
-from sela.labeller import DEFAULT_LAM
+from sela.labeller import SelfLabeller
+from sela.sinkhorn import DEFAULT_LAM
 
 DEFAULT_IMAGE_SIZE = {"digits": 16}  # px the embedded digits (8 px) are upsampled to
 
@@ -683,11 +684,12 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lam", type=float, default=DEFAULT_LAM, help=f"lambda of the label step ({DEFAULT_LAM:g})"
     )
+    epochs = component_default(SelfLabeller, "epochs")
     p.add_argument(
         "--epochs",
         type=int,
-        default=200,
-        help="passes over the features (200; 40 gave NMI 0.70 vs 0.76 on digits)",
+        default=epochs,
+        help=f"passes over the features ({epochs}; 40 gave NMI 0.70 vs 0.76 on digits)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto or cuda")

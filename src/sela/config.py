@@ -23,12 +23,12 @@ from typing import Any
 
 from sela.data import BatchAugment
 from sela.eval.knn import KNN_K, KNN_TEMPERATURE
-from sela.labeller import DEFAULT_LAM
 from sela.objectives import SwappedObjective
+from sela.sinkhorn import DEFAULT_LAM
 from sela.train import Trainer
 
 
-def _default(component: Any, name: str) -> Any:
+def component_default(component: Any, name: str) -> Any:
     """The default of keyword ``name`` of ``component`` (a function or a class's __init__)."""
     value = inspect.signature(component).parameters[name].default
     if value is inspect.Parameter.empty:
@@ -37,7 +37,7 @@ def _default(component: Any, name: str) -> Any:
 
 
 def _list_default(component: Any, name: str):
-    return field(default_factory=lambda: _default(component, name))
+    return field(default_factory=lambda: component_default(component, name))
 
 
 @dataclass
@@ -45,11 +45,11 @@ class AugmentConfig:
     """On-device batch augmentation (defaults: :class:`sela.data.BatchAugment`'s, the SeLa CIFAR recipe)."""
 
     crop_scale: list[float] = _list_default(BatchAugment, "crop_scale")
-    flip_p: float = _default(BatchAugment, "flip_p")
+    flip_p: float = component_default(BatchAugment, "flip_p")
     jitter: list[float] = _list_default(BatchAugment, "jitter")
-    jitter_p: float = _default(BatchAugment, "jitter_p")
-    grayscale_p: float = _default(BatchAugment, "grayscale_p")
-    blur_p: float = _default(BatchAugment, "blur_p")
+    jitter_p: float = component_default(BatchAugment, "jitter_p")
+    grayscale_p: float = component_default(BatchAugment, "grayscale_p")
+    blur_p: float = component_default(BatchAugment, "blur_p")
     # the multi-crop small views' crop area range (``small_crops`` > 0 only)
     small_crop_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
 
@@ -75,30 +75,32 @@ class TrainConfig:
     projector: list[int] = field(default_factory=list)  # MLP widths between features and heads (none)
     # self-labelling
     lam: float = DEFAULT_LAM
-    label_updates: int = _default(Trainer, "label_updates")
-    label_spacing: str = _default(Trainer, "label_spacing")  # "quadratic" or "linear"
+    label_updates: int = component_default(Trainer, "label_updates")
+    label_spacing: str = component_default(Trainer, "label_spacing")  # "quadratic" or "linear"
     # the largest share of training time that label passes may take (closer steps are merged)
-    label_share: float = _default(Trainer, "label_share")
-    label_heads: str = _default(Trainer, "label_heads")  # "all" or "round-robin": one head per update
+    label_share: float = component_default(Trainer, "label_share")
+    label_heads: str = component_default(
+        Trainer, "label_heads"
+    )  # "all" or "round-robin": one head per update
     # "eval": un-augmented, eval mode; "train": augmented, train mode; "recorded": the outputs of the
     # training pass itself, label steps at epoch ends (no extra forward pass)
-    label_inputs: str = _default(Trainer, "label_inputs")
+    label_inputs: str = component_default(Trainer, "label_inputs")
     # "sela": the paper's objective; "swapped": an online deviation (SwAV-style swapped prediction of
     # per-batch Sinkhorn codes between two views, cosine heads), with its temperature and epsilon
     objective: str = "sela"
     # sela objective: None for the paper's linear heads; T for cosine heads with scores / T (SeLa-v2)
     sela_temperature: float | None = None
-    swap_temperature: float = _default(SwappedObjective, "temperature")
-    swap_epsilon: float = _default(SwappedObjective, "epsilon")
+    swap_temperature: float = component_default(SwappedObjective, "temperature")
+    swap_epsilon: float = component_default(SwappedObjective, "epsilon")
     # swapped: head inputs of this many recent full views (per process) join each batch's Sinkhorn
     # balancing, scored against the current prototypes (SwAV's queue); 0: the batch alone
-    swap_queue: int = _default(SwappedObjective, "queue")
+    swap_queue: int = component_default(SwappedObjective, "queue")
     # side (px) of the augmented training views; None: the image size. Smaller views train faster;
     # the label step and evaluation still see whole images at image_size
     crop_size: int | None = None
     # multi-crop: extra small views per image, of small_crop_size px (None: half the training view size),
     # cropped with augment.small_crop_scale (swapped: they predict the full views' codes; sela: the label)
-    small_crops: int = _default(SwappedObjective, "small_crops")
+    small_crops: int = component_default(SwappedObjective, "small_crops")
     small_crop_size: int | None = None
     # optimisation
     epochs: int = 60
@@ -107,20 +109,20 @@ class TrainConfig:
     time_limit: float | None = None
     batch_size: int = 128
     lr: float = 0.1
-    momentum: float = _default(Trainer, "momentum")
-    weight_decay: float = _default(Trainer, "weight_decay")
-    lr_schedule: str = _default(Trainer, "lr_schedule")  # "cosine" or "step"
-    warmup_epochs: float = _default(Trainer, "warmup_epochs")
+    momentum: float = component_default(Trainer, "momentum")
+    weight_decay: float = component_default(Trainer, "weight_decay")
+    lr_schedule: str = component_default(Trainer, "lr_schedule")  # "cosine" or "step"
+    warmup_epochs: float = component_default(Trainer, "warmup_epochs")
     # runtime
     device: str = "auto"
     # forward passes: "auto" (bfloat16 autocast where the device has native bf16: CUDA, or CPUs with
     # AVX512-BF16/AMX; float32 elsewhere), "bf16" or "fp32"
-    precision: str = _default(Trainer, "precision")
-    seed: int = _default(Trainer, "seed")
+    precision: str = component_default(Trainer, "precision")
+    seed: int = component_default(Trainer, "seed")
     out: str = "runs/sela"
-    workers: int = _default(Trainer, "workers")  # DataLoader workers, streamed (large) datasets only
-    sync_bn: bool = _default(Trainer, "sync_bn")
-    progress: bool = _default(Trainer, "progress")
+    workers: int = component_default(Trainer, "workers")  # DataLoader workers, streamed (large) datasets only
+    sync_bn: bool = component_default(Trainer, "sync_bn")
+    progress: bool = component_default(Trainer, "progress")
     # evaluation at the end (when the dataset has ground truth)
     knn_k: int = KNN_K
     knn_temperature: float = KNN_TEMPERATURE

@@ -26,12 +26,12 @@ from tqdm.auto import tqdm
 from sela.data import EvalTransform, make_loader
 from sela.data.folder import IMAGE_EXTENSIONS, decode_images
 from sela.eval.features import extract
-from sela.labeller import DEFAULT_LAM, SelfLabeller, feature_matrix
+from sela.labeller import SelfLabeller, feature_matrix
 from sela.models.export import backbone_export, backbone_spec, info_path, torchvision_recipe
 from sela.models.resnet import ResNet
 from sela.rundir import atomic_write, load_file, write_json, write_labels_csv
 from sela.runs import Run
-from sela.sinkhorn import assign
+from sela.sinkhorn import DEFAULT_LAM, assign
 
 # ------------------------------------------------------------------------------------------ model outputs
 
@@ -166,7 +166,7 @@ def cluster_features(
     n_clusters: int,
     n_heads: int = 1,
     lam: float = DEFAULT_LAM,
-    epochs: int = 200,
+    epochs: int | None = None,
     seed: int = 0,
     device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor, int]:
@@ -176,7 +176,8 @@ def cluster_features(
     """
     if n_clusters > features.shape[0]:
         raise ValueError(f"--k {n_clusters} exceeds the {features.shape[0]} rows; ask for fewer clusters")
-    labeller = SelfLabeller(n_clusters, n_heads=n_heads, lam=lam, epochs=epochs, seed=seed, device=device)
+    more = {} if epochs is None else {"epochs": epochs}  # None: SelfLabeller's own default
+    labeller = SelfLabeller(n_clusters, n_heads=n_heads, lam=lam, seed=seed, device=device, **more)
     labeller.fit(features)
     conf = torch.stack(
         [torch.from_numpy(labeller.predict_proba(features, head=h)).amax(dim=1) for h in range(n_heads)]

@@ -28,11 +28,10 @@ from torch import Tensor, nn
 from sela import distributed as dist
 from sela.eval.linear import feature_moments
 from sela.schedule import even_epochs
-from sela.sinkhorn import Assignment, assign
+from sela.sinkhorn import DEFAULT_LAM, Assignment, assign
 
 ArrayLike = np.ndarray | Tensor
 
-DEFAULT_LAM = 25.0  # the paper's lambda (Asano et al. 2020, Sec. 4); the one default every caller reads
 _IMBALANCE_WARN = 2.0  # the largest cluster at twice its share: far from equipartition
 _INPLACE_BYTES = 2**30  # solve in place (no second n_r x K buffer) when one rank's kernel exceeds 1 GiB
 

@@ -52,7 +52,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["Assignment", "assign", "marginal_error"]
+__all__ = ["DEFAULT_LAM", "Assignment", "assign", "marginal_error"]
+
+DEFAULT_LAM = 25.0  # the paper's lambda (Asano et al. 2020, Sec. 4); every caller reads this default
 
 # exp(-87) is just above the smallest normal float32 (1.18e-38).
 _LOG_FLOOR = -87.0
@@ -126,7 +128,7 @@ def marginal_error(col: Tensor, prior: Tensor) -> float:
 def assign(
     logits: Tensor,
     *,
-    lam: float = 25.0,
+    lam: float = DEFAULT_LAM,
     prior: Tensor | None = None,
     tol: float = 1e-3,
     max_iter: int = 1000,

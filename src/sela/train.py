@@ -34,7 +34,7 @@ from sela.data import EvalTransform, ImageSet, make_loader
 from sela.eval.evaluate import evaluate
 from sela.eval.knn import KNN_K, KNN_TEMPERATURE
 from sela.eval.metrics import cluster_sizes
-from sela.labeller import DEFAULT_LAM, LabelState
+from sela.labeller import LabelState
 from sela.objectives import Objective
 from sela.plots import cluster_grid, plot_cluster_sizes, plot_curves
 from sela.schedule import (
@@ -48,6 +48,7 @@ from sela.schedule import (
     schedule_progress,
     space_out,
 )
+from sela.sinkhorn import DEFAULT_LAM
 
 LABEL_INPUTS = ("eval", "train", "recorded")
 LABEL_HEADS = ("all", "round-robin")
