@@ -224,22 +224,13 @@ def load_run(
     transform = EvalTransform(side, mean=train_set.mean, std=train_set.std).to(device)
     check_fits(model, train_set, transform, arch=arch, image_size=side)
     labels = _stored_labels(ckpt, len(model.n_clusters), train_set, notes)
+    test_set = load_test_split(dataset, data_dir, size) if test_split else None
+    summary = rundir.read_json(run_dir / rundir.SUMMARY) if run_dir else {}
     return Run(
-        model=model,
-        labels=labels,
-        train_set=train_set,
-        test_set=load_test_split(dataset, data_dir, size) if test_split else None,
-        transform=transform,
-        image_size=side,
-        dataset=dataset,
-        arch=arch,
-        config=config,
-        source=Path(source),
-        run_dir=run_dir,
-        summary=rundir.read_json(run_dir / rundir.SUMMARY) if run_dir else {},
-        untrained_heads=untrained,
-        notes=notes,
-    )
+        model=model, labels=labels, train_set=train_set, test_set=test_set, transform=transform,
+        image_size=side, dataset=dataset, arch=arch, config=config, source=Path(source), run_dir=run_dir,
+        summary=summary, untrained_heads=untrained, notes=notes,
+    )  # fmt: skip
 
 
 @torch.no_grad()
