@@ -46,6 +46,24 @@ def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0, proje
     )
 
 
+def assert_resumes_exactly(imageset, tmp_path, **kw) -> None:
+    """A run stopped after one epoch and resumed by a new Trainer (other initial weights, overwritten by
+    the checkpoint) ends with the same weights and labels as the run trained straight through."""
+    full = make_trainer(imageset, tmp_path / "a", **kw)
+    full.fit()
+    part = make_trainer(imageset, tmp_path / "b", **kw)
+    part.fit(max_epochs=1)
+    again = make_trainer(imageset, tmp_path / "b", init_seed=7, **kw)
+    again.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    assert again.epoch == 1
+    again.fit()
+    for (name, x), (_, y) in zip(
+        full.model.state_dict().items(), again.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(x, y), name
+    assert torch.equal(full.state.labels, again.state.labels)
+
+
 def test_end_to_end_writes_the_run(tiny_set, tmp_path):
     from sela.train import finish_run
 
@@ -94,19 +112,7 @@ RECORDED = {"label_inputs": "recorded", "label_updates": 3, "label_spacing": "li
     ids=["eval-fp32", "eval-bf16", "recorded-bf16", "swapped", "swapped-queue"],
 )
 def test_resume_is_exact(tiny_set, tmp_path, settings):
-    full = make_trainer(tiny_set, tmp_path / "a", epochs=3, **settings)
-    full.fit()
-    first = make_trainer(tiny_set, tmp_path / "b", epochs=3, **settings)
-    first.fit(max_epochs=1)
-    second = make_trainer(tiny_set, tmp_path / "b", epochs=3, init_seed=123, **settings)  # overwritten
-    second.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    assert second.epoch == 1
-    second.fit()
-    for (name, a), (_, b) in zip(
-        full.model.state_dict().items(), second.model.state_dict().items(), strict=True
-    ):
-        assert torch.equal(a, b), name
-    assert torch.equal(full.state.labels, second.state.labels)
+    assert_resumes_exactly(tiny_set, tmp_path, epochs=3, **settings)
 
 
 @pytest.mark.parametrize(
@@ -117,19 +123,7 @@ def test_resume_is_exact(tiny_set, tmp_path, settings):
 def test_sela_objective_options_resume_exactly(tiny_set, tmp_path, settings):
     if "small_crops" in settings:
         settings = {**settings, "small_augment": BatchAugment(4, mean=tiny_set.mean, std=tiny_set.std)}
-    kw = dict(epochs=3, precision="fp32", **settings)
-    full = make_trainer(tiny_set, tmp_path / "a", **kw)
-    full.fit()
-    part = make_trainer(tiny_set, tmp_path / "b", **kw)
-    part.fit(max_epochs=1)
-    again = make_trainer(tiny_set, tmp_path / "b", init_seed=5, **kw)
-    again.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    again.fit()
-    for (name, x), (_, y) in zip(
-        full.model.state_dict().items(), again.model.state_dict().items(), strict=True
-    ):
-        assert torch.equal(x, y), name
-    assert torch.equal(full.state.labels, again.state.labels)
+    assert_resumes_exactly(tiny_set, tmp_path, epochs=3, precision="fp32", **settings)
 
 
 def test_resume_rejects_a_checkpoint_of_another_network(tiny_set, tmp_path):
@@ -278,19 +272,7 @@ def test_swapped_objective_trains_cosine_prototypes_and_labels_all_images(tiny_s
 @pytest.mark.filterwarnings("ignore:the swapped objective")
 def test_multicrop_run_resumes_exactly(tiny_set, tmp_path):
     small = dict(small_crops=2, small_augment=BatchAugment(4, mean=tiny_set.mean, std=tiny_set.std))
-    kw = dict(epochs=2, objective="swapped", precision="fp32", **small)
-    full = make_trainer(tiny_set, tmp_path / "a", **kw)
-    full.fit()
-    part = make_trainer(tiny_set, tmp_path / "b", **kw)
-    part.fit(max_epochs=1)
-    again = make_trainer(tiny_set, tmp_path / "b", init_seed=7, **kw)
-    again.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    again.fit()
-    for (name, x), (_, y) in zip(
-        full.model.state_dict().items(), again.model.state_dict().items(), strict=True
-    ):
-        assert torch.equal(x, y), name
-    assert torch.equal(full.state.labels, again.state.labels)
+    assert_resumes_exactly(tiny_set, tmp_path, epochs=2, objective="swapped", precision="fp32", **small)
 
 
 def test_trainer_validates(tiny_set, tmp_path):

@@ -7,6 +7,7 @@ input as one line ``sela: error: ...`` (exit code 2) instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import sys
@@ -848,6 +849,10 @@ def _run(argv: list[str] | None) -> int:
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"sela: error: {msg}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a write that failed outside the run directory's atomic writes (plots, reports)
+        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
+        print(f"sela: error: {what}: could not write {e.filename or 'a file'}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sela: interrupted", file=sys.stderr)
