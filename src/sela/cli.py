@@ -481,8 +481,14 @@ def _add_source_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", help="architecture of a non-sela checkpoint: see `sela models`")
     p.add_argument("--clusters", help="K per head (comma list) for a checkpoint without heads")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (256)")
-    p.add_argument("--workers", type=int, default=4, help="DataLoader workers for streamed datasets (4)")
+    from sela.eval.features import extract
+    from sela.train import Trainer
+
+    batch, workers = component_default(extract, "batch_size"), component_default(Trainer, "workers")
+    p.add_argument("--batch-size", type=int, default=batch, help=f"images per forward pass ({batch})")
+    p.add_argument(
+        "--workers", type=int, default=workers, help=f"DataLoader workers for streamed datasets ({workers})"
+    )
 
 
 def _open_run(args: argparse.Namespace, *, test_split: bool = True):
@@ -637,9 +643,15 @@ def _add_show(sub: argparse._SubParsersAction) -> None:
     p.add_argument("source", metavar="RUN_DIR")
     p.add_argument("-o", "--output", help="report folder (default RUN_DIR/report)")
     p.add_argument("--head", type=int, help="head to show (default: the run's best head, else 0)")
-    p.add_argument("--per-page", type=int, default=10, help="clusters per page (10)")
-    p.add_argument("--samples", type=int, default=10, help="images per cluster (10)")
-    p.add_argument("--top", type=int, default=12, help="clusters in top_clusters.png (12)")
+    from sela.report import render_report
+
+    for flag, what in (
+        ("per_page", "clusters per page"),
+        ("samples", "images per cluster"),
+        ("top", "clusters in top_clusters.png"),
+    ):
+        value = component_default(render_report, flag)
+        p.add_argument(f"--{flag.replace('_', '-')}", type=int, default=value, help=f"{what} ({value})")
     _add_source_flags(p)
     p.set_defaults(func=cmd_show)
 
