@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import shutil
 import sys
 import warnings
@@ -192,10 +193,6 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
-
-
 def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
     """Everything that can be checked before data is read or the run directory exists."""
     from sela import rundir
@@ -211,8 +208,8 @@ def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
-        (_finite(cfg.lam) and cfg.lam > 0, f"--lam must be a positive number, got {cfg.lam}"),
-        (_finite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}"),
+        (math.isfinite(cfg.lam) and cfg.lam > 0, f"--lam must be a positive number, got {cfg.lam}"),
+        (math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be a positive number, got {cfg.lr}"),
         (
             cfg.heads >= 1 and bool(cfg.clusters) and min(cfg.clusters) >= 2,
             "need --heads >= 1 and --clusters >= 2 per head",
@@ -232,7 +229,10 @@ def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
     ]
     if cfg.time_limit is not None:
         checks.append(
-            (_finite(cfg.time_limit) and cfg.time_limit > 0, "the time limit must be > 0 minutes (or unset)")
+            (
+                math.isfinite(cfg.time_limit) and cfg.time_limit > 0,
+                "the time limit must be > 0 minutes (or unset)",
+            )
         )
     for ok, message in checks:
         if not ok:
@@ -252,12 +252,17 @@ def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
             )
 
 
+def _image_size(cfg: TrainConfig) -> int | None:
+    """The side (px) images are resized to: the config's, else the dataset's default, else None (native)."""
+    return cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset)
+
+
 def _load_train_data(cfg: TrainConfig):
     """The training and test splits (warnings printed as one line each); a UsageError when empty."""
     from sela.data import load_dataset
     from sela.runs import load_test_split
 
-    size = cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset)
+    size = _image_size(cfg)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         train_set = load_dataset(cfg.dataset, cfg.data_dir, "train", image_size=size, strict=cfg.strict)
@@ -280,7 +285,7 @@ def _apply_recipe(args: argparse.Namespace, cfg: TrainConfig, train_set, device)
         return apply_overrides(cfg, {"recipe": "none"})
     if name == "none":
         return cfg
-    side = train_set.side(cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset))
+    side = train_set.side(_image_size(cfg))
     facts = recipes.data_facts(train_set, side, device)
     if name == "auto":
         name, why = recipes.choose(facts)
@@ -303,7 +308,7 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
     from sela.objectives import SelaObjective, SwappedObjective
     from sela.train import Trainer
 
-    side = train_set.side(cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset))
+    side = train_set.side(_image_size(cfg))
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, _clusters_per_head(cfg), **_model_kwargs(cfg, side, train_set.channels))
     view = cfg.crop_size or side  # training views; the label step and evaluation use the image side
@@ -716,7 +721,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     from sela.eval.metrics import cluster_sizes
     from sela.export import cluster_features, load_features, write_labels_csv
 
-    if args.k < 2 or args.heads < 1 or args.epochs < 1 or not (_finite(args.lam) and args.lam > 0):
+    if args.k < 2 or args.heads < 1 or args.epochs < 1 or not (math.isfinite(args.lam) and args.lam > 0):
         raise UsageError("need --k >= 2, --heads >= 1, --epochs >= 1 and --lam > 0")
     device = _device(args.device)
     x = load_features(args.features)  # (N, D)

@@ -85,8 +85,7 @@ class LabelState:
         n = self.labels.shape[1]
         if rows is None:
             rows = torch.arange(n)
-        # decided from the largest shard, so that every rank takes the same path through the solver
-        inplace = -(-n // dist.world_size()) * logits.shape[1] * 4 > _INPLACE_BYTES
+        inplace = self.solves_in_place(logits.shape[1])
         result = assign(logits, lam=self.lam, init=self.scalings[head], inplace=inplace)
         full = dist.scatter_rows(result.labels, rows, n).to(self.labels.device)  # (N,), -1: not seen
         seen = full >= 0
@@ -109,6 +108,12 @@ class LabelState:
                 stacklevel=2,
             )
         return result
+
+    def solves_in_place(self, k: int) -> bool:
+        """Whether a head of ``k`` clusters is solved in place (overwriting its logits, no second n_r x K
+        buffer): when one rank's kernel would exceed 1 GiB, judged from the largest shard so that every rank
+        takes the same path through the solver."""
+        return -(-self.labels.shape[1] // dist.world_size()) * k * 4 > _INPLACE_BYTES
 
     def state_dict(self) -> dict:
         """The checkpoint's part of the label state (tensors on the CPU)."""

@@ -128,7 +128,9 @@ class SelaObjective(Objective):
         targets = labels.labels[:, idx].to(images.device, non_blocking=True).repeat(1, 1 + m)  # (H, (1+m) b)
         with autocast:
             outputs = net(views)  # H x ((1 + m) b, K_h)
-            logits = [o.float() * self.logit_scale for o in outputs]
+            logits = [
+                o.float() if self.temperature is None else o.float() * self.logit_scale for o in outputs
+            ]
             loss = sum(F.cross_entropy(o, t) for o, t in zip(logits, targets, strict=True)) / len(outputs)
         return loss, [o[:b].detach() for o in logits]
 

@@ -76,15 +76,20 @@ def lr_at(
     return base_lr * (0.1 ** (int(t >= 0.5) + int(t >= 0.75)))
 
 
+def typical_epoch_s(times_s: list[float]) -> float:
+    """An epoch's time for planning: the median of the last five epochs' times (seconds)."""
+    recent = sorted(times_s[-5:])
+    return recent[len(recent) // 2]
+
+
 def planned_epochs(done: int, times_s: list[float], limit_s: float) -> int:
     """The run's length in epochs for a time budget: ``done`` epochs finished, which took ``times_s``
     seconds each, and as many more whole epochs as the rest of ``limit_s`` holds at the median of the last
     five epochs' times, less a reserve so that one of them may be as slow as the slowest of those five
     (the last epoch then overruns the budget only when it is slower still). ``done`` when no further epoch
     fits: the run stops (after its first epoch, when that alone took the budget)."""
-    recent = sorted(times_s[-5:])
-    per_epoch = recent[len(recent) // 2]
-    remaining = limit_s - sum(times_s) - (recent[-1] - per_epoch)
+    per_epoch = typical_epoch_s(times_s)
+    remaining = limit_s - sum(times_s) - (max(times_s[-5:]) - per_epoch)
     return done + max(0, math.floor(remaining / max(per_epoch, 1e-9) + 1e-9))
 
 

@@ -47,6 +47,7 @@ from sela.schedule import (
     planned_epochs,
     schedule_progress,
     space_out,
+    typical_epoch_s,
 )
 from sela.sinkhorn import DEFAULT_LAM
 
@@ -295,8 +296,7 @@ class Trainer:
             return
         smallest = min(h["min"] for h in stats["heads"])
         empty = sum(h["n_empty"] for h in stats["heads"])
-        recent = sorted(self.epoch_times[-5:])
-        left = (self.epochs - self.epoch) * recent[len(recent) // 2]
+        left = (self.epochs - self.epoch) * typical_epoch_s(self.epoch_times)
         self.log(
             f"epoch {stats['epoch']}/{self.epochs}: loss {stats['loss']:.3f}, {stats['time_s']:.1f} s (label "
             f"steps {stats['label_time_s']:.1f} s, {stats['label_share']:.0%}), clusters: smallest {smallest}, "
@@ -442,8 +442,10 @@ class Trainer:
             if self.objective.logit_scale != 1.0:
                 logits.mul_(self.objective.logit_scale)
             self.state.relabel(h, logits, rows)
-            big = -(-len(self.train_set) // dist.world_size()) * head.out_features * 4 > 2**30
-            solver_copy = max(solver_copy, 0 if big else logits.numel() * 4)  # the solver's float32 kernel
+            in_place = self.state.solves_in_place(head.out_features)
+            solver_copy = max(
+                solver_copy, 0 if in_place else logits.numel() * 4
+            )  # the solver's float32 kernel
         self.state.n_updates += 1
         held = feats.numel() * feats.element_size() + buffer.numel() * buffer.element_size() + solver_copy
         self._note_label_memory(held, dist.peak_memory_bytes(self.device) if measured else None)
