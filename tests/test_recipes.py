@@ -9,6 +9,7 @@ from PIL import Image
 from sela.cli import main
 from sela.data import ImageSet
 from sela.recipes import RECIPES, DataFacts, choose, data_facts, settings
+from sela.runs import load_run
 
 
 def test_the_rule_follows_the_device():
@@ -63,6 +64,31 @@ def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, 
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == "cpu-fast" and config["objective"] == "swapped" and config["crop_size"] == 8
     assert config["batch_size"] == 16 and config["heads"] == 1  # flags win over the recipe
+    assert config["eval_size"] == 12  # 8 px views of crops down to 0.2: 17.9 px, capped at the side
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_greyscale_runs_are_evaluated_at_the_scale_their_views_showed(tmp_path):
+    """cpu-fast on 16 px greyscale images: 8 px views of crops 0.5-1, so the label step, the final
+    evaluation and a reopened run see whole images at 8 / sqrt(0.5) = 11 px."""
+    for split, n in (("train", 40), ("test", 10)):
+        for c in range(2):
+            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
+            for i in range(n // 2):
+                image = Image.new("L", (16, 16), 30 * (i % 5))
+                image.paste(255, (4 * c, 2, 4 * c + 8, 14))
+                image.save(tmp_path / "data" / split / str(c) / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["crop_size"], config["augment"]["crop_scale"], config["eval_size"]) == (8, [0.5, 1.0], 11)
+    run = load_run(out)
+    assert run.image_size == 11 and run.transform.out_size == 11 and run.train_set.side() == 16
+    assert load_run(out, image_size=16).transform.out_size == 16  # asked for: that size
+    assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress",
+                 "--eval-size", "16", "--out", str(tmp_path / "run16")]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "run16" / "config.json").read_text())["eval_size"] == 16
 
 
 @pytest.mark.filterwarnings("ignore")

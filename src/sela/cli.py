@@ -77,6 +77,11 @@ _TRAIN_FLAGS = {
         int,
         "side (px) of the training views (default: the image size); smaller trains faster, evaluation stays at the image size",
     ),
+    "--eval-size": (
+        "eval_size",
+        int,
+        "side (px) of the whole images the label step and evaluation see (default: as large as the largest-scale training views show them, at most the image size)",
+    ),
     "--small-crops": (
         "small_crops",
         int,
@@ -204,7 +209,7 @@ def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
         raise UsageError(
             f"{out} is in use by another sela train (pid {holder}); wait for it to finish or choose another --out"
         )
-    positive_or_unset = ("image_size", "crop_size", "small_crop_size")
+    positive_or_unset = ("image_size", "crop_size", "small_crop_size", "eval_size")
     checks = [
         (cfg.epochs >= 1, f"--epochs must be >= 1, got {cfg.epochs}"),
         (cfg.batch_size >= 1, f"--batch-size must be >= 1, got {cfg.batch_size}"),
@@ -299,6 +304,17 @@ def _apply_recipe(args: argparse.Namespace, cfg: TrainConfig, train_set, device)
     return cfg
 
 
+def _with_eval_size(cfg: TrainConfig, train_set) -> TrainConfig:
+    """The configuration with ``eval_size`` resolved to a number (sela.data.view_scale_size when unset)."""
+    from sela.data import view_scale_size
+
+    if cfg.eval_size is not None:
+        return cfg
+    side = train_set.side(_image_size(cfg))
+    size = view_scale_size(side, cfg.crop_size or side, cfg.augment.crop_scale)
+    return apply_overrides(cfg, {"eval_size": size})
+
+
 def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
     """The model, the objective and the Trainer that a configuration describes."""
     import torch
@@ -311,7 +327,7 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
     side = train_set.side(_image_size(cfg))
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.arch, _clusters_per_head(cfg), **_model_kwargs(cfg, side, train_set.channels))
-    view = cfg.crop_size or side  # training views; the label step and evaluation use the image side
+    view = cfg.crop_size or side  # training views; the label step and evaluation: eval_size
     augment = _batch_augment(cfg.augment, view, cfg.augment.crop_scale, train_set).to(device)
     small_side = cfg.small_crop_size or max(view // 2, 1)
     small = _batch_augment(cfg.augment, small_side, cfg.augment.small_crop_scale, train_set).to(device)
@@ -336,7 +352,7 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
         train_set,
         objective=objective,
         out_dir=out,
-        eval_transform=EvalTransform(side, mean=train_set.mean, std=train_set.std).to(device),
+        eval_transform=EvalTransform(cfg.eval_size or side, mean=train_set.mean, std=train_set.std).to(device),
         device=device,
         time_limit_s=None if cfg.time_limit is None else cfg.time_limit * 60,
         metadata=to_dict(cfg),
@@ -378,7 +394,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = Path(cfg.out)
     _check_train_config(cfg, out, resume=args.resume)
     train_set, test_set = _load_train_data(cfg)
-    cfg = _apply_recipe(args, cfg, train_set, device)
+    cfg = _with_eval_size(_apply_recipe(args, cfg, train_set, device), train_set)
     _check_train_config(cfg, out, resume=args.resume)
     trainer = _build_trainer(cfg, train_set, device, out)
     created = not out.exists()

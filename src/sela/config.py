@@ -98,6 +98,10 @@ class TrainConfig:
     # side (px) of the augmented training views; None: the image size. Smaller views train faster;
     # the label step and evaluation still see whole images at image_size
     crop_size: int | None = None
+    # side (px) of the whole images the label step (eval inputs), the final evaluation, `sela eval` and
+    # `sela embed` see; None: the size at which whole images look as large as in the largest-scale
+    # training views (sela.data.view_scale_size), at most the image size; config.json records the number
+    eval_size: int | None = None
     # multi-crop: extra small views per image, of small_crop_size px (None: half the training view size),
     # cropped with augment.small_crop_scale (swapped: they predict the full views' codes; sela: the label)
     small_crops: int = component_default(SwappedObjective, "small_crops")
@@ -173,6 +177,7 @@ MUST_MATCH = (
     "objective",
     "small_crops",
     "crop_size",
+    "eval_size",
     "time_limit",
 )
 
@@ -188,8 +193,9 @@ def compare_configs(saved: dict, current: dict) -> list[str]:
 
 def data_settings(config: dict) -> dict[str, Any]:
     """What a run's recorded configuration says about its data: ``dataset``, ``data_dir``,
-    ``image_size`` (None where it does not say)."""
-    return {key: config.get(key) for key in ("dataset", "data_dir", "image_size")}
+    ``image_size`` (the side images were resized to) and ``eval_size`` (the side the evaluation showed
+    them at); None where it does not say."""
+    return {key: config.get(key) for key in ("dataset", "data_dir", "image_size", "eval_size")}
 
 
 def legacy_model_spec(config: dict, in_channels: int, input_size: int) -> dict[str, Any]:

@@ -18,7 +18,7 @@ Recipes:
               in turn from augmented train-mode outputs, the original augmentation.
 
 Data-dependent parts of the fast recipes: the training views are half the image side (the label step and
-evaluation see whole images); greyscale images (one channel, or three equal ones) get no colour jitter,
+evaluation see whole images, at the scale the views showed them: ``sela.data.view_scale_size``); greyscale images (one channel, or three equal ones) get no colour jitter,
 grayscale conversion or flips, and milder crops (their class lives in the shape); the number of clusters
 is at most N / 20 so that every cluster can hold a few dozen images.
 """

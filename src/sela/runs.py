@@ -38,7 +38,8 @@ class Run:
         train_set: the training split (its targets are only used for evaluation).
         test_set: the test (or val) split, or None when the dataset has none.
         transform: the un-augmented evaluation transform (uint8 -> normalised float, ``image_size`` px).
-        image_size: the side (px) the model sees.
+        image_size: the side (px) the model sees: the ``image_size`` asked for, else the run's recorded
+            ``eval_size`` (training may have stored larger images; ``train_set`` holds them as stored).
         dataset, arch: names, as ``sela train`` takes them.
         config: the run's resolved configuration ({} for foreign checkpoints).
         source: the path that was opened; ``run_dir``: the run directory, or None.
@@ -221,14 +222,15 @@ def load_run(
         else []
     )
     model = model.to(device).eval()
-    transform = EvalTransform(side, mean=train_set.mean, std=train_set.std).to(device)
-    check_fits(model, train_set, transform, arch=arch, image_size=side)
+    shown = side if image_size else recorded["eval_size"] or side  # what the run's evaluation saw
+    transform = EvalTransform(shown, mean=train_set.mean, std=train_set.std).to(device)
+    check_fits(model, train_set, transform, arch=arch, image_size=shown)
     labels = _stored_labels(ckpt, len(model.n_clusters), train_set, notes)
     test_set = load_test_split(dataset, data_dir, size) if test_split else None
     summary = rundir.read_json(run_dir / rundir.SUMMARY) if run_dir else {}
     return Run(
         model=model, labels=labels, train_set=train_set, test_set=test_set, transform=transform,
-        image_size=side, dataset=dataset, arch=arch, config=config, source=Path(source), run_dir=run_dir,
+        image_size=shown, dataset=dataset, arch=arch, config=config, source=Path(source), run_dir=run_dir,
         summary=summary, untrained_heads=untrained, notes=notes,
     )  # fmt: skip
 

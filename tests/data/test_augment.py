@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sela.data import BatchAugment, EvalTransform
+from sela.data import BatchAugment, EvalTransform, view_scale_size
 
 OFF = {"crop_scale": None, "flip_p": 0.0, "jitter": None, "grayscale_p": 0.0}
 
@@ -164,3 +164,17 @@ def test_eval_transform():
     assert torch.equal(crop, _images(h=40, w=40)[..., 6:34, 6:34].float() / 255)
     with pytest.raises(ValueError, match="crop_fraction"):
         EvalTransform(32, crop_fraction=0.0)
+
+
+@pytest.mark.parametrize(
+    ("side", "view", "scale", "size"),
+    [(28, 14, (0.5, 1.0), 20), (32, 16, (0.2, 1.0), 32), (64, 32, (0.2, 1.0), 64), (16, 16, None, 16),
+     (32, 8, (0.25, 1.0), 16)],
+)  # fmt: skip
+def test_eval_size_shows_whole_images_at_the_largest_scale_of_the_training_views(side, view, scale, size):
+    assert view_scale_size(side, view, scale) == size
+
+
+def test_eval_size_rejects_impossible_crop_scales():
+    with pytest.raises(ValueError, match="smallest crop scale"):
+        view_scale_size(32, 16, (0.0, 1.0))

@@ -5,7 +5,7 @@ augmented, normalised float images on the batch's device; ``EvalTransform`` does
 randomness for evaluation.
 """
 
-from sela.data.augment import BatchAugment, EvalTransform
+from sela.data.augment import BatchAugment, EvalTransform, view_scale_size
 from sela.data.datasets import SPLITS, data_root, list_datasets, load_dataset, resize_images
 from sela.data.errors import DatasetNotFoundError
 from sela.data.folder import FolderStream, cache_dir, load_folder
@@ -26,4 +26,5 @@ __all__ = [
     "load_folder",
     "make_loader",
     "resize_images",
+    "view_scale_size",
 ]
