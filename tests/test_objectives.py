@@ -151,3 +151,40 @@ def test_sela_cosine_heads_divide_normalised_scores_by_the_temperature(tiny_set,
         assert agree > 0.98  # the label step solves on scores / T, like the loss
     with pytest.raises(ValueError, match="temperature must be > 0"):
         make_trainer(tiny_set, tmp_path, sela_temperature=0.0)
+
+
+def test_sela_soft_targets_are_the_largest_entries_of_the_transport_plan(tiny_set, tmp_path):
+    """Each image keeps its k largest entries of Q = diag(a) P^lam diag(b), renormalised; each view's loss
+    is -sum_j w_j log p(code_j), and k = 1 is the paper's hard cross-entropy."""
+    from sela.sinkhorn import assign
+
+    t = make_trainer(tiny_set, tmp_path, precision="fp32", soft_targets=3)
+    t.update_labels()
+    codes, weights = t.state.codes, t.state.weights  # (H, N, 3)
+    assert codes.shape == (2, len(tiny_set), 3) and torch.allclose(weights.sum(2), torch.ones(2, len(tiny_set)))
+    assert (weights[..., :-1] >= weights[..., 1:]).all()  # largest first
+    with torch.no_grad():
+        logits = t.model.eval()(t.eval_transform(tiny_set.images))
+    for h, z in enumerate(logits):
+        b = assign(z, lam=25.0).scaling.float()
+        q = torch.softmax(25.0 * z + b.log(), dim=1)  # rows of Q, each renormalised to sum to 1
+        top = q.topk(3, dim=1)
+        assert torch.equal(codes[h].long(), top.indices)
+        assert torch.allclose(weights[h], top.values / top.values.sum(1, keepdim=True), atol=1e-4)
+        hard = t.state.labels[h]
+        assert (codes[h, :, 0].long() == hard).float().mean() > 0.95  # the argmax, but for repaired rows
+    b, gen = 8, torch.Generator().manual_seed(0)
+    idx = torch.arange(b)
+    loss, _ = t.objective.loss(t.net.train(), tiny_set.images[:b], idx, t.state, generator=gen, autocast=t.autocast)
+    gen = torch.Generator().manual_seed(0)
+    outputs = t.net(t.objective.augment(tiny_set.images[:b], generator=gen))
+    expected = sum(
+        -(weights[h, idx] * o.log_softmax(1).gather(1, codes[h, idx].long())).sum(1).mean()
+        for h, o in enumerate(outputs)
+    ) / len(outputs)
+    assert torch.allclose(loss, expected, atol=1e-5)
+    one = make_trainer(tiny_set, tmp_path / "one", precision="fp32", soft_targets=1)
+    one.update_labels()
+    assert torch.equal(one.state.weights, torch.ones_like(one.state.weights))
+    with pytest.raises(ValueError, match="soft_targets must be >= 0"):
+        make_trainer(tiny_set, tmp_path, soft_targets=-1)

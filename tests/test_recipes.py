@@ -95,6 +95,7 @@ def test_greyscale_runs_are_evaluated_at_the_scale_their_views_showed(tmp_path):
 def test_sela_objective_options_are_recorded_in_config_json(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--out", str(out), "--epochs", "1", "--no-progress", "--small-crops", "1"]
-    assert main([*args, "--set", "sela_temperature=0.2", "--label-inputs", "recorded"]) == 0
+    assert main([*args, "--set", "sela_temperature=0.2", "--label-inputs", "recorded", "--set", "soft_targets=2"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["objective"], config["small_crops"], config["sela_temperature"]) == ("sela", 1, 0.2)
+    assert config["soft_targets"] == 2

@@ -27,7 +27,7 @@ def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0, proje
     torch.manual_seed(init_seed)
     # label_share 0.5: the tiny runs keep several label passes (0.15 would merge all but the first)
     settings = {"label_updates": 4, "label_heads": "round-robin", "lam": 25.0, "label_share": 0.5, **settings}
-    swap = {k: settings.pop(k) for k in list(settings) if k.startswith(("swap_", "small_", "sela_"))}
+    swap = {k: settings.pop(k) for k in list(settings) if k.startswith(("swap_", "small_", "sela_", "soft_"))}
     model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8, projector=projector)
     return Trainer(
         model,
@@ -62,6 +62,9 @@ def assert_resumes_exactly(imageset, tmp_path, **kw) -> None:
     ):
         assert torch.equal(x, y), name
     assert torch.equal(full.state.labels, again.state.labels)
+    if full.state.codes is not None:
+        assert torch.equal(full.state.codes, again.state.codes)
+        assert torch.equal(full.state.weights, again.state.weights)
 
 
 def test_end_to_end_writes_the_run(tiny_set, tmp_path):
@@ -117,8 +120,9 @@ def test_resume_is_exact(tiny_set, tmp_path, settings):
 
 @pytest.mark.parametrize(
     "settings",
-    [{"sela_temperature": 0.1}, {"small_crops": 2}, {**RECORDED, "sela_temperature": 0.1, "small_crops": 1}],
-    ids=["cosine", "multicrop", "recorded-cosine-multicrop"],
+    [{"sela_temperature": 0.1}, {"small_crops": 2}, {**RECORDED, "sela_temperature": 0.1, "small_crops": 1},
+     {"soft_targets": 3}, {**RECORDED, "sela_temperature": 0.1, "soft_targets": 2}],
+    ids=["cosine", "multicrop", "recorded-cosine-multicrop", "soft", "recorded-cosine-soft"],
 )
 def test_sela_objective_options_resume_exactly(tiny_set, tmp_path, settings):
     if "small_crops" in settings:

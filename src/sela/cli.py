@@ -332,6 +332,8 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
     small_side = cfg.small_crop_size or max(view // 2, 1)
     small = _batch_augment(cfg.augment, small_side, cfg.augment.small_crop_scale, train_set).to(device)
     if cfg.objective == "swapped":
+        if cfg.soft_targets:
+            raise UsageError("soft_targets is an option of --objective sela (the swapped objective's codes are soft)")
         objective = SwappedObjective(
             augment, temperature=cfg.swap_temperature, epsilon=cfg.swap_epsilon, queue=cfg.swap_queue,
             small_crops=cfg.small_crops, small_augment=small,
@@ -340,8 +342,9 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
         if cfg.swap_queue:
             raise UsageError("swap_queue needs the swapped objective: add --objective swapped or drop it")
         objective = SelaObjective(
-            augment, temperature=cfg.sela_temperature, small_crops=cfg.small_crops, small_augment=small
-        )
+            augment, temperature=cfg.sela_temperature, small_crops=cfg.small_crops, small_augment=small,
+            soft_targets=cfg.soft_targets,
+        )  # fmt: skip
     else:
         raise UsageError(f"--objective must be sela or swapped, got {cfg.objective!r}")
     names = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lam")

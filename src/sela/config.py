@@ -23,7 +23,7 @@ from typing import Any
 
 from sela.data import BatchAugment
 from sela.eval.knn import KNN_K, KNN_TEMPERATURE
-from sela.objectives import SwappedObjective
+from sela.objectives import SelaObjective, SwappedObjective
 from sela.sinkhorn import DEFAULT_LAM
 from sela.train import Trainer
 
@@ -90,6 +90,9 @@ class TrainConfig:
     objective: str = "sela"
     # sela objective: None for the paper's linear heads; T for cosine heads with scores / T (SeLa-v2)
     sela_temperature: float | None = None
+    # sela objective: 0 for the paper's hard labels; k > 0: train on each image's k largest entries of
+    # the label step's transport plan, renormalised (soft codes, as SwAV's)
+    soft_targets: int = component_default(SelaObjective, "soft_targets")
     swap_temperature: float = component_default(SwappedObjective, "temperature")
     swap_epsilon: float = component_default(SwappedObjective, "epsilon")
     # swapped: head inputs of this many recent full views (per process) join each batch's Sinkhorn
@@ -176,6 +179,7 @@ MUST_MATCH = (
     "seed",
     "objective",
     "small_crops",
+    "soft_targets",
     "crop_size",
     "eval_size",
     "time_limit",

@@ -88,12 +88,14 @@ def gather_rows(local: Tensor, n: int) -> Tensor:
 
 
 def scatter_rows(local: Tensor, rows: Tensor, n: int) -> Tensor:
-    """Combine per-rank integer values (n_r,) for disjoint global ``rows`` (n_r,) into one (n,) int64 tensor on
-    every rank; rows that no rank holds are -1. One all-reduce (max) of n integers."""
-    if local.shape != rows.shape:
+    """Combine per-rank values >= 0 (n_r, ...) for disjoint global ``rows`` (n_r,) into one (n, ...) tensor
+    on every rank (integers as int64, floats as they are); rows that no rank holds are -1. One all-reduce
+    (max) of n x ... values."""
+    if local.shape[:1] != rows.shape:
         raise ValueError(f"{local.shape[0]} values for {rows.shape[0]} rows; give one value per row")
-    full = torch.full((n,), -1, dtype=torch.long, device=local.device)
-    full[rows.to(local.device)] = local.long()
+    local = local if local.is_floating_point() else local.long()
+    full = torch.full((n, *local.shape[1:]), -1, dtype=local.dtype, device=local.device)
+    full[rows.to(local.device)] = local
     if world_size() > 1:
         dist.all_reduce(full, op=dist.ReduceOp.MAX)
     return full

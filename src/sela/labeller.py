@@ -50,11 +50,17 @@ class LabelState:
         lam: lambda of the label step (larger follows the logits more closely, smaller balances harder).
         fill: the label of an item before its first assignment.
         device: where ``labels`` lives.
+        soft: 0 (the paper): hard labels only. k > 0: also keep each item's k largest entries of its
+            row of the transport plan Q = diag(a) P^lambda diag(b), renormalised to sum to 1, as soft
+            targets (SwAV trains on soft codes). Memory: H x N x k x 8 bytes; the solve then never runs
+            in place (it needs the logits afterwards).
 
     Attributes:
         labels: (H, N) int64.
         scalings: H column scalings (K_h,) of the last solve, or None (the next solve starts cold).
         n_updates: label steps done (the trainer counts one per step, whichever heads it re-assigned).
+        codes, weights: with ``soft``: (H, N, k) int32 clusters and float32 weights (rows sum to 1) of
+            the soft targets; None before the first label step, and without ``soft``.
     """
 
     def __init__(
@@ -65,15 +71,20 @@ class LabelState:
         lam: float = DEFAULT_LAM,
         fill: int = 0,
         device: str | torch.device = "cpu",
+        soft: int = 0,
     ) -> None:
         if not lam > 0 or not math.isfinite(lam):
             raise ValueError(
                 f"lam must be a positive, finite number, got {lam}; the paper uses {DEFAULT_LAM:g}"
             )
+        if soft < 0:
+            raise ValueError(f"soft must be >= 0 (0: hard labels), got {soft}")
         self.labels = torch.full((n_heads, n), fill, dtype=torch.int64, device=device)  # (H, N)
         self.scalings: list[Tensor | None] = [None] * n_heads
         self.n_updates = 0
-        self.lam = lam
+        self.lam, self.soft = lam, soft
+        self.codes: Tensor | None = None  # (H, N, k) int32
+        self.weights: Tensor | None = None  # (H, N, k) float32
 
     def relabel(self, head: int, logits: Tensor, rows: Tensor | None = None) -> Assignment:
         """Re-assign ``head``'s labels of ``rows`` from ``logits`` (n_r, K_h); returns the solver's result.
@@ -90,6 +101,8 @@ class LabelState:
         full = dist.scatter_rows(result.labels, rows, n).to(self.labels.device)  # (N,), -1: not seen
         seen = full >= 0
         self.labels[head, seen] = full[seen]
+        if self.soft:
+            self._keep_soft(head, logits, result.scaling, rows, seen)
         # an entry of the scaling can underflow to 0 on extreme logits: then solve cold next time
         ok = bool(torch.isfinite(result.scaling).all() and (result.scaling > 0).all())
         self.scalings[head] = result.scaling if ok else None
@@ -109,19 +122,41 @@ class LabelState:
             )
         return result
 
+    def _keep_soft(self, head: int, logits: Tensor, scaling: Tensor, rows: Tensor, seen: Tensor) -> None:
+        """Keep the k largest entries of each row of Q for ``rows``: Q[n] is proportional to
+        exp(lam * logits[n]) * b, so its top k are those of lam * logits[n] + log b (in chunks)."""
+        n_heads, n = self.labels.shape
+        k = min(self.soft, logits.shape[1])
+        if self.codes is None or self.codes.shape[2] != k:
+            self.codes = torch.zeros((n_heads, n, k), dtype=torch.int32, device=self.labels.device)
+            self.weights = torch.full((n_heads, n, k), 1.0 / k, device=self.labels.device)
+        log_b = scaling.to(logits.device, torch.float32).clamp_min(1e-30).log()  # (K,)
+        codes = torch.empty((len(rows), k), dtype=torch.int64, device=logits.device)
+        weights = torch.empty((len(rows), k), device=logits.device)
+        for s in range(0, len(rows), 8192):
+            top = torch.topk(logits[s : s + 8192].float() * self.lam + log_b, k, dim=1)
+            codes[s : s + 8192], weights[s : s + 8192] = top.indices, torch.softmax(top.values, dim=1)
+        full_codes = dist.scatter_rows(codes, rows, n).to(self.labels.device)  # (N, k), -1: not seen
+        full_weights = dist.scatter_rows(weights, rows, n).to(self.labels.device)
+        self.codes[head, seen] = full_codes[seen].int()
+        self.weights[head, seen] = full_weights[seen]
+
     def solves_in_place(self, k: int) -> bool:
         """Whether a head of ``k`` clusters is solved in place (overwriting its logits, no second n_r x K
         buffer): when one rank's kernel would exceed 1 GiB, judged from the largest shard so that every rank
-        takes the same path through the solver."""
-        return -(-self.labels.shape[1] // dist.world_size()) * k * 4 > _INPLACE_BYTES
+        takes the same path through the solver; never with soft targets, which need the logits after it."""
+        return not self.soft and -(-self.labels.shape[1] // dist.world_size()) * k * 4 > _INPLACE_BYTES
 
     def state_dict(self) -> dict:
         """The checkpoint's part of the label state (tensors on the CPU)."""
-        return {
+        state = {
             "labels": self.labels.cpu(),
             "scalings": [None if s is None else s.cpu() for s in self.scalings],
             "label_updates_done": self.n_updates,
         }
+        if self.codes is not None:
+            state.update(soft_codes=self.codes.cpu(), soft_weights=self.weights.cpu())
+        return state
 
     def load_state_dict(self, state: dict, device: str | torch.device = "cpu") -> None:
         """Restore :meth:`state_dict`; a ValueError when it holds labels of another shape."""
@@ -135,6 +170,10 @@ class LabelState:
         self.labels = labels.to(self.labels.device, torch.int64)
         self.scalings = [None if s is None else s.to(device) for s in state["scalings"]]
         self.n_updates = int(state["label_updates_done"])
+        codes, weights = state.get("soft_codes"), state.get("soft_weights")
+        if self.soft and isinstance(codes, Tensor) and isinstance(weights, Tensor):
+            self.codes = codes.to(self.labels.device, torch.int32)
+            self.weights = weights.to(self.labels.device, torch.float32)
 
 
 def feature_matrix(x: ArrayLike, name: str = "X") -> Tensor:

@@ -48,6 +48,7 @@ class Objective:
     label_steps = True
     empty_advice = ""
     logit_scale = 1.0  # the label step solves on logits x this (cosine heads: 1 / temperature)
+    soft_targets = 0  # label steps keep this many soft codes per image (sela.labeller.LabelState's soft)
 
     def prepare(self, model: nn.Module) -> None:
         """Adapt the model before training (called once, before it moves to its device)."""
@@ -87,6 +88,8 @@ class SelaObjective(Objective):
         small_crops, small_augment: multi-crop: this many extra, smaller views per image (made by
             ``small_augment``) that all learn the image's current label; the label step and the recorded
             outputs use the full view only. Each costs about (s / S)^2 of a full view.
+        soft_targets: 0 for the paper's hard labels (argmax of the transport plan Q); k > 0: each view
+            learns its image's k largest entries of Q, renormalised (soft codes, as SwAV's).
     """
 
     name = "sela"
@@ -102,7 +105,10 @@ class SelaObjective(Objective):
         temperature: float | None = None,
         small_crops: int = 0,
         small_augment: BatchAugment | None = None,
+        soft_targets: int = 0,
     ):
+        if soft_targets < 0:
+            raise ValueError(f"soft_targets must be >= 0 (0: hard labels), got {soft_targets}")
         if temperature is not None and not temperature > 0:
             raise ValueError(f"the sela objective's temperature must be > 0 (or unset), got {temperature}")
         if small_crops < 0 or (small_crops and small_augment is None):
@@ -110,6 +116,7 @@ class SelaObjective(Objective):
         self.augment, self.temperature = augment, temperature
         self.small_crops, self.small_augment = small_crops, small_augment
         self.logit_scale = 1.0 if temperature is None else 1.0 / temperature
+        self.soft_targets = soft_targets
 
     def prepare(self, model: nn.Module) -> None:
         if self.temperature is not None:
@@ -125,14 +132,25 @@ class SelaObjective(Objective):
         if m:  # (m b, C, s, s): one more backbone pass in the same forward call
             small = torch.cat([make_views(self.small_augment, images, generator) for _ in range(m)])
             views = [views, small]
-        targets = labels.labels[:, idx].to(images.device, non_blocking=True).repeat(1, 1 + m)  # (H, (1+m) b)
         with autocast:
             outputs = net(views)  # H x ((1 + m) b, K_h)
             logits = [
                 o.float() if self.temperature is None else o.float() * self.logit_scale for o in outputs
             ]
-            loss = sum(F.cross_entropy(o, t) for o, t in zip(logits, targets, strict=True)) / len(outputs)
+            loss = sum(_label_loss(o, labels, h, idx, 1 + m) for h, o in enumerate(logits)) / len(outputs)
         return loss, [o[:b].detach() for o in logits]
+
+
+def _label_loss(logits: Tensor, labels: LabelState, head: int, idx: Tensor, repeats: int) -> Tensor:
+    """Cross-entropy of one head's ``logits`` (repeats x b, K) against the current labels of rows ``idx``
+    (b,), each view of an image against its image's target: the hard label, or with soft targets
+    (``labels.codes``) the weighted sum over the image's kept codes, -sum_j w_j log p(code_j)."""
+    device = logits.device
+    if labels.codes is None:
+        return F.cross_entropy(logits, labels.labels[head, idx].to(device, non_blocking=True).repeat(repeats))
+    codes = labels.codes[head, idx].to(device, torch.int64).repeat(repeats, 1)  # (repeats b, k)
+    weights = labels.weights[head, idx].to(device).repeat(repeats, 1)
+    return -(weights * F.log_softmax(logits, dim=1).gather(1, codes)).sum(1).mean()
 
 
 class SwappedObjective(Objective):

@@ -176,7 +176,7 @@ class Trainer:
             self.model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=False
         )
         # the label steps
-        self.state = LabelState(len(model.n_clusters), n, lam=lam)
+        self.state = LabelState(len(model.n_clusters), n, lam=lam, soft=objective.soft_targets)
         self.label_updates, self.label_spacing = label_updates, label_spacing
         self.label_heads, self.label_inputs = label_heads, label_inputs
         self.label_steps: list[int] = []  # optimisation steps before which a label step runs
