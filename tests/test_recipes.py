@@ -1,6 +1,7 @@
 """Recipes: the rule that picks one from the images and the device, and what each sets."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -31,11 +32,45 @@ def test_greyscale_images_get_no_colour_augmentation_and_few_images_fewer_cluste
     assert grey["augment.flip_p"] == 0.0 and grey["clusters"] == [50]  # N / 20
     colour = settings("cpu-fast", DataFacts(32, 3, False, 50_000, "cpu"))
     assert colour["augment.jitter"] == [0.4, 0.4, 0.4, 0.1] and colour["clusters"] == [128]
-    paper = settings("paper", DataFacts(32, 3, False, 50_000, "cpu"))
-    assert (paper["arch"], paper["heads"], paper["lam"], paper["epochs"]) == ("alexnet", 10, 10.0, 400)
     with pytest.raises(ValueError, match="unknown recipe"):
         settings("fastest", DataFacts(32, 3, False, 50_000, "cpu"))
-    assert set(RECIPES) == {"cpu-fast", "cpu-sela", "gpu-fast", "paper"}
+    assert set(RECIPES) == {"cpu-fast", "cpu-sela", "gpu-fast", "gpu-sela", "paper", "paper-resnet18"}
+    gpu = settings("gpu-sela", DataFacts(32, 3, False, 50_000, "cuda"))
+    assert (gpu["arch"], gpu["objective"], gpu["label_inputs"]) == ("resnet18_cifar", "sela", "recorded")
+
+
+def test_the_paper_recipe_is_the_published_cifar_setting():
+    """yukimasano/self-label, scripts/cifar.sh and cifar.py: AlexNet at 224 px, 10 x 128, lambda 10, 400
+    epochs and label steps, lr 0.03, batch 128, one head per label step from augmented train-mode outputs."""
+    paper = settings("paper", DataFacts(32, 3, False, 50_000, "cuda"))
+    published = {"arch": "alexnet", "image_size": 224, "heads": 10, "clusters": [128], "lam": 10.0,
+                 "epochs": 400, "label_updates": 400, "label_spacing": "linear", "label_heads": "round-robin",
+                 "label_inputs": "train", "lr": 0.03, "batch_size": 128, "lr_schedule": "step",
+                 "warmup_epochs": 0.0, "augment.jitter": [0.4, 0.4, 0.4, 0.4], "augment.grayscale_p": 0.2}  # fmt: skip
+    assert {k: paper[k] for k in published} == published
+    resnet = settings("paper-resnet18", DataFacts(32, 3, False, 50_000, "cuda"))
+    assert (resnet["arch"], resnet["image_size"]) == ("resnet18_cifar", None)
+    assert {k: v for k, v in resnet.items() if k not in ("arch", "image_size")} == {
+        k: v for k, v in paper.items() if k not in ("arch", "image_size")
+    }
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("recipe", ["paper", "paper-resnet18"])
+def test_the_paper_recipes_run_on_the_cpu(tmp_path, recipe):
+    """A smoke run: one short epoch of each paper recipe on 12 px images (AlexNet sees them at 224 px)."""
+    for split, n in (("train", 32), ("test", 8)):
+        for c in range(2):
+            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
+            for i in range(n // 2):
+                Image.new("RGB", (12, 12), (255 * c, 40 * (i % 5), 90)).save(tmp_path / "data" / split / str(c) / f"{i}.png")
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--recipe", recipe]
+    assert main([*args, "--epochs", "1", "--batch-size", "16", "--clusters", "4", "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["recipe"] == recipe and config["eval_size"] == (224 if recipe == "paper" else 12)
+    summary = json.loads((out / "summary.json").read_text())
+    assert math.isfinite(summary["knn_top1"]) and summary["label_updates"] >= 1
     sela = settings("cpu-sela", DataFacts(32, 3, False, 50_000, "cpu"))
     assert (sela["objective"], sela["label_inputs"], sela["small_crops"]) == ("sela", "recorded", 2)
 
