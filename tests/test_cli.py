@@ -56,6 +56,16 @@ def test_train_tiny_run_on_digits(tmp_path, capsys):
     assert main(["train", "--out", str(out), "--resume", *TINY]) == 0
 
 
+def test_eval_every_gives_the_final_evaluations_knn_during_training(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *TINY, "--eval-every", "1"]) == 0
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert all(0 <= m["knn_top1"] <= 100 and "monitor_time_s" in m for m in metrics)
+    summary = json.loads((out / "summary.json").read_text())
+    assert metrics[-1]["knn_top1"] == pytest.approx(summary["knn_top1"])  # one definition
+    assert "kNN top-1" in capsys.readouterr().out
+
+
 @pytest.mark.filterwarnings("ignore:the swapped objective")
 def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
     from sela.data import BatchAugment

@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 import warnings
 
 import pytest
@@ -427,3 +428,23 @@ def test_one_progress_line_per_epoch(tiny_set, tmp_path):
     make_trainer(tiny_set, tmp_path, epochs=2, log=lines.append).fit()
     assert len(lines) == 2 and lines[0].startswith("epoch 1/2: loss ") and "label steps" in lines[0]
     assert "smallest" in lines[1] and "min left" in lines[1]
+
+
+def test_monitor_numbers_join_every_nth_epoch_and_the_last_outside_the_epoch_time(tiny_set, tmp_path):
+    calls, lines = [], []
+
+    def monitor(model):
+        calls.append(1)
+        time.sleep(0.2)
+        return {"knn_top1": 50.0 + len(calls)}
+
+    t = make_trainer(tiny_set, tmp_path, epochs=5, monitor=monitor, monitor_every=2, log=lines.append)
+    t.fit()
+    metrics = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert [m.get("knn_top1") for m in metrics] == [None, 51.0, None, 52.0, 53.0]  # epochs 2, 4 and the last
+    assert all(m["monitor_time_s"] >= 0.2 for m in metrics if "knn_top1" in m)
+    # the plan (time budget) counts the epochs' own times, which leave the monitor out
+    assert t.epoch_times == pytest.approx([m["time_s"] for m in metrics], abs=1e-3)
+    assert "kNN top-1 52.0 %" in lines[3] and "kNN" not in lines[2]
+    with pytest.raises(ValueError, match="monitor_every must be >= 0"):
+        make_trainer(tiny_set, tmp_path, monitor=monitor, monitor_every=-1)

@@ -100,6 +100,11 @@ _TRAIN_FLAGS = {
     "--seed": ("seed", int, "random seed"),
     "--out": ("out", str, "run directory (default runs/sela)"),
     "--workers": ("workers", int, "DataLoader workers for streamed datasets"),
+    "--eval-every": (
+        "eval_every",
+        int,
+        "also give the test split's kNN top-1 and NMI every N epochs (metrics.jsonl, the epoch line; outside the time budget)",
+    ),
 }
 
 
@@ -220,6 +225,7 @@ def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
             "need --heads >= 1 and --clusters >= 2 per head",
         ),
         (cfg.workers >= 0, f"--workers must be >= 0, got {cfg.workers}"),
+        (cfg.eval_every >= 0, f"--eval-every must be >= 0 (0: only at the end), got {cfg.eval_every}"),
         (
             cfg.arch in list_models(),
             f"unknown architecture {cfg.arch!r}; choose one of {', '.join(list_models())}",
@@ -315,8 +321,9 @@ def _with_eval_size(cfg: TrainConfig, train_set) -> TrainConfig:
     return apply_overrides(cfg, {"eval_size": size})
 
 
-def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
-    """The model, the objective and the Trainer that a configuration describes."""
+def _build_trainer(cfg: TrainConfig, train_set, device, out: Path, test_set=None):
+    """The model, the objective and the Trainer that a configuration describes (``test_set``: for
+    ``eval_every``)."""
     import torch
 
     from sela.data import EvalTransform
@@ -350,18 +357,40 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path):
     names = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lam")
     names += ("label_updates", "label_spacing", "label_heads", "label_inputs", "seed", "workers", "progress")
     names += ("sync_bn", "precision", "label_share")
+    eval_transform = EvalTransform(cfg.eval_size or side, mean=train_set.mean, std=train_set.std).to(device)
     return Trainer(
         model,
         train_set,
         objective=objective,
         out_dir=out,
-        eval_transform=EvalTransform(cfg.eval_size or side, mean=train_set.mean, std=train_set.std).to(device),
+        eval_transform=eval_transform,
+        monitor=_knn_monitor(cfg, train_set, test_set, eval_transform, device),
+        monitor_every=cfg.eval_every,
         device=device,
         time_limit_s=None if cfg.time_limit is None else cfg.time_limit * 60,
         metadata=to_dict(cfg),
         log=_say,
         **{name: getattr(cfg, name) for name in names},
     )
+
+
+def _knn_monitor(cfg: TrainConfig, train_set, test_set, transform, device):
+    """``eval_every``'s monitor: the kNN top-1 and the best head's NMI on the test split, as the final
+    evaluation computes them (sela.eval.evaluate without the linear probe); None without labelled test
+    images."""
+    from sela.eval.evaluate import evaluate
+
+    if not cfg.eval_every or test_set is None or test_set.targets is None or not len(test_set):
+        return None
+
+    def monitor(model) -> dict:
+        result = evaluate(
+            model, train_set, test_set, transform=transform, linear=False, device=device,
+            knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature, workers=cfg.workers, progress=False,
+        )  # fmt: skip
+        return {key: result[key] for key in ("knn_top1", "nmi") if key in result}
+
+    return monitor
 
 
 def _batch_augment(a, side: int, scale: list[float] | None, train_set):
@@ -399,7 +428,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     train_set, test_set = _load_train_data(cfg)
     cfg = _with_eval_size(_apply_recipe(args, cfg, train_set, device), train_set)
     _check_train_config(cfg, out, resume=args.resume)
-    trainer = _build_trainer(cfg, train_set, device, out)
+    trainer = _build_trainer(cfg, train_set, device, out, test_set)
     created = not out.exists()
     lock = rundir.RunLock(out).acquire() if dist.is_main() else None
     try:

@@ -130,7 +130,9 @@ class TrainConfig:
     workers: int = component_default(Trainer, "workers")  # DataLoader workers, streamed (large) datasets only
     sync_bn: bool = component_default(Trainer, "sync_bn")
     progress: bool = component_default(Trainer, "progress")
-    # evaluation at the end (when the dataset has ground truth)
+    # evaluation at the end (when the dataset has ground truth); eval_every N > 0 also gives the kNN top-1
+    # and NMI of the test split every N epochs (metrics.jsonl and the epoch line; outside the time budget)
+    eval_every: int = 0
     knn_k: int = KNN_K
     knn_temperature: float = KNN_TEMPERATURE
     augment: AugmentConfig = field(default_factory=AugmentConfig)

@@ -124,6 +124,10 @@ class Trainer:
             bit-reproducible; resuming counts the time already spent.
         metadata: JSON-ready description of the run, stored in every checkpoint (never read here).
         log: called with one line per epoch (and a note when the budget stops the run); None: silent.
+        monitor, monitor_every: ``monitor(model)`` -> a dict of JSON-ready numbers (e.g. the kNN top-1 of
+            :func:`sela.eval.evaluate`), called on rank 0 after every ``monitor_every``-th epoch and after
+            the last; its numbers join that epoch's metrics.jsonl line and log line, with its own time
+            (``monitor_time_s``), which the epoch time, the label share and the time budget leave out.
     """
 
     def __init__(
@@ -156,6 +160,8 @@ class Trainer:
         time_limit_s: float | None = None,
         metadata: dict | None = None,
         log: Callable[[str], None] | None = None,
+        monitor: Callable[[nn.Module], dict] | None = None,
+        monitor_every: int = 0,
     ):
         n = len(train_set)
         _check_settings(n, model, objective, epochs, batch_size, lr, label_heads, label_inputs, time_limit_s)
@@ -186,6 +192,9 @@ class Trainer:
         self._lay_out_label_steps(0)
         self.eval_transform = eval_transform
         self.seed, self.workers, self.metadata, self.log = seed, workers, metadata or {}, log
+        if monitor_every < 0:
+            raise ValueError(f"monitor_every must be >= 0 (0: never), got {monitor_every}")
+        self.monitor, self.monitor_every = monitor, monitor_every
         self._note: str | None = None  # said after the epoch's line (the budget stopped the run)
         self.progress = progress and dist.is_main()
         self.epoch = 0  # epochs completed
@@ -254,6 +263,8 @@ class Trainer:
             self.epoch_times.append(dist.all_reduce_mean(stats["time_s"], self.device))
             if self.time_limit_s and self.epoch < self.epochs:
                 stats = self._replan(stats)
+            if dist.is_main() and self._monitor_due():
+                stats = {**stats, **self._monitored()}
             if dist.is_main():
                 rundir.append_metrics(self.out_dir, stats)
                 self.save_checkpoint()
@@ -264,6 +275,17 @@ class Trainer:
             self._note = None
             history.append(stats)
         return history
+
+    def _monitor_due(self) -> bool:
+        every = self.monitor_every
+        return self.monitor is not None and every > 0 and (self.epoch % every == 0 or self.epoch == self.epochs)
+
+    def _monitored(self) -> dict:
+        """The monitor's numbers for the model as it is now, and the seconds they took."""
+        start = time.perf_counter()
+        result = self.monitor(self.model)
+        self.net.train()
+        return {**result, "monitor_time_s": round(time.perf_counter() - start, 3)}
 
     def _replan(self, stats: dict) -> dict:
         """Fit the run's length to the rest of the time budget (measured label-pass cost included); when
@@ -301,6 +323,7 @@ class Trainer:
             f"epoch {stats['epoch']}/{self.epochs}: loss {stats['loss']:.3f}, {stats['time_s']:.1f} s (label "
             f"steps {stats['label_time_s']:.1f} s, {stats['label_share']:.0%}), clusters: smallest {smallest}, "
             f"{empty} empty; about {left / 60:.1f} min left"
+            + (f"; kNN top-1 {stats['knn_top1']:.1f} %" if "knn_top1" in stats else "")
         )
 
     def train_one_epoch(self, epoch: int) -> dict:
