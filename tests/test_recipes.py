@@ -13,6 +13,26 @@ from sela.recipes import RECIPES, DataFacts, choose, data_facts, settings
 from sela.runs import load_run
 
 
+def two_class_folder(root, n_train: int, n_test: int, image) -> str:
+    """An ImageFolder tree root/{train,test}/{0,1}/i.png of ``image(c, i)`` (a PIL image); returns root."""
+    for split, n in (("train", n_train), ("test", n_test)):
+        for c in range(2):
+            (root / split / str(c)).mkdir(parents=True)
+            for i in range(n // 2):
+                image(c, i).save(root / split / str(c) / f"{i}.png")
+    return str(root)
+
+
+def colour_image(c: int, i: int) -> Image.Image:
+    return Image.new("RGB", (12, 12), (255 * c, 40 * (i % 5), 90))
+
+
+def grey_image(c: int, i: int) -> Image.Image:
+    image = Image.new("L", (16, 16), 30 * (i % 5))
+    image.paste(255, (4 * c, 2, 4 * c + 8, 14))
+    return image
+
+
 def test_the_rule_follows_the_device():
     cpu = DataFacts(side=32, channels=3, grey=False, n=50_000, device="cpu")
     assert choose(cpu)[0] == "cpu-fast" and "CPU, 50000 3-channel images of 32 px" in choose(cpu)[1]
@@ -59,13 +79,9 @@ def test_the_paper_recipe_is_the_published_cifar_setting():
 @pytest.mark.parametrize("recipe", ["paper", "paper-resnet18"])
 def test_the_paper_recipes_run_on_the_cpu(tmp_path, recipe):
     """A smoke run: one short epoch of each paper recipe on 12 px images (AlexNet sees them at 224 px)."""
-    for split, n in (("train", 32), ("test", 8)):
-        for c in range(2):
-            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
-            for i in range(n // 2):
-                Image.new("RGB", (12, 12), (255 * c, 40 * (i % 5), 90)).save(tmp_path / "data" / split / str(c) / f"{i}.png")
+    data = two_class_folder(tmp_path / "data", 32, 8, colour_image)
     out = tmp_path / "run"
-    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out", str(out), "--recipe", recipe]
+    args = ["train", "--dataset", "folder", "--data-dir", data, "--out", str(out), "--recipe", recipe]
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--clusters", "4", "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == recipe and config["eval_size"] == (224 if recipe == "paper" else 12)
@@ -85,14 +101,9 @@ def test_greyscale_is_detected_from_equal_channels():
 
 @pytest.mark.filterwarnings("ignore")
 def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, capsys):
-    for split, n in (("train", 40), ("test", 10)):
-        for c in range(2):
-            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
-            for i in range(n // 2):
-                colour = (255 * c, 40 * (i % 5), 90)
-                Image.new("RGB", (12, 12), colour).save(tmp_path / "data" / split / str(c) / f"{i}.png")
+    data = two_class_folder(tmp_path / "data", 40, 10, colour_image)
     out = tmp_path / "run"
-    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    args = ["train", "--dataset", "folder", "--data-dir", data, "--out", str(out)]
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert "recipe cpu-fast (CPU, 40 3-channel images of 12 px" in said
@@ -106,15 +117,9 @@ def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, 
 def test_greyscale_runs_are_evaluated_at_the_scale_their_views_showed(tmp_path):
     """cpu-fast on 16 px greyscale images: 8 px views of crops 0.5-1, so the label step, the final
     evaluation and a reopened run see whole images at 8 / sqrt(0.5) = 11 px."""
-    for split, n in (("train", 40), ("test", 10)):
-        for c in range(2):
-            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
-            for i in range(n // 2):
-                image = Image.new("L", (16, 16), 30 * (i % 5))
-                image.paste(255, (4 * c, 2, 4 * c + 8, 14))
-                image.save(tmp_path / "data" / split / str(c) / f"{i}.png")
+    data = two_class_folder(tmp_path / "data", 40, 10, grey_image)
     out = tmp_path / "run"
-    args = ["train", "--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--out", str(out)]
+    args = ["train", "--dataset", "folder", "--data-dir", data, "--out", str(out)]
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["crop_size"], config["augment"]["crop_scale"], config["eval_size"]) == (8, [0.5, 1.0], 11)
