@@ -130,7 +130,7 @@ def test_sela_multicrop_small_views_learn_the_images_label(tiny_set, tmp_path):
         torch.nn.functional.cross_entropy(o, t.state.labels[h, idx].repeat(3)) for h, o in enumerate(outputs)
     ) / len(outputs)
     assert torch.allclose(loss, expected, atol=1e-6)
-    assert [r.shape[0] for r in recorded] == [b, b]  # the full view's outputs only
+    assert [r.shape[0] for r in recorded.values()] == [b, b]  # the full view's outputs only
     loss.backward()
     assert t.model.stem[0].weight.grad is not None
 
@@ -188,3 +188,28 @@ def test_sela_soft_targets_are_the_largest_entries_of_the_transport_plan(tiny_se
     assert torch.equal(one.state.weights, torch.ones_like(one.state.weights))
     with pytest.raises(ValueError, match="soft_targets must be >= 0"):
         make_trainer(tiny_set, tmp_path, soft_targets=-1)
+
+
+def test_sela_centroid_prototypes_are_the_clusters_mean_inputs_and_get_no_gradient(tiny_set, tmp_path):
+    """prototypes="centroids" (DeepCluster-v2's): after a label step each prototype is the unit-norm mean
+    of the head inputs of the images it labelled; the loss trains the backbone, never the prototypes."""
+    t = make_trainer(tiny_set, tmp_path, precision="fp32", sela_temperature=0.1, sela_prototypes="centroids")
+    t.update_labels()
+    with torch.no_grad():
+        _, z = t.model.eval()(t.eval_transform(tiny_set.images), embeddings=True)  # (N, P), unit rows
+    for h, head in enumerate(t.model.heads):
+        labels = t.state.labels[h]
+        for k in labels.unique().tolist():
+            centre = torch.nn.functional.normalize(z[labels == k].mean(0), dim=0)
+            assert torch.allclose(head.weight[k], centre, atol=1e-5)
+    before = [head.weight.clone() for head in t.model.heads]
+    loss, recorded = t.objective.loss(
+        t.net.train(), tiny_set.images[:8], torch.arange(8), t.state, generator=torch.Generator(), autocast=t.autocast
+    )
+    loss.backward()
+    assert all(head.weight.grad is None for head in t.model.heads) and t.model.stem[0].weight.grad is not None
+    assert recorded["z"].shape == (8, t.model.head_dim) and recorded[0].shape == (8, 6)
+    t.optimizer.step()
+    assert all(torch.equal(b, head.weight) for b, head in zip(before, t.model.heads, strict=True))
+    with pytest.raises(ValueError, match="centroid prototypes need cosine heads"):
+        make_trainer(tiny_set, tmp_path, sela_prototypes="centroids")

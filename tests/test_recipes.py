@@ -138,4 +138,4 @@ def test_sela_objective_options_are_recorded_in_config_json(tmp_path):
     assert main([*args, "--set", "sela_temperature=0.2", "--label-inputs", "recorded", "--set", "soft_targets=2"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert (config["objective"], config["small_crops"], config["sela_temperature"]) == ("sela", 1, 0.2)
-    assert config["soft_targets"] == 2
+    assert config["soft_targets"] == 2 and config["sela_prototypes"] == "learned"

@@ -350,7 +350,7 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path, test_set=None
             raise UsageError("swap_queue needs the swapped objective: add --objective swapped or drop it")
         objective = SelaObjective(
             augment, temperature=cfg.sela_temperature, small_crops=cfg.small_crops, small_augment=small,
-            soft_targets=cfg.soft_targets,
+            soft_targets=cfg.soft_targets, prototypes=cfg.sela_prototypes,
         )  # fmt: skip
     else:
         raise UsageError(f"--objective must be sela or swapped, got {cfg.objective!r}")

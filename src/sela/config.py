@@ -93,6 +93,9 @@ class TrainConfig:
     # sela objective: 0 for the paper's hard labels; k > 0: train on each image's k largest entries of
     # the label step's transport plan, renormalised (soft codes, as SwAV's)
     soft_targets: int = component_default(SelaObjective, "soft_targets")
+    # sela objective with cosine heads: "learned" prototypes, or "centroids": set to the mean head input of
+    # each cluster after every label step and frozen between them (DeepCluster-v2's prototypes)
+    sela_prototypes: str = component_default(SelaObjective, "prototypes")
     swap_temperature: float = component_default(SwappedObjective, "temperature")
     swap_epsilon: float = component_default(SwappedObjective, "epsilon")
     # swapped: head inputs of this many recent full views (per process) join each batch's Sinkhorn
@@ -182,6 +185,7 @@ MUST_MATCH = (
     "objective",
     "small_crops",
     "soft_targets",
+    "sela_prototypes",
     "crop_size",
     "eval_size",
     "time_limit",

@@ -117,6 +117,13 @@ def all_reduce_max(value: float, device: torch.device) -> float:
     return float(t)
 
 
+def all_reduce_sum_(t: Tensor) -> Tensor:
+    """Sum ``t`` over ranks, in place (unchanged in a single process); returns it."""
+    if world_size() > 1:
+        dist.all_reduce(t)
+    return t
+
+
 @torch.no_grad()
 def average_buffers(module: nn.Module) -> None:
     """Replace every floating-point buffer (BatchNorm running mean and variance) by its mean over ranks.

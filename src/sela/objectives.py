@@ -19,11 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sela import distributed as dist
 from sela.data import BatchAugment
 from sela.labeller import LabelState
 from sela.sinkhorn import soft_codes
 
 OBJECTIVES = ("sela", "swapped")
+PROTOTYPES = ("learned", "centroids")
 
 
 def make_views(augment: BatchAugment, images: Tensor, generator: torch.Generator) -> Tensor:
@@ -49,6 +51,7 @@ class Objective:
     empty_advice = ""
     logit_scale = 1.0  # the label step solves on logits x this (cosine heads: 1 / temperature)
     soft_targets = 0  # label steps keep this many soft codes per image (sela.labeller.LabelState's soft)
+    needs_embeddings = False  # recorded outputs include the heads' inputs (key "z"), for after_labels
 
     def prepare(self, model: nn.Module) -> None:
         """Adapt the model before training (called once, before it moves to its device)."""
@@ -67,12 +70,17 @@ class Objective:
         autocast: contextlib.AbstractContextManager,
     ) -> tuple[Tensor, list[Tensor] | None]:
         """The loss of a uint8 batch ``images`` (b, C, H, W) of rows ``idx`` (b,), averaged over heads
-        (a scalar with its graph), and the H (b, K_h) head outputs that a recorded label step may keep
-        (None when the objective has none)."""
+        (a scalar with its graph), and what a recorded label step may keep (None when the objective has
+        none): {head: (b, K_h) outputs}, with ``"z"``: (b, P) the heads' inputs when
+        ``needs_embeddings``."""
         raise NotImplementedError
 
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step."""
+
+    def after_labels(self, model: nn.Module, head: int, z: Tensor, labels: Tensor) -> None:
+        """Called after a label step re-assigned ``head``, with this rank's rows: the heads' inputs ``z``
+        (n_r, P) that the step scored and their new labels (n_r,)."""
 
 
 class SelaObjective(Objective):
@@ -90,6 +98,11 @@ class SelaObjective(Objective):
             outputs use the full view only. Each costs about (s / S)^2 of a full view.
         soft_targets: 0 for the paper's hard labels (argmax of the transport plan Q); k > 0: each view
             learns its image's k largest entries of Q, renormalised (soft codes, as SwAV's).
+        prototypes: ``learned`` (the heads' weights train by gradient) or ``centroids`` (cosine heads
+            only): after every label step each prototype is set to the unit-norm mean of the head inputs
+            of the images it labelled, and the prototypes get no gradient, as DeepCluster-v2 in the
+            SwAV authors' code (``main_deepclusterv2.py``) sets and freezes its prototypes; the loss then
+            pulls each view towards its cluster's current centre.
     """
 
     name = "sela"
@@ -106,9 +119,14 @@ class SelaObjective(Objective):
         small_crops: int = 0,
         small_augment: BatchAugment | None = None,
         soft_targets: int = 0,
+        prototypes: str = "learned",
     ):
         if soft_targets < 0:
             raise ValueError(f"soft_targets must be >= 0 (0: hard labels), got {soft_targets}")
+        if prototypes not in PROTOTYPES:
+            raise ValueError(f"prototypes must be one of {', '.join(PROTOTYPES)}, got {prototypes!r}")
+        if prototypes == "centroids" and temperature is None:
+            raise ValueError("centroid prototypes need cosine heads: set a temperature (sela_temperature)")
         if temperature is not None and not temperature > 0:
             raise ValueError(f"the sela objective's temperature must be > 0 (or unset), got {temperature}")
         if small_crops < 0 or (small_crops and small_augment is None):
@@ -116,15 +134,23 @@ class SelaObjective(Objective):
         self.augment, self.temperature = augment, temperature
         self.small_crops, self.small_augment = small_crops, small_augment
         self.logit_scale = 1.0 if temperature is None else 1.0 / temperature
-        self.soft_targets = soft_targets
+        self.soft_targets, self.prototypes = soft_targets, prototypes
+        self.needs_embeddings = prototypes == "centroids"
 
     def prepare(self, model: nn.Module) -> None:
         if self.temperature is not None:
             _cosine_heads(model)
+        if self.prototypes == "centroids":
+            for head in model.heads:
+                head.weight.requires_grad_(False)
 
     def after_step(self, model: nn.Module) -> None:
-        if self.temperature is not None:
+        if self.temperature is not None and self.prototypes == "learned":
             normalize_prototypes(model)
+
+    def after_labels(self, model: nn.Module, head: int, z: Tensor, labels: Tensor) -> None:
+        if self.prototypes == "centroids":
+            set_centroids(model.heads[head], z, labels)
 
     def loss(self, net, images, idx, labels, *, generator, autocast):
         b, m = len(idx), self.small_crops
@@ -133,12 +159,17 @@ class SelaObjective(Objective):
             small = torch.cat([make_views(self.small_augment, images, generator) for _ in range(m)])
             views = [views, small]
         with autocast:
-            outputs = net(views)  # H x ((1 + m) b, K_h)
+            outputs = net(views, embeddings=self.needs_embeddings)  # H x ((1 + m) b, K_h)
+            if self.needs_embeddings:
+                outputs, z = outputs  # and ((1 + m) b, P), the heads' unit-norm inputs
             logits = [
                 o.float() if self.temperature is None else o.float() * self.logit_scale for o in outputs
             ]
             loss = sum(_label_loss(o, labels, h, idx, 1 + m) for h, o in enumerate(logits)) / len(outputs)
-        return loss, [o[:b].detach() for o in logits]
+        recorded: dict = {h: o[:b].detach() for h, o in enumerate(logits)}
+        if self.needs_embeddings:
+            recorded["z"] = z[:b].detach()
+        return loss, recorded
 
 
 def _label_loss(logits: Tensor, labels: LabelState, head: int, idx: Tensor, repeats: int) -> Tensor:
@@ -269,6 +300,17 @@ def _cosine_heads(model: nn.Module) -> None:
         head.bias.data.zero_()
         head.bias.requires_grad_(False)
     normalize_prototypes(model)
+
+
+@torch.no_grad()
+def set_centroids(head: nn.Linear, z: Tensor, labels: Tensor) -> None:
+    """Set ``head``'s prototypes (K, P) to the unit-norm means of the rows of ``z`` (n_r, P) in each cluster
+    (``labels`` (n_r,)), summed over ranks; a cluster that holds no row keeps its prototype."""
+    sums = torch.zeros(head.weight.shape, device=z.device)  # (K, P)
+    sums.index_add_(0, labels.to(z.device), z.float())
+    dist.all_reduce_sum_(sums)
+    filled = sums.norm(dim=1) > 0
+    head.weight[filled] = F.normalize(sums[filled], dim=1).to(head.weight.device, head.weight.dtype)
 
 
 @torch.no_grad()

@@ -465,6 +465,7 @@ class Trainer:
             if self.objective.logit_scale != 1.0:
                 logits.mul_(self.objective.logit_scale)
             self.state.relabel(h, logits, rows)
+            self.objective.after_labels(self.model, h, feats, self.state.labels[h, rows])
             in_place = self.state.solves_in_place(head.out_features)
             solver_copy = max(
                 solver_copy, 0 if in_place else logits.numel() * 4
@@ -475,7 +476,7 @@ class Trainer:
         return time.perf_counter() - start
 
     @torch.no_grad()
-    def _labels_from_records(self, rows: Tensor, record: dict[int, Tensor]) -> float:
+    def _labels_from_records(self, rows: Tensor, record: dict[int | str, Tensor]) -> float:
         """Re-assign labels from the head outputs recorded during the epoch (augmented views, train mode,
         each from the network as it was at that image's step); returns seconds taken.
 
@@ -483,10 +484,13 @@ class Trainer:
         batch keep their labels.
         """
         start = time.perf_counter()
-        for h, logits in record.items():
-            if not bool(torch.isfinite(logits).all()):
+        heads = [h for h in record if h != "z"]
+        for h in heads:
+            if not bool(torch.isfinite(record[h]).all()):
                 raise self._diverged_outputs()
-            self.state.relabel(h, logits, rows)
+            self.state.relabel(h, record[h], rows)
+            if "z" in record:
+                self.objective.after_labels(self.model, h, record["z"], self.state.labels[h, rows])
         self.state.n_updates += 1
         self._note_label_memory(sum(buf.numel() * buf.element_size() for buf in record.values()), None)
         return time.perf_counter() - start
@@ -504,19 +508,23 @@ class Trainer:
             return list(range(len(self.model.n_clusters)))
         return [n_done % len(self.model.n_clusters)]
 
-    def _recorder(self, epoch: int, n_rows: int) -> dict[int, Tensor]:
+    def _recorder(self, epoch: int, n_rows: int) -> dict[int | str, Tensor]:
         """Buffers {head: (n_r, K_h) float32} for the outputs of this epoch's training pass, when a
-        recorded-output label step ends the epoch; {} otherwise. Memory: n_r x sum(K_h) x 4 bytes."""
+        recorded-output label step ends the epoch, with "z": (n_r, P) for the heads' inputs when the
+        objective needs them; {} otherwise. Memory: n_r x (sum(K_h) [+ P]) x 4 bytes."""
         if epoch + 1 not in self.label_epochs:
             return {}
         first = epoch * self.steps_per_epoch
         n_done = self.state.n_updates + sum(
             first <= s < first + self.steps_per_epoch for s in self.label_steps
         )
-        return {
+        record: dict[int | str, Tensor] = {
             h: torch.empty(n_rows, self.model.n_clusters[h], device=self.device)
             for h in self._scheduled_heads(n_done)
         }
+        if self.objective.needs_embeddings:
+            record["z"] = torch.empty(n_rows, self.model.head_dim, device=self.device)
+        return record
 
     def _calibrate_batchnorm(self, rows: Tensor) -> None:
         """Set BatchNorm running statistics from the data before the first, eval-mode label step.
