@@ -88,7 +88,7 @@ def test_the_paper_recipes_run_on_the_cpu(tmp_path, recipe):
     summary = json.loads((out / "summary.json").read_text())
     assert math.isfinite(summary["knn_top1"]) and summary["label_updates"] >= 1
     sela = settings("cpu-sela", DataFacts(32, 3, False, 50_000, "cpu"))
-    assert (sela["objective"], sela["label_inputs"], sela["small_crops"]) == ("sela", "recorded", 2)
+    assert (sela["objective"], sela["label_inputs"], sela["small_crops"], sela["lam"]) == ("sela", "recorded", 0, 5.0)
 
 
 def test_greyscale_is_detected_from_equal_channels():
