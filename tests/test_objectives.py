@@ -161,7 +161,9 @@ def test_sela_soft_targets_are_the_largest_entries_of_the_transport_plan(tiny_se
     t = make_trainer(tiny_set, tmp_path, precision="fp32", soft_targets=3)
     t.update_labels()
     codes, weights = t.state.codes, t.state.weights  # (H, N, 3)
-    assert codes.shape == (2, len(tiny_set), 3) and torch.allclose(weights.sum(2), torch.ones(2, len(tiny_set)))
+    assert codes.shape == (2, len(tiny_set), 3) and torch.allclose(
+        weights.sum(2), torch.ones(2, len(tiny_set))
+    )
     assert (weights[..., :-1] >= weights[..., 1:]).all()  # largest first
     with torch.no_grad():
         logits = t.model.eval()(t.eval_transform(tiny_set.images))
@@ -175,7 +177,9 @@ def test_sela_soft_targets_are_the_largest_entries_of_the_transport_plan(tiny_se
         assert (codes[h, :, 0].long() == hard).float().mean() > 0.95  # the argmax, but for repaired rows
     b, gen = 8, torch.Generator().manual_seed(0)
     idx = torch.arange(b)
-    loss, _ = t.objective.loss(t.net.train(), tiny_set.images[:b], idx, t.state, generator=gen, autocast=t.autocast)
+    loss, _ = t.objective.loss(
+        t.net.train(), tiny_set.images[:b], idx, t.state, generator=gen, autocast=t.autocast
+    )
     gen = torch.Generator().manual_seed(0)
     outputs = t.net(t.objective.augment(tiny_set.images[:b], generator=gen))
     expected = sum(
@@ -204,7 +208,12 @@ def test_sela_centroid_prototypes_are_the_clusters_mean_inputs_and_get_no_gradie
             assert torch.allclose(head.weight[k], centre, atol=1e-5)
     before = [head.weight.clone() for head in t.model.heads]
     loss, recorded = t.objective.loss(
-        t.net.train(), tiny_set.images[:8], torch.arange(8), t.state, generator=torch.Generator(), autocast=t.autocast
+        t.net.train(),
+        tiny_set.images[:8],
+        torch.arange(8),
+        t.state,
+        generator=torch.Generator(),
+        autocast=t.autocast,
     )
     loss.backward()
     assert all(head.weight.grad is None for head in t.model.heads) and t.model.stem[0].weight.grad is not None

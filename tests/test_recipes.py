@@ -88,7 +88,12 @@ def test_the_paper_recipes_run_on_the_cpu(tmp_path, recipe):
     summary = json.loads((out / "summary.json").read_text())
     assert math.isfinite(summary["knn_top1"]) and summary["label_updates"] >= 1
     sela = settings("cpu-sela", DataFacts(32, 3, False, 50_000, "cpu"))
-    assert (sela["objective"], sela["label_inputs"], sela["small_crops"], sela["lam"]) == ("sela", "recorded", 0, 5.0)
+    assert (sela["objective"], sela["label_inputs"], sela["small_crops"], sela["lam"]) == (
+        "sela",
+        "recorded",
+        0,
+        5.0,
+    )
 
 
 def test_greyscale_is_detected_from_equal_channels():
@@ -135,7 +140,12 @@ def test_greyscale_runs_are_evaluated_at_the_scale_their_views_showed(tmp_path):
 def test_sela_objective_options_are_recorded_in_config_json(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--out", str(out), "--epochs", "1", "--no-progress", "--small-crops", "1"]
-    assert main([*args, "--set", "sela_temperature=0.2", "--label-inputs", "recorded", "--set", "soft_targets=2"]) == 0
+    assert (
+        main(
+            [*args, "--set", "sela_temperature=0.2", "--label-inputs", "recorded", "--set", "soft_targets=2"]
+        )
+        == 0
+    )
     config = json.loads((out / "config.json").read_text())
     assert (config["objective"], config["small_crops"], config["sela_temperature"]) == ("sela", 1, 0.2)
     assert config["soft_targets"] == 2 and config["sela_prototypes"] == "learned"

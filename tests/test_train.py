@@ -21,7 +21,9 @@ def make_objective(imageset, objective="sela", **swap):
     augment = BatchAugment(8, crop_scale=(0.6, 1.0), flip_p=0.0, mean=imageset.mean, std=imageset.std)
     if objective == "sela":
         prototypes = swap.pop("sela_prototypes", "learned")
-        return SelaObjective(augment, temperature=swap.pop("sela_temperature", None), prototypes=prototypes, **swap)
+        return SelaObjective(
+            augment, temperature=swap.pop("sela_temperature", None), prototypes=prototypes, **swap
+        )
     return SwappedObjective(augment, **{SWAP_KEYS.get(k, k): v for k, v in swap.items()})
 
 
@@ -122,10 +124,22 @@ def test_resume_is_exact(tiny_set, tmp_path, settings):
 
 @pytest.mark.parametrize(
     "settings",
-    [{"sela_temperature": 0.1}, {"small_crops": 2}, {**RECORDED, "sela_temperature": 0.1, "small_crops": 1},
-     {"soft_targets": 3}, {**RECORDED, "sela_temperature": 0.1, "soft_targets": 2},
-     {**RECORDED, "sela_temperature": 0.1, "sela_prototypes": "centroids"}],
-    ids=["cosine", "multicrop", "recorded-cosine-multicrop", "soft", "recorded-cosine-soft", "recorded-centroids"],
+    [
+        {"sela_temperature": 0.1},
+        {"small_crops": 2},
+        {**RECORDED, "sela_temperature": 0.1, "small_crops": 1},
+        {"soft_targets": 3},
+        {**RECORDED, "sela_temperature": 0.1, "soft_targets": 2},
+        {**RECORDED, "sela_temperature": 0.1, "sela_prototypes": "centroids"},
+    ],
+    ids=[
+        "cosine",
+        "multicrop",
+        "recorded-cosine-multicrop",
+        "soft",
+        "recorded-cosine-soft",
+        "recorded-centroids",
+    ],
 )
 def test_sela_objective_options_resume_exactly(tiny_set, tmp_path, settings):
     if "small_crops" in settings:
@@ -244,7 +258,9 @@ def test_forward_passes_run_in_the_chosen_precision(tiny_set, tmp_path, monkeypa
     assert t.precision == precision
     dtypes = []
     forward = t.net.forward
-    monkeypatch.setattr(t.net, "forward", lambda x, **kw: dtypes.append((out := forward(x, **kw))[0].dtype) or out)
+    monkeypatch.setattr(
+        t.net, "forward", lambda x, **kw: dtypes.append((out := forward(x, **kw))[0].dtype) or out
+    )
     t.fit()
     expected = torch.bfloat16 if precision == "bf16" else torch.float32
     assert dtypes and set(dtypes) == {expected}

@@ -340,7 +340,9 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path, test_set=None
     small = _batch_augment(cfg.augment, small_side, cfg.augment.small_crop_scale, train_set).to(device)
     if cfg.objective == "swapped":
         if cfg.soft_targets:
-            raise UsageError("soft_targets is an option of --objective sela (the swapped objective's codes are soft)")
+            raise UsageError(
+                "soft_targets is an option of --objective sela (the swapped objective's codes are soft)"
+            )
         objective = SwappedObjective(
             augment, temperature=cfg.swap_temperature, epsilon=cfg.swap_epsilon, queue=cfg.swap_queue,
             small_crops=cfg.small_crops, small_augment=small,

@@ -278,7 +278,9 @@ class Trainer:
 
     def _monitor_due(self) -> bool:
         every = self.monitor_every
-        return self.monitor is not None and every > 0 and (self.epoch % every == 0 or self.epoch == self.epochs)
+        return (
+            self.monitor is not None and every > 0 and (self.epoch % every == 0 or self.epoch == self.epochs)
+        )
 
     def _monitored(self) -> dict:
         """The monitor's numbers for the model as it is now, and the seconds they took."""
