@@ -131,6 +131,9 @@ def test_greyscale_runs_are_evaluated_at_the_scale_their_views_showed(tmp_path):
     run = load_run(out)
     assert run.image_size == 11 and run.transform.out_size == 11 and run.train_set.side() == 16
     assert load_run(out, image_size=16).transform.out_size == 16  # asked for: that size
+    resume = [*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress", "--resume"]
+    assert main(resume) == 0  # the recorded size is resolved again before the resume check
+    assert main([*resume, "--eval-size", "12"]) == 2  # another size is a different run
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress",
                  "--eval-size", "16", "--out", str(tmp_path / "run16")]) == 0  # fmt: skip
     assert json.loads((tmp_path / "run16" / "config.json").read_text())["eval_size"] == 16

@@ -203,8 +203,9 @@ def _device(name: str):
     return torch.device(name)
 
 
-def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
-    """Everything that can be checked before data is read or the run directory exists."""
+def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool, settled: bool = True) -> None:
+    """Everything that can be checked before data is read or the run directory exists; with ``settled``
+    (the recipe and the data-dependent settings applied), also that a resumed run's settings match."""
     from sela import rundir
     from sela.config import compare_configs
     from sela.models import list_models
@@ -254,7 +255,7 @@ def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool) -> None:
         raise UsageError(f"--resume: no {rundir.CHECKPOINT} in {out}; point --out at an existing run")
     if not resume and has_run:
         raise UsageError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-    if resume:
+    if resume and settled:
         mismatched = compare_configs(rundir.read_json(out / rundir.CONFIG), to_dict(cfg))
         if mismatched:
             raise UsageError(
@@ -426,7 +427,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolve_train_config(args)
     device = _init_device(cfg.device)
     out = Path(cfg.out)
-    _check_train_config(cfg, out, resume=args.resume)
+    _check_train_config(cfg, out, resume=args.resume, settled=False)  # before reading the data
     train_set, test_set = _load_train_data(cfg)
     cfg = _with_eval_size(_apply_recipe(args, cfg, train_set, device), train_set)
     _check_train_config(cfg, out, resume=args.resume)
