@@ -43,7 +43,7 @@ _TRAIN_FLAGS = {
     "--recipe": (
         "recipe",
         str,
-        "auto (default: chosen from the images and the device), cpu-fast, gpu-fast, paper or none (plain defaults)",
+        "auto (default: chosen from the images and the device), cpu-fast, cpu-sela, gpu-fast, gpu-sela, paper, paper-resnet18 or none (plain defaults)",
     ),
     "--arch": ("arch", str, "network: see `sela models` (default convnet)"),
     "--epochs": ("epochs", int, "training epochs (with --time-limit: the first plan)"),
