@@ -112,6 +112,7 @@ def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, 
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert "recipe cpu-fast (CPU, 40 3-channel images of 12 px" in said
+    assert "heads=1 (recipe: 5)" in said and "batch_size=16 (recipe: 256)" in said and "lr=0.25," in said
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == "cpu-fast" and config["objective"] == "swapped" and config["crop_size"] == 8
     assert config["batch_size"] == 16 and config["heads"] == 1  # flags win over the recipe

@@ -306,9 +306,21 @@ def _apply_recipe(args: argparse.Namespace, cfg: TrainConfig, train_set, device)
     except ValueError as e:
         raise UsageError(str(e)) from None
     cfg = apply_overrides(resolve_train_config(args, chosen), {"recipe": name})
-    shown = ", ".join(f"{k.removeprefix('augment.')}={v}" for k, v in chosen.items())
-    _say(f"recipe {name} ({why}; --recipe NAME to choose): {shown}")
+    _say(f"recipe {name} ({why}; --recipe NAME to choose): {_recipe_shown(cfg, chosen)}")
     return cfg
+
+
+def _recipe_shown(cfg: TrainConfig, chosen: dict) -> str:
+    """The recipe's settings as the run uses them; a flag, TOML or --set value that replaced one is shown
+    with the recipe's value after it, e.g. ``heads=1 (recipe: 5)``."""
+    used = to_dict(cfg)
+    shown = []
+    for key, value in chosen.items():
+        section, _, name = key.rpartition(".")
+        actual = used[section][name] if section else used[key]
+        same = list(actual) == list(value) if isinstance(value, (list, tuple)) else actual == value
+        shown.append(f"{name}={actual}" + ("" if same else f" (recipe: {value})"))
+    return ", ".join(shown)
 
 
 def _with_eval_size(cfg: TrainConfig, train_set) -> TrainConfig:
