@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -5,7 +7,7 @@ from sklearn.datasets import make_blobs
 from sklearn.exceptions import NotFittedError
 from sklearn.metrics import adjusted_rand_score
 
-from sela.labeller import SelfLabeller
+from sela.labeller import LabelState, SelfLabeller
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,3 +136,15 @@ def test_tiny_input():
     labels = SelfLabeller(2, epochs=5, n_label_updates=2).fit_predict(x)
     assert sorted(np.bincount(labels)) == [2, 2]
     assert labels[0] == labels[1] != labels[2] == labels[3]
+
+
+def test_unbalanced_labels_warn_only_after_the_first_label_step():
+    """Equal logits (an untrained network): the solve converges but every argmax is cluster 0. The first
+    label step is expected to see that and stays quiet; a later one warns."""
+    state = LabelState(1, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert state.relabel(0, torch.zeros(200, 4)).imbalance > 3.5  # nearly all in one of 4
+    state.n_updates = 1
+    with pytest.warns(UserWarning, match="label step 2, head 0: the largest cluster holds 3.9x"):
+        state.relabel(0, torch.zeros(200, 4))

@@ -106,7 +106,9 @@ class LabelState:
         # an entry of the scaling can underflow to 0 on extreme logits: then solve cold next time
         ok = bool(torch.isfinite(result.scaling).all() and (result.scaling > 0).all())
         self.scalings[head] = result.scaling if ok else None
-        if result.converged and result.imbalance > _IMBALANCE_WARN and dist.is_main():
+        # the first step labels from an untrained network, whose near-equal logits are expected to leave
+        # an unbalanced argmax (cpu-sela: the largest cluster at 2-3x its share); warn when it persists
+        if self.n_updates and result.converged and result.imbalance > _IMBALANCE_WARN and dist.is_main():
             warnings.warn(
                 f"label step {self.n_updates + 1}, head {head}: the largest cluster holds {result.imbalance:.1f}x "
                 "its equal share although the solve converged: the logits barely differ between images (a "
