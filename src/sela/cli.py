@@ -19,6 +19,7 @@ import sela
 from sela.config import TrainConfig, apply_overrides, component_default, load_toml, to_dict, train_defaults
 from sela.eval.knn import KNN_K, KNN_TEMPERATURE
 from sela.labeller import SelfLabeller
+from sela.recipes import RECIPES
 from sela.sinkhorn import DEFAULT_LAM
 
 DEFAULT_IMAGE_SIZE = {"digits": 16}  # px the embedded digits (8 px) are upsampled to
@@ -43,7 +44,7 @@ _TRAIN_FLAGS = {
     "--recipe": (
         "recipe",
         str,
-        "auto (default: chosen from the images and the device), cpu-fast, cpu-sela, gpu-fast, gpu-sela, paper, paper-resnet18 or none (plain defaults)",
+        f"auto (default: chosen from the images and the device), {', '.join(RECIPES)} or none (plain defaults)",
     ),
     "--arch": ("arch", str, "network: see `sela models` (default convnet)"),
     "--epochs": ("epochs", int, "training epochs (with --time-limit: the first plan)"),
