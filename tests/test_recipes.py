@@ -92,7 +92,7 @@ def test_the_paper_recipes_run_on_the_cpu(tmp_path, recipe):
         "sela",
         "recorded",
         0,
-        5.0,
+        10.0,
     )
 
 
