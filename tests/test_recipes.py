@@ -94,6 +94,10 @@ def test_the_paper_recipes_run_on_the_cpu(tmp_path, recipe):
         0,
         10.0,
     )
+    # harder crops for the offline objective on colour images only; the swapped recipe keeps the default
+    assert sela["augment.crop_scale"] == [0.08, 1.0]
+    assert "augment.crop_scale" not in settings("cpu-fast", DataFacts(32, 3, False, 50_000, "cpu"))
+    assert settings("cpu-sela", DataFacts(28, 1, True, 50_000, "cpu"))["augment.crop_scale"] == [0.5, 1.0]
 
 
 def test_greyscale_is_detected_from_equal_channels():

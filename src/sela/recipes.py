@@ -80,7 +80,7 @@ def settings(name: str, facts: DataFacts) -> dict[str, Any]:
     if name.endswith("-sela"):
         out.update(_sela_v2())
     out["clusters"] = [min(out["clusters"][0], max(10, facts.n // 20))]
-    out.update(_augment(facts))
+    out.update(_augment(facts, sela=name.endswith("-sela")))
     return out
 
 
@@ -138,7 +138,10 @@ def _gpu_fast(facts: DataFacts) -> dict[str, Any]:
     }
 
 
-def _augment(facts: DataFacts) -> dict[str, Any]:
+def _augment(facts: DataFacts, sela: bool = False) -> dict[str, Any]:
+    """The augmentation of the fast recipes; ``sela``: crops of 0.08-1 of the area on colour images (the
+    offline objective learns each image's label from one view per epoch and gained from harder views:
+    docs/experiments.md, crop scale rows of issue 21)."""
     if facts.grey:  # no colour to be invariant to; flips and small crops change a shape's meaning
         return {
             "augment.jitter": [0.4, 0.4, 0.0, 0.0],
@@ -147,7 +150,10 @@ def _augment(facts: DataFacts) -> dict[str, Any]:
             "augment.flip_p": 0.0,
             "augment.crop_scale": [0.5, 1.0],
         }
-    return {"augment.jitter": [0.4, 0.4, 0.4, 0.1], "augment.jitter_p": 0.8}  # SimCLR's colour jitter
+    out: dict[str, Any] = {"augment.jitter": [0.4, 0.4, 0.4, 0.1], "augment.jitter_p": 0.8}  # SimCLR's
+    if sela:
+        out["augment.crop_scale"] = [0.08, 1.0]
+    return out
 
 
 def _paper(resnet: bool) -> dict[str, Any]:
