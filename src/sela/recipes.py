@@ -11,7 +11,7 @@ Recipes:
               convnet whose blocks pool down to a 4x4 map (measured: docs/experiments.md).
     cpu-sela  cpu-fast with the paper's offline objective and the SeLa-v2 improvements that measured well:
               label steps every epoch from the training pass's own outputs (no extra pass), cosine heads
-              with a temperature, lambda 10 (:func:`_sela_v2`).
+              with a temperature, lambda 10 (:func:`_sela_v2`), crops of 0.08-1 of the area on colour images.
     gpu-fast  a time budget on one GPU: ResNet-18, the swapped objective, multi-crop (not yet measured).
     gpu-sela  gpu-fast with cpu-sela's offline objective and options (not yet measured).
     paper     the paper's CIFAR-10 protocol as the original code publishes it: AlexNet with BatchNorm on
