@@ -150,7 +150,8 @@ def _augment(facts: DataFacts, sela: bool = False) -> dict[str, Any]:
             "augment.flip_p": 0.0,
             "augment.crop_scale": [0.5, 1.0],
         }
-    out: dict[str, Any] = {"augment.jitter": [0.4, 0.4, 0.4, 0.1], "augment.jitter_p": 0.8}  # SimCLR's
+    # SimCLR's colour jitter
+    out: dict[str, Any] = {"augment.jitter": [0.4, 0.4, 0.4, 0.1], "augment.jitter_p": 0.8}
     if sela:
         out["augment.crop_scale"] = [0.08, 1.0]
     return out
