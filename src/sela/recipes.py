@@ -77,10 +77,11 @@ def settings(name: str, facts: DataFacts) -> dict[str, Any]:
     if name.startswith("paper"):
         return _paper(resnet=name == "paper-resnet18")
     out = _gpu_fast(facts) if name.startswith("gpu") else _cpu_fast(facts)
-    if name.endswith("-sela"):
+    sela = name.endswith("-sela")
+    if sela:
         out.update(_sela_v2())
     out["clusters"] = [min(out["clusters"][0], max(10, facts.n // 20))]
-    out.update(_augment(facts, sela=name.endswith("-sela")))
+    out.update(_augment(facts, sela))
     return out
 
 
@@ -138,7 +139,7 @@ def _gpu_fast(facts: DataFacts) -> dict[str, Any]:
     }
 
 
-def _augment(facts: DataFacts, sela: bool = False) -> dict[str, Any]:
+def _augment(facts: DataFacts, sela: bool) -> dict[str, Any]:
     """The augmentation of the fast recipes; ``sela``: crops of 0.08-1 of the area on colour images (the
     offline objective learns each image's label from one view per epoch and gained from harder views:
     docs/experiments.md, crop scale rows of issue 21)."""
