@@ -18,6 +18,7 @@ RANKS = {
     "sela.sinkhorn": 0,
     "sela.models": 0,
     "sela.data": 0,
+    "sela.data.registry": 0,
     "sela.distributed": 0,
     "sela.plots": 0,
     "sela.eval": 1,

@@ -1,9 +1,13 @@
-"""``load_dataset(name, ...)``: every dataset sela knows, as an ``ImageSet``.
+"""``load_dataset(name, ...)``: every dataset sela knows, as an ``ImageSet``, through the registry.
+
+Each dataset below is registered once (``sela.data.registry``: its splits, statistics, default size);
+``load_dataset`` validates the arguments and calls the registered loader.
 
   * ``digits``: scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), bundled with
     scikit-learn, no download. Split 80/20, stratified by class with a fixed seed (1,437 train /
     360 test). Pixel values 0..16 are scaled to 0..255 and the grey image is repeated over 3
-    channels (C = 3) so every model and augmentation works unchanged. 8 px.
+    channels (C = 3) so every model and augmentation works unchanged. 8 px (registered default
+    size 16 px: ``sela train`` and the inspection commands upsample it).
   * ``cifar10``, ``cifar100`` (32 px), ``svhn`` (32 px; split ``extra`` too), ``stl10`` (96 px;
     splits ``train``, ``test``, ``unlabeled``, ``train+unlabeled``): read from the original
     files under ``root`` (default ``$SELA_DATA/<name>`` or ``./data/<name>``), downloaded from
@@ -27,6 +31,7 @@ from torch import Tensor
 from sela.data.errors import DatasetNotFoundError
 from sela.data.folder import load_folder
 from sela.data.imageset import ImageSet, channel_stats
+from sela.data.registry import DatasetInfo, dataset_info, register_dataset
 
 DIGITS_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
@@ -209,28 +214,79 @@ def _digits(split: str) -> ImageSet:
     )
 
 
+# ------------------------------------------------------------------------------------------- registry
+# every built-in dataset, in the order list_datasets() gives them; stats are the train splits', in [0, 1]
+
+
+@register_dataset("digits", splits=("train", "test"), default_image_size=16)  # 8 px upsampled to 16
+def _digits_set(root: str, split: str, download: bool) -> ImageSet:
+    return _digits(split)  # bundled with scikit-learn: no files, no download
+
+
+@register_dataset(
+    "cifar10",
+    splits=("train", "test"),
+    stats=((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    downloads=True,
+)
+def _cifar10(root: str, split: str, download: bool) -> ImageSet:
+    return _with_stats("cifar10", *_cifar("cifar10", root, split, download))
+
+
+@register_dataset(
+    "cifar100",
+    splits=("train", "test"),
+    stats=((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    downloads=True,
+)
+def _cifar100(root: str, split: str, download: bool) -> ImageSet:
+    return _with_stats("cifar100", *_cifar("cifar100", root, split, download))
+
+
+@register_dataset(
+    "svhn",
+    splits=("train", "test", "extra"),
+    stats=((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    downloads=True,
+)
+def _svhn_set(root: str, split: str, download: bool) -> ImageSet:
+    return _with_stats("svhn", *_svhn(root, split, download))
+
+
+@register_dataset(
+    "stl10",
+    splits=("train", "test", "unlabeled", "train+unlabeled"),
+    stats=((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
+    downloads=True,
+)
+def _stl10_set(root: str, split: str, download: bool) -> ImageSet:
+    return _with_stats("stl10", *_stl10(root, split, download))
+
+
+@register_dataset("folder", splits=("train", "val", "test"), streams=True)
+def _folder(
+    root: str | os.PathLike | None,
+    split: str,
+    *,
+    image_size: int | None,
+    in_memory: bool | None,
+    strict: bool,
+    cache: bool,
+) -> ImageSet:
+    if root is None:
+        raise ValueError("the folder dataset needs root=<folder with train/ and test/ or images>")
+    return load_folder(
+        os.fspath(root), split, image_size=image_size, in_memory=in_memory, strict=strict, cache=cache
+    )
+
+
+def _with_stats(name: str, images: Tensor, targets: Tensor | None, classes: list[str]) -> ImageSet:
+    """One split of ``name`` normalised with its registered statistics (those of its train split)."""
+    mean, std = dataset_info(name).stats
+    return ImageSet(images=images, targets=targets, classes=classes, name=name, mean=mean, std=std)
+
+
 # ------------------------------------------------------------------------------------------- entry
-
-# per-channel statistics of the train splits, in [0, 1] units
-_STATS = {
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    "svhn": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    "stl10": ((0.4467, 0.4398, 0.4066), (0.2603, 0.2566, 0.2713)),
-}
-SPLITS = {
-    "digits": ("train", "test"),
-    "cifar10": ("train", "test"),
-    "cifar100": ("train", "test"),
-    "svhn": ("train", "test", "extra"),
-    "stl10": ("train", "test", "unlabeled", "train+unlabeled"),
-    "folder": ("train", "val", "test"),
-}
-
-
-def list_datasets() -> list[str]:
-    """Names accepted by ``load_dataset``."""
-    return list(SPLITS)
 
 
 def data_root(name: str, root: str | os.PathLike | None = None) -> str:
@@ -256,12 +312,12 @@ def resize_images(images: Tensor, size: int, chunk: int = 2048) -> Tensor:
     return torch.cat(out)
 
 
-def _check_arguments(name: str, root: str | os.PathLike | None, split: str, image_size: int | None) -> None:
-    """Raise ``ValueError`` for an unknown dataset or split, a bad ``image_size`` or an empty ``root``."""
-    if name not in SPLITS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(SPLITS)}")
-    if split not in SPLITS[name]:
-        raise ValueError(f"{name} has no split {split!r}; choose one of {', '.join(SPLITS[name])}")
+def _check_arguments(
+    info: DatasetInfo, root: str | os.PathLike | None, split: str, image_size: int | None
+) -> None:
+    """Raise ``ValueError`` for an unknown split, a bad ``image_size`` or an empty ``root``."""
+    if split not in info.splits:
+        raise ValueError(f"{info.name} has no split {split!r}; choose one of {', '.join(info.splits)}")
     if image_size is not None and (
         isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1
     ):
@@ -270,25 +326,9 @@ def _check_arguments(name: str, root: str | os.PathLike | None, split: str, imag
         # an empty path means the current directory to os and pathlib: a folder dataset would train on
         # every image below it
         raise ValueError(
-            f"the data directory is an empty string; pass the folder that holds {name}'s files "
+            f"the data directory is an empty string; pass the folder that holds {info.name}'s files "
             "(e.g. --data-dir ./data), or leave it unset for the default"
         )
-
-
-def _downloadable(name: str, root: str | os.PathLike | None, split: str, download: bool) -> ImageSet:
-    """One split of CIFAR-10/100, SVHN or STL-10, read from ``data_root(name, root)`` (downloaded if allowed).
-
-    Its ``mean`` and ``std`` are those of the train split (``_STATS``).
-    """
-    root = data_root(name, root)
-    if name in ("cifar10", "cifar100"):
-        images, targets, classes = _cifar(name, root, split, download)
-    elif name == "svhn":
-        images, targets, classes = _svhn(root, split, download)
-    else:
-        images, targets, classes = _stl10(root, split, download)
-    mean, std = _STATS[name]
-    return ImageSet(images=images, targets=targets, classes=classes, name=name, mean=mean, std=std)
 
 
 def load_dataset(
@@ -310,7 +350,8 @@ def load_dataset(
         split: one of ``SPLITS[name]``.
         download: download missing torchvision datasets.
         image_size: resize to ``image_size`` x ``image_size`` (shorter side, then center crop);
-            None keeps the native size (folders: see ``sela.data.folder``).
+            None keeps the native size (folders: see ``sela.data.folder``). The dataset's
+            ``default_image_size`` is not applied here.
         in_memory, strict, cache: folder datasets only, see ``sela.data.folder.load_folder``.
 
     Raises:
@@ -318,16 +359,15 @@ def load_dataset(
         DatasetNotFoundError: the files are missing and could not be downloaded (names the URL and
             the place to put them); a ``FileNotFoundError`` and a ``ValueError``.
     """
-    _check_arguments(name, root, split, image_size)
-    if name == "folder":
-        if root is None:
-            raise ValueError("the folder dataset needs root=<folder with train/ and test/ or images>")
-        return load_folder(
-            os.fspath(root), split, image_size=image_size, in_memory=in_memory, strict=strict, cache=cache
+    info = dataset_info(name)
+    _check_arguments(info, root, split, image_size)
+    if info.streams:
+        return info.loader(
+            root, split, image_size=image_size, in_memory=in_memory, strict=strict, cache=cache
         )
     if in_memory is False:
         raise ValueError(f"{name} is always held in memory; in_memory=False is for folder datasets")
-    imageset = _digits(split) if name == "digits" else _downloadable(name, root, split, download)
+    imageset = info.loader(data_root(name, root), split, download)
     if image_size is not None:
         imageset.images = resize_images(imageset.images, image_size)
     return imageset
