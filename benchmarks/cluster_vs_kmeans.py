@@ -29,11 +29,10 @@ from sela.labeller import SelfLabeller
 
 def run_features(source: str) -> tuple[np.ndarray, np.ndarray]:
     """(N, D) pooled backbone features and (N,) classes of a run's training images."""
-    from sela.cli import DEFAULT_IMAGE_SIZE
     from sela.eval.features import extract
     from sela.runs import load_run
 
-    run = load_run(source, default_image_size=DEFAULT_IMAGE_SIZE, test_split=False)
+    run = load_run(source, test_split=False)
     if run.train_set.targets is None:
         raise SystemExit(f"{source}: its dataset has no ground truth to score against")
     images = run.train_set.images if run.train_set.in_memory else run.train_set

@@ -18,7 +18,6 @@ from sela.runs import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SIZES = {"digits": 16}
 CPU = ["--device", "cpu"]
 
 
@@ -53,7 +52,7 @@ def _images(folder, n=7):
 
 
 def _expected(run_dir, folder, layer=None):
-    run = load_run(run_dir, default_image_size=SIZES, test_split=False)
+    run = load_run(run_dir, test_split=False)
     paths = sorted(str(p) for p in folder.glob("*.png"))
     x = run.transform(load_images(paths, run.image_size, channels=run.train_set.channels))
     with torch.no_grad():
@@ -180,7 +179,7 @@ def test_export_of_a_resnet_run_and_its_load_recipe(tmp_path, capsys):
     namespace = {"torch": torch, "torchvision": torchvision, "nn": nn}
     exec("\n".join(info["load"]), namespace)  # the recipe the JSON prints, as a user would paste it
     m = namespace["m"].eval()
-    run = load_run(run_dir, default_image_size=SIZES, test_split=False)
+    run = load_run(run_dir, test_split=False)
     x = run.transform(run.train_set.images[:3])
     with torch.no_grad():
         expected = run.model.forward_features(x)
@@ -196,7 +195,7 @@ def test_export_of_a_convnet_run_reloads_with_its_spec(tmp_path, capsys):
     data = torch.load(out, weights_only=True)
     assert data["spec"]["widths"] == [8, 16] and "projector" not in data["spec"]
     assert not any(k.startswith(("heads.", "projector.")) for k in data["state_dict"])
-    run = load_run(run_dir, default_image_size=SIZES, test_split=False)
+    run = load_run(run_dir, test_split=False)
     x = run.transform(run.train_set.images[:3])
     with torch.no_grad():
         torch.testing.assert_close(load_exported(out)(x), run.model.forward_features(x))

@@ -10,7 +10,6 @@ import torchvision
 from sela.models import create_model
 from sela.runs import load_run
 
-SIZES = {"digits": 16}
 N_TRAIN = 1437  # digits training split
 
 
@@ -44,7 +43,7 @@ def _fake_run(tmp_path, *, labels=None, summary=None):
 def test_run_directory_and_checkpoint_file(tmp_path):
     model, labels = _fake_run(tmp_path, summary={"best_head": 1})
     for source in (tmp_path, tmp_path / "checkpoint.pt"):
-        run = load_run(source, default_image_size=SIZES)
+        run = load_run(source)
         assert run.run_dir == tmp_path and run.summary == {"best_head": 1}
         assert (run.arch, run.dataset, run.image_size) == ("convnet", "digits", 16)
         assert run.model.n_clusters == [10, 6] and run.untrained_heads == []
@@ -62,7 +61,7 @@ def test_the_model_spec_rebuilds_the_network(tmp_path):
         {"format": 2, "model_spec": model.spec, "model": model.state_dict(), "config": config},
         tmp_path / "c.pt",
     )
-    run = load_run(tmp_path / "c.pt", default_image_size=SIZES, test_split=False)
+    run = load_run(tmp_path / "c.pt", test_split=False)
     assert run.model.head_dim == 12 and run.untrained_heads == []
     for key, value in model.state_dict().items():
         assert torch.equal(run.model.state_dict()[key], value), key
@@ -76,7 +75,7 @@ def test_unpooled_blocks_are_read_from_a_legacy_config(tmp_path):
     model = _convnet(pools=(True, False)).eval()  # the weights alone look like a pooled convnet
     config = {**LEGACY, "pools": [True, False]}
     torch.save({"model": model.state_dict(), "config": config}, tmp_path / "c.pt")
-    run = load_run(tmp_path / "c.pt", default_image_size=SIZES, test_split=False)
+    run = load_run(tmp_path / "c.pt", test_split=False)
     assert run.model.pools == (True, False)
     x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -88,13 +87,13 @@ def test_swapped_runs_get_their_cosine_heads_back(tmp_path, objective):
     model = _convnet()
     config = {**LEGACY, "objective": objective}
     torch.save({"model": model.state_dict(), "config": config}, tmp_path / "c.pt")
-    run = load_run(tmp_path / "c.pt", default_image_size=SIZES, test_split=False)
+    run = load_run(tmp_path / "c.pt", test_split=False)
     assert run.model.normalize_heads == (objective == "swapped")
 
 
 def test_flags_override_the_run(tmp_path):
     _fake_run(tmp_path)
-    run = load_run(tmp_path, image_size=12, default_image_size=SIZES, test_split=False)
+    run = load_run(tmp_path, image_size=12, test_split=False)
     assert run.image_size == 12 and run.train_set.images.shape[-1] == 12 and run.test_set is None
     with pytest.raises(ValueError, match="drop --arch"):
         load_run(tmp_path, arch="resnet18")
@@ -116,7 +115,7 @@ def test_foreign_state_dict_needs_arch_and_dataset(tmp_path):
         load_run(tmp_path / "w.pt")
     with pytest.raises(ValueError, match="unknown architecture"):
         load_run(tmp_path / "w.pt", arch="vgg", dataset="digits")
-    run = load_run(tmp_path / "w.pt", arch="convnet", dataset="digits", default_image_size=SIZES)
+    run = load_run(tmp_path / "w.pt", arch="convnet", dataset="digits")
     assert run.model.n_clusters == [10, 6] and run.labels is None and run.config == {}
 
 
@@ -125,7 +124,7 @@ def test_released_sela_checkpoint_with_numpy_labels(tmp_path):
     state = {"module." + k.replace("heads.", "top_layer"): v for k, v in model.state_dict().items()}
     labels = np.random.default_rng(0).integers(0, 6, (2, N_TRAIN))
     torch.save({"state_dict": state, "labels": labels}, tmp_path / "release.pth")
-    run = load_run(tmp_path / "release.pth", arch="convnet", dataset="digits", default_image_size=SIZES)
+    run = load_run(tmp_path / "release.pth", arch="convnet", dataset="digits")
     assert run.model.n_clusters == [10, 6] and run.untrained_heads == []
     assert torch.equal(run.labels, torch.from_numpy(labels))
     assert torch.equal(run.model.heads[1].weight, model.heads[1].weight)
@@ -133,7 +132,7 @@ def test_released_sela_checkpoint_with_numpy_labels(tmp_path):
 
 def test_labels_for_another_dataset_are_dropped_with_a_note(tmp_path):
     _fake_run(tmp_path, labels=torch.zeros(2, 50, dtype=torch.long))
-    run = load_run(tmp_path, default_image_size=SIZES, test_split=False)
+    run = load_run(tmp_path, test_split=False)
     assert run.labels is None and "do not match" in run.notes[0]
 
 

@@ -22,8 +22,6 @@ from sela.labeller import SelfLabeller
 from sela.recipes import RECIPES
 from sela.sinkhorn import DEFAULT_LAM
 
-DEFAULT_IMAGE_SIZE = {"digits": 16}  # px the embedded digits (8 px) are upsampled to
-
 
 class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit code 2."""
@@ -267,7 +265,9 @@ def _check_train_config(cfg: TrainConfig, out: Path, *, resume: bool, settled: b
 
 def _image_size(cfg: TrainConfig) -> int | None:
     """The side (px) images are resized to: the config's, else the dataset's default, else None (native)."""
-    return cfg.image_size or DEFAULT_IMAGE_SIZE.get(cfg.dataset)
+    from sela.data import dataset_info
+
+    return cfg.image_size or dataset_info(cfg.dataset).default_image_size
 
 
 def _load_train_data(cfg: TrainConfig):
@@ -581,7 +581,6 @@ def _open_run(args: argparse.Namespace, *, test_split: bool = True):
             arch=args.arch,
             clusters=clusters,
             device=_device(args.device),
-            default_image_size=DEFAULT_IMAGE_SIZE,
             test_split=test_split,
         )
     for w in caught:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from sela import rundir
 from sela.config import data_settings, legacy_model_spec
-from sela.data import SPLITS, EvalTransform, ImageSet, load_dataset
+from sela.data import SPLITS, EvalTransform, ImageSet, dataset_info, load_dataset
 from sela.models import SelaModel, create_model, list_models, load_pretrained, spec_from_state_dict
 
 
@@ -176,7 +176,6 @@ def load_run(
     arch: str | None = None,
     clusters: list[int] | None = None,
     device: torch.device | str = "cpu",
-    default_image_size: dict[str, int] | None = None,
     test_split: bool = True,
 ) -> Run:
     """Open ``source`` (see the module docstring) with the data it is to be evaluated on.
@@ -184,12 +183,12 @@ def load_run(
     Args:
         source: a run directory, a sela checkpoint, a state dict file or a released SeLa checkpoint.
         dataset, data_dir, image_size: the data; for a sela run they default to the run's own and
-            override it when given. ``image_size`` is the side (px) the model sees.
+            override it when given. ``image_size`` is the side (px) the model sees; when neither it nor
+            the run sets one, the dataset's registered default (``dataset_info(name).default_image_size``).
         arch: the architecture; required for foreign checkpoints, must match for sela runs.
         clusters: K per head for foreign checkpoints without heads (default: the heads found in the
             checkpoint; with none, one placeholder head that is reported as untrained).
         device: where the model runs.
-        default_image_size: side (px) per dataset name when neither the run nor ``image_size`` set one.
         test_split: also load the test (or val) split when the dataset has one.
 
     Raises:
@@ -199,17 +198,12 @@ def load_run(
     ckpt = rundir.load_file(path)
     sela = rundir.checkpoint_format(ckpt) is not None
     config = _recorded_config(ckpt, run_dir) if sela else {}
-    if sela and arch is not None and arch != config.get("arch"):
-        raise ValueError(f"{path} was trained as {config.get('arch')!r}; drop --arch {arch}")
-    if not sela and (arch is None or dataset is None):
-        raise ValueError(
-            f"{path} is not a sela run, so give its architecture and data: --arch NAME --dataset NAME"
-        )
+    _check_source_flags(path, sela, config, arch, dataset)
     recorded = data_settings(config)
     arch = config.get("arch", arch)
     dataset = dataset or recorded["dataset"]
     data_dir = data_dir if data_dir is not None else recorded["data_dir"]
-    size = image_size or recorded["image_size"] or (default_image_size or {}).get(dataset)
+    size = image_size or recorded["image_size"] or dataset_info(dataset).default_image_size
     train_set = _train_split(dataset, data_dir, size)
     side = train_set.side(size)
     if sela:
