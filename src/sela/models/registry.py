@@ -1,5 +1,7 @@
 """Model registry: ``register_model`` names a factory, ``create_model`` builds it with its heads.
 
+``clusters_per_head`` expands the ``clusters`` setting (one K for all heads, or one per head) to K per head.
+
 Every factory has the signature ``factory(n_clusters: list[int], **kwargs) -> SelaModel``; the
 registry validates ``n_clusters`` once, here, so factories can trust it. Every model it builds records
 how: ``model.spec`` = {"arch": name, "n_clusters": [...], **kwargs}, JSON-ready, so that
@@ -43,6 +45,21 @@ def _check_n_clusters(n_clusters: Sequence[int] | int) -> list[int]:
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ValueError(f"n_clusters holds {k!r}; every head needs an integer number of clusters >= 2")
     return ks
+
+
+def clusters_per_head(clusters: list[int], heads: int) -> list[int]:
+    """K for each of ``heads`` heads: one K for all heads (a list of one), or one K per head, as given.
+
+    Raises:
+        ValueError: ``heads`` < 1, or ``clusters`` lists neither one value nor one per head.
+    """
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be an integer >= 1, got {heads!r}")
+    if len(clusters) == 1:
+        return list(clusters) * heads
+    if len(clusters) != heads:
+        raise ValueError(f"clusters lists {len(clusters)} values for {heads} heads; give one or {heads}")
+    return list(clusters)
 
 
 def _plain(value):
