@@ -13,7 +13,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sela.data import ImageSet
-from sela.report import cluster_table, plot_head_sizes, render_report
+from sela.report import cluster_table, render_report
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")  # `make browser` installs Debian's chromium
 
@@ -128,11 +128,6 @@ def test_render_report_rejects_bad_input(tmp_path):
         render_report(imageset, labels, [3, 3], tmp_path, head=2)
     with pytest.raises(ValueError, match="labels must be"):
         render_report(imageset, labels[:, :5], [3, 3], tmp_path)
-
-
-def test_plot_head_sizes(tmp_path):
-    path = plot_head_sizes(torch.randint(0, 9, (100,)), 10, tmp_path / "h.png", head=3)
-    assert path.is_file() and path.stat().st_size > 1000
 
 
 def _browser() -> str:

@@ -190,11 +190,17 @@ def cluster_features(
 
 def size_histograms(labels: Tensor, n_clusters: list[int], csv_path: str | os.PathLike) -> list[Path]:
     """One cluster-size PNG per head next to a labels CSV: ``<stem>_sizes_head<h>.png``."""
-    from sela.report import plot_head_sizes
+    from sela.plots import plot_cluster_sizes
 
     csv_path = Path(csv_path)
     return [
-        plot_head_sizes(labels[h], k, csv_path.with_name(f"{csv_path.stem}_sizes_head{h}.png"), head=h)
+        plot_cluster_sizes(
+            labels[h : h + 1],
+            [k],
+            csv_path.with_name(f"{csv_path.stem}_sizes_head{h}.png"),
+            histogram=True,
+            heads=[h],
+        )
         for h, k in enumerate(n_clusters)
     ]
 

@@ -6,6 +6,7 @@ Matplotlib with the non-interactive Agg backend, so it works on machines without
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import matplotlib
 
@@ -38,21 +39,64 @@ def plot_curves(metrics: list[dict], path: str | os.PathLike) -> None:
     plt.close(fig)
 
 
-def plot_cluster_sizes(labels: Tensor, n_clusters: list[int], path: str | os.PathLike) -> None:
-    """One bar chart per head of the cluster sizes, sorted largest first, against the equal share."""
+def plot_cluster_sizes(
+    labels: Tensor,
+    n_clusters: list[int],
+    path: str | os.PathLike,
+    *,
+    histogram: bool = False,
+    heads: list[int] | None = None,
+) -> Path:
+    """Each head's cluster sizes: bars sorted largest first against the equal share N / K.
+
+    Training's ``cluster_sizes.png`` and the report's ``sizes.png`` show every head side by side;
+    ``sela export`` writes one head per file with ``histogram=True``.
+
+    Args:
+        labels: (H, N) cluster of each image, one row per head.
+        n_clusters: K of each head.
+        histogram: also a histogram of the sizes right of each head's bars (then one row per head).
+        heads: the heads' numbers in the titles (default 0 .. H-1), e.g. ``[3]`` for ``labels[3:4]``.
+    """
+    labels = torch.as_tensor(labels).long().cpu()
     h = len(n_clusters)
-    fig, axes = plt.subplots(1, h, figsize=(4 * h, 3), squeeze=False)
-    for i, (ax, k) in enumerate(zip(axes[0], n_clusters, strict=True)):
-        sizes = torch.bincount(labels[i], minlength=k).sort(descending=True).values.numpy()
-        ax.bar(np.arange(k), sizes, width=1.0)
-        ax.axhline(labels.shape[1] / k, color="k", ls="--", lw=1, label="N / K")
-        ax.set_title(f"head {i}: {k} clusters", fontsize=10)
-        ax.set_xlabel("cluster (sorted by size)")
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("images")
+    names = list(range(h)) if heads is None else list(heads)
+    rows, cols, size = (h, 2, (9, 3 * h)) if histogram else (1, h, (4 * h, 3))
+    fig, axes = plt.subplots(rows, cols, figsize=size, squeeze=False)
+    for i, k in enumerate(n_clusters):
+        sizes = torch.bincount(labels[i], minlength=k).numpy()  # (K,)
+        bars = axes[i][0] if histogram else axes[0][i]
+        empty = int((sizes == 0).sum())
+        _size_bars(
+            bars, sizes, title=f"head {names[i]}: {k} clusters, {int(sizes.sum())} images, {empty} empty"
+        )
+        if histogram:
+            _size_histogram(axes[i][1], sizes)
+        if histogram or i == 0:
+            bars.set_ylabel("images")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return Path(path)
+
+
+def _size_bars(ax, sizes: np.ndarray, *, title: str) -> None:
+    """(K,) cluster sizes as bars, largest first, with the equal share N / K dashed."""
+    k = len(sizes)
+    ax.bar(np.arange(k), np.sort(sizes)[::-1], width=1.0)
+    ax.axhline(sizes.sum() / k, color="k", ls="--", lw=1, label="N / K")
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel("cluster (sorted by size)")
+    ax.legend(fontsize=8)
+
+
+def _size_histogram(ax, sizes: np.ndarray) -> None:
+    """How many of the K clusters have each size, with the equal share N / K dashed."""
+    k = len(sizes)
+    ax.hist(sizes, bins=min(50, max(5, k // 2)))
+    ax.axvline(sizes.sum() / k, color="k", ls="--", lw=1)
+    ax.set_xlabel("cluster size (images)")
+    ax.set_ylabel("clusters")
 
 
 def cluster_grid(

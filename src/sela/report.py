@@ -21,17 +21,12 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+from PIL import Image
+from torch import Tensor
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from sela.data import ImageSet  # noqa: E402
-from sela.plots import cluster_grid, plot_cluster_sizes  # noqa: E402
+from sela.data import ImageSet
+from sela.plots import cluster_grid, plot_cluster_sizes  # matplotlib with the Agg backend
 
 STRIP_HEIGHT = 64  # px: small images are enlarged (nearest neighbour) to at least this height
 
@@ -67,29 +62,6 @@ def cluster_table(labels: Tensor, n_clusters: int, truth: Tensor | None = None) 
                 info.purity = float(row.max()) / float(row.sum())
         return sorted(infos, key=lambda i: (-(i.purity or 0.0), -i.size, i.cluster))
     return sorted(infos, key=lambda i: (-i.size, i.cluster))
-
-
-def plot_head_sizes(labels: Tensor, n_clusters: int, path: str | os.PathLike, *, head: int = 0) -> Path:
-    """One head's cluster sizes: sorted bars against N / K, and a histogram of the sizes."""
-    sizes = torch.bincount(torch.as_tensor(labels).long().cpu(), minlength=n_clusters).numpy()
-    n = int(sizes.sum())
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
-    left.bar(np.arange(n_clusters), np.sort(sizes)[::-1], width=1.0)
-    left.axhline(n / n_clusters, color="k", ls="--", lw=1, label="N / K")
-    left.set_xlabel("cluster (sorted by size)")
-    left.set_ylabel("images")
-    left.legend(fontsize=8)
-    right.hist(sizes, bins=min(50, max(5, n_clusters // 2)))
-    right.axvline(n / n_clusters, color="k", ls="--", lw=1)
-    right.set_xlabel("cluster size (images)")
-    right.set_ylabel("clusters")
-    fig.suptitle(
-        f"head {head}: {n_clusters} clusters, {n} images, {int((sizes == 0).sum())} empty", fontsize=10
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
 
 
 def gather_images(images: ImageSet, rows: Tensor) -> Tensor:
