@@ -13,7 +13,7 @@ from torch import nn
 from sela.cli import main
 from sela.export import load_images
 from sela.models import create_model
-from sela.models.export import backbone_export, load_exported, torchvision_resnet
+from sela.models.export import backbone_payload, load_exported, torchvision_resnet
 from sela.runs import load_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,7 +148,7 @@ def test_resnet_export_loads_into_torchvision_strictly(arch, side, c):
     torch.manual_seed(0)
     model = create_model(arch, [10, 6], projector=(32,), in_channels=c).eval()
     _randomise_bn(model)
-    state = backbone_export(model)
+    state = backbone_payload(model)
     assert not any(k.startswith(("heads.", "projector.", "fc.")) for k in state)
     m = torchvision.models.resnet18()
     m.fc = nn.Identity()

@@ -27,7 +27,7 @@ from sela.data import EvalTransform, make_loader
 from sela.data.folder import IMAGE_EXTENSIONS, decode_images
 from sela.eval.features import extract
 from sela.labeller import SelfLabeller, feature_matrix
-from sela.models.export import backbone_export, backbone_spec, info_path, torchvision_recipe
+from sela.models.export import backbone_payload, backbone_spec, info_path, torchvision_recipe
 from sela.models.resnet import ResNet
 from sela.rundir import atomic_write, load_file, write_json, write_labels_csv
 from sela.runs import Run
@@ -354,14 +354,14 @@ def write_embedding(out: str | os.PathLike, features: Tensor, paths: list[str]) 
 def export_backbone(run: Run, out: str | os.PathLike, *, extra: dict | None = None) -> tuple[Path, Path]:
     """Write a run's backbone weights for use without sela, and a JSON file next to them that says how.
 
-    ``out`` (``.pt``/``.pth``) receives :func:`sela.models.export.backbone_export`: a ResNet's plain
+    ``out`` (``.pt``/``.pth``) receives :func:`sela.models.export.backbone_payload`: a ResNet's plain
     state dict with torchvision's keys, else ``{"spec", "state_dict"}``. ``<stem>.json`` records the spec,
     the feature width D, the preprocessing (side, pixel scale, mean, std) and the lines that load the
     weights; ``extra`` is merged into it. Returns both paths.
     """
     out = _output_file(out, WEIGHT_FORMATS, "weights")
     model, spec = run.model, backbone_spec(run.model)
-    payload = backbone_export(model)
+    payload = backbone_payload(model)
     recipe = torchvision_recipe(spec, str(out)) if isinstance(model, ResNet) else None
     mean, std = run.train_set.mean, run.train_set.std
     info = {

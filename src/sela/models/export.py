@@ -1,6 +1,6 @@
 """A trained backbone as plain weights, usable without sela; and the loader for what it writes.
 
-Two shapes (:func:`backbone_export`):
+Two shapes (:func:`backbone_payload`):
   * ResNets: a plain state dict with torchvision's keys (``conv1``, ``bn1``, ``layer1`` .. ``layer4``;
     no ``fc``). It loads with ``strict=True`` into the torchvision model built by
     :func:`torchvision_resnet`: ``torchvision.models.resnet18()`` with ``fc = nn.Identity()`` (the model then
@@ -94,7 +94,7 @@ def torchvision_recipe(spec: Mapping[str, Any], path: str = "PATH") -> list[str]
     return lines
 
 
-def backbone_export(model: SelaModel) -> dict[str, Any]:
+def backbone_payload(model: SelaModel) -> dict[str, Any]:
     """What :func:`sela.export.export_backbone` saves: a ResNet's plain state dict with torchvision's keys,
     else ``{"spec": backbone spec, "state_dict": backbone state dict}`` (see the module docstring)."""
     state = backbone_state_dict(model)
