@@ -93,6 +93,19 @@ def test_cifar_resnet_stem():
     assert isinstance(model.maxpool, nn.Identity) and model.default_input_size == 32
 
 
+@pytest.mark.parametrize(
+    ("arch", "c"), [("resnet18", 3), ("resnet18", 1), ("resnet18_cifar", 3), ("resnet18_cifar", 2)]
+)
+def test_resnet_stem_is_the_same_in_the_model_the_torchvision_build_and_its_recipe(arch, c):
+    from sela.models.export import torchvision_recipe, torchvision_resnet
+
+    model = create_model(arch, 10, in_channels=c)
+    namespace: dict = {}
+    exec("\n".join(torchvision_recipe({"arch": arch, "in_channels": c})[:-1]), namespace)  # all but the load
+    for net in (namespace["m"], torchvision_resnet({"arch": arch, "in_channels": c})):
+        assert repr(net.conv1) == repr(model.conv1) and type(net.maxpool) is type(model.maxpool)
+
+
 def test_alexnet_stems_and_widths():
     big = create_model("alexnet", 10, hidden_dim=64)
     assert [m.out_channels for m in big.features if isinstance(m, nn.Conv2d)] == [96, 256, 384, 384, 256]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from sela.models.base import SelaModel
 from sela.models.registry import create_model
-from sela.models.resnet import ResNet
+from sela.models.resnet import STEM_WIDTH, ResNet, set_stem, stem_conv
 
 # the parts of a SelaModel above the backbone: they fit the self-labels, not the images
 _NOT_BACKBONE = ("heads.", "projector.")
@@ -53,40 +53,36 @@ def torchvision_resnet(spec: Mapping[str, Any]) -> nn.Module:
     """The torchvision ResNet that a ResNet export loads into with ``strict=True``; outputs (B, D).
 
     ``spec`` is a backbone spec of a sela ResNet (``{"arch": "resnet18_cifar", "in_channels": 3, ...}``).
-    The network is ``torchvision.models.<resnet>()`` with ``fc = nn.Identity()``; a ``_cifar`` arch gets a
-    3x3 stride-1 ``conv1`` and ``maxpool = nn.Identity()``, C != 3 channels a ``conv1`` taking C.
+    The network is ``torchvision.models.<resnet>()`` with ``fc = nn.Identity()`` and the stem of
+    :func:`sela.models.resnet.set_stem`: a ``_cifar`` arch gets a 3x3 stride-1 ``conv1`` and
+    ``maxpool = nn.Identity()``, C != 3 channels a ``conv1`` taking C.
     """
     arch = str(spec.get("arch", ""))
     name, cifar = arch.removesuffix("_cifar"), arch.endswith("_cifar")
     if not name.startswith("resnet") or not hasattr(torchvision.models, name):
         raise ValueError(f"{arch!r} is not a sela ResNet; build it with sela.models.create_model(**spec)")
-    c = int(spec.get("in_channels", 3))
     net = getattr(torchvision.models, name)(weights=None)
-    if cifar:
-        net.conv1 = nn.Conv2d(c, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        net.maxpool = nn.Identity()
-    elif c != 3:
-        net.conv1 = nn.Conv2d(c, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    set_stem(net, in_channels=int(spec.get("in_channels", 3)), cifar_stem=cifar)
     net.fc = nn.Identity()
     return net
 
 
 def torchvision_recipe(spec: Mapping[str, Any], path: str = "PATH") -> list[str] | None:
     """Python lines that build the model of :func:`torchvision_resnet` and load the export at ``path``
-    into it with ``strict=True``; None for an architecture that is not a ResNet."""
+    into it with ``strict=True``; None for an architecture that is not a ResNet. The stem's line is written
+    from :func:`sela.models.resnet.stem_conv`, the settings the model itself was built with."""
     arch = str(spec.get("arch", ""))
     name = arch.removesuffix("_cifar")
     if not name.startswith("resnet"):
         return None
-    c = int(spec.get("in_channels", 3))
+    cifar = arch.endswith("_cifar")
+    conv = stem_conv(int(spec.get("in_channels", 3)), cifar)
     lines = ["import torch, torchvision", "from torch import nn", f"m = torchvision.models.{name}()"]
-    if arch.endswith("_cifar"):
-        lines += [
-            f"m.conv1 = nn.Conv2d({c}, 64, 3, stride=1, padding=1, bias=False)",
-            "m.maxpool = nn.Identity()",
-        ]
-    elif c != 3:
-        lines += [f"m.conv1 = nn.Conv2d({c}, 64, 7, stride=2, padding=3, bias=False)"]
+    if conv is not None:
+        c, k, s, p = conv
+        lines.append(f"m.conv1 = nn.Conv2d({c}, {STEM_WIDTH}, {k}, stride={s}, padding={p}, bias=False)")
+    if cifar:
+        lines.append("m.maxpool = nn.Identity()")
     lines += [
         "m.fc = nn.Identity()",
         f"m.load_state_dict(torch.load({path!r}, weights_only=True), strict=True)",
