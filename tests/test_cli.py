@@ -17,7 +17,7 @@ TINY = [
     "--clusters",
     "10",
     "--set",
-    "widths=[8,16]",
+    "model.widths=[8,16]",
     "--no-progress",
 ]
 
@@ -47,7 +47,8 @@ def test_train_tiny_run_on_digits(tmp_path, capsys):
     ):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
-    assert config["dataset"] == "digits" and config["widths"] == [8, 16] and "_command" in config
+    assert config["data"]["dataset"] == "digits" and config["model"]["widths"] == [8, 16]
+    assert config["data"]["image_size"] == 16 and "_command" in config  # the dataset's default, recorded
     summary = json.loads((out / "summary.json").read_text())
     assert {"knn_top1", "nmi", "ari", "accuracy", "heads"} <= set(summary)
     assert "knn_top1" in capsys.readouterr().out
@@ -82,7 +83,7 @@ def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
     assert main(["train", "--out", str(out), *TINY, *extra]) == 0
     assert sides == {12, 6}  # training views at --crop-size, small views at half of it; images are 16 px
     config = json.loads((out / "config.json").read_text())
-    assert config["crop_size"] == 12 and config["small_crops"] == 2 and config["image_size"] == 16
+    assert (config["augment"]["crop_size"], config["augment"]["small_crops"]) == (12, 2)
 
 
 @pytest.mark.parametrize(
@@ -97,9 +98,12 @@ def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
         (["--device", "tpu"], "--device"),
         (["--set", "epochs=two"], "integer"),
         (["--config", "/nonexistent.toml"], "does not exist"),
-        (["--crop-size", "0"], "crop_size must be a positive number of px"),
-        (["--set", "swap_queue=8"], "needs the swapped objective"),
-        (["--time-limit", "0"], "time limit must be > 0 minutes"),
+        (["--crop-size", "0"], "--crop-size must be >= 1"),
+        (["--set", "swap_queue=8"], "swapped.queue needs the swapped objective"),
+        (["--set", "swapped.epsilon=0.1"], "needs the swapped objective"),
+        (["--time-limit", "0"], "--time-limit must be a positive number"),
+        (["--epochs", "two"], "must be an integer"),
+        (["--label-inputs", "test"], "--label-inputs must be one of"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_run(tmp_path, capsys, args, message):
@@ -115,5 +119,39 @@ def test_train_time_limit_replans_the_epochs(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *TINY, "--epochs", "5", "--time-limit", "0.0001"]) == 0
     assert "0.0001 min (about 5 epochs, re-planned each epoch)" in capsys.readouterr().out
-    assert json.loads((out / "config.json").read_text())["time_limit"] == 0.0001
+    assert json.loads((out / "config.json").read_text())["optim"]["time_limit"] == 0.0001
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["train", "--help"], ["eval", "--help"],
+                                  ["labels", "--help"], ["show", "--help"], ["cluster", "--help"]])  # fmt: skip
+def test_help_and_version_import_no_torch(argv):
+    """The light CLI: help and version need neither torch nor matplotlib nor scikit-learn."""
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys\nfrom sela.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'matplotlib', 'sklearn', 'numpy') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+
+
+def test_the_inspection_flags_defaults_are_the_components():
+    from test_config import component_default
+
+    from sela.cli import INSPECT_DEFAULTS
+
+    for name, (value, path) in INSPECT_DEFAULTS.items():
+        assert value == component_default(path), name
+
+
+def test_train_help_lists_every_flag_of_the_schema(capsys):
+    from sela.config import OPTIONS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert all(o.flag in text for o in OPTIONS if o.flag)

@@ -27,8 +27,10 @@ RANKS = {
     "sela.rundir": 2,
     "sela.objectives": 3,
     "sela.train": 4,
-    "sela.config": 5,
+    "sela.config": 2,  # the schema: imports no sela module (and no torch)
+    "sela.recipes": 5,
     "sela.runs": 5,
+    "sela.build": 6,
     "sela.export": 6,
     "sela.report": 6,
     "sela.cli": 7,

@@ -43,35 +43,49 @@ def test_the_rule_follows_the_device():
                                                      (64, 32, [True, True, True]), (16, 8, [True, False, False])])  # fmt: skip
 def test_views_are_half_the_side_and_pool_to_a_small_map(side, view, pools):
     s = settings("cpu-fast", DataFacts(side, 3, False, 50_000, "cpu"))
-    assert s["crop_size"] == view and s["pools"] == pools and s["objective"] == "swapped"
+    assert s["augment.crop_size"] == view and s["model.pools"] == pools and s["objective"] == "swapped"
 
 
 def test_greyscale_images_get_no_colour_augmentation_and_few_images_fewer_clusters():
     grey = settings("cpu-fast", DataFacts(28, 3, True, 1_000, "cpu"))
     assert grey["augment.jitter"][2:] == [0.0, 0.0] and grey["augment.grayscale_p"] == 0.0
-    assert grey["augment.flip_p"] == 0.0 and grey["clusters"] == [50]  # N / 20
+    assert grey["augment.flip_p"] == 0.0 and grey["model.clusters"] == [50]  # N / 20
     colour = settings("cpu-fast", DataFacts(32, 3, False, 50_000, "cpu"))
-    assert colour["augment.jitter"] == [0.4, 0.4, 0.4, 0.1] and colour["clusters"] == [128]
+    assert colour["augment.jitter"] == [0.4, 0.4, 0.4, 0.1] and colour["model.clusters"] == [128]
     with pytest.raises(ValueError, match="unknown recipe"):
         settings("fastest", DataFacts(32, 3, False, 50_000, "cpu"))
-    assert set(RECIPES) == {"cpu-fast", "cpu-sela", "gpu-fast", "gpu-sela", "paper", "paper-resnet18"}
+    assert set(RECIPES) == {
+        "digits",
+        "cpu-fast",
+        "cpu-sela",
+        "gpu-fast",
+        "gpu-sela",
+        "paper",
+        "paper-resnet18",
+    }
     gpu = settings("gpu-sela", DataFacts(32, 3, False, 50_000, "cuda"))
-    assert (gpu["arch"], gpu["objective"], gpu["label_inputs"]) == ("resnet18_cifar", "sela", "recorded")
+    assert (gpu["model.arch"], gpu["objective"], gpu["labels.inputs"]) == (
+        "resnet18_cifar",
+        "sela",
+        "recorded",
+    )
 
 
 def test_the_paper_recipe_is_the_published_cifar_setting():
     """yukimasano/self-label, scripts/cifar.sh and cifar.py: AlexNet at 224 px, 10 x 128, lambda 10, 400
     epochs and label steps, lr 0.03, batch 128, one head per label step from augmented train-mode outputs."""
     paper = settings("paper", DataFacts(32, 3, False, 50_000, "cuda"))
-    published = {"arch": "alexnet", "image_size": 224, "heads": 10, "clusters": [128], "lam": 10.0,
-                 "epochs": 400, "label_updates": 400, "label_spacing": "linear", "label_heads": "round-robin",
-                 "label_inputs": "train", "lr": 0.03, "batch_size": 128, "lr_schedule": "step",
-                 "warmup_epochs": 0.0, "augment.jitter": [0.4, 0.4, 0.4, 0.4], "augment.grayscale_p": 0.2}  # fmt: skip
+    published = {"model.arch": "alexnet", "data.image_size": 224, "model.heads": 10, "model.clusters": [128],
+                 "labels.lam": 10.0, "optim.epochs": 400, "labels.updates": 400, "labels.spacing": "linear",
+                 "labels.heads": "round-robin", "labels.inputs": "train", "optim.lr": 0.03,
+                 "optim.batch_size": 128, "optim.lr_schedule": "step", "optim.warmup_epochs": 0.0,
+                 "augment.jitter": [0.4, 0.4, 0.4, 0.4], "augment.grayscale_p": 0.2}  # fmt: skip
     assert {k: paper[k] for k in published} == published
     resnet = settings("paper-resnet18", DataFacts(32, 3, False, 50_000, "cuda"))
-    assert (resnet["arch"], resnet["image_size"]) == ("resnet18_cifar", None)
-    assert {k: v for k, v in resnet.items() if k not in ("arch", "image_size")} == {
-        k: v for k, v in paper.items() if k not in ("arch", "image_size")
+    differ = ("model.arch", "data.image_size")
+    assert (resnet["model.arch"], resnet["data.image_size"]) == ("resnet18_cifar", None)
+    assert {k: v for k, v in resnet.items() if k not in differ} == {
+        k: v for k, v in paper.items() if k not in differ
     }
 
 
@@ -84,11 +98,11 @@ def test_the_paper_recipes_run_on_the_cpu(tmp_path, recipe):
     args = ["train", "--dataset", "folder", "--data-dir", data, "--out", str(out), "--recipe", recipe]
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--clusters", "4", "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["recipe"] == recipe and config["eval_size"] == (224 if recipe == "paper" else 12)
+    assert config["recipe"] == recipe and config["eval"]["size"] == (224 if recipe == "paper" else 12)
     summary = json.loads((out / "summary.json").read_text())
     assert math.isfinite(summary["knn_top1"]) and summary["label_updates"] >= 1
     sela = settings("cpu-sela", DataFacts(32, 3, False, 50_000, "cpu"))
-    assert (sela["objective"], sela["label_inputs"], sela["small_crops"], sela["lam"]) == (
+    assert (sela["objective"], sela["labels.inputs"], sela["augment.small_crops"], sela["labels.lam"]) == (
         "sela",
         "recorded",
         0,
@@ -116,11 +130,13 @@ def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, 
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert "recipe cpu-fast (CPU, 40 3-channel images of 12 px" in said
-    assert "heads=1 (recipe: 5)" in said and "batch_size=16 (recipe: 256)" in said and "lr=0.25," in said
+    assert "model.heads=1 (recipe: 5)" in said and "optim.batch_size=16 (recipe: 256)" in said
+    assert "optim.lr=0.25," in said
     config = json.loads((out / "config.json").read_text())
-    assert config["recipe"] == "cpu-fast" and config["objective"] == "swapped" and config["crop_size"] == 8
-    assert config["batch_size"] == 16 and config["heads"] == 1  # flags win over the recipe
-    assert config["eval_size"] == 12  # 8 px views of crops down to 0.2: 17.9 px, capped at the side
+    assert config["recipe"] == "cpu-fast" and config["objective"] == "swapped"
+    assert config["augment"]["crop_size"] == 8
+    assert config["optim"]["batch_size"] == 16 and config["model"]["heads"] == 1  # flags win over the recipe
+    assert config["eval"]["size"] == 12  # 8 px views of crops down to 0.2: 17.9 px, capped at the side
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -132,7 +148,8 @@ def test_greyscale_runs_are_evaluated_at_the_scale_their_views_showed(tmp_path):
     args = ["train", "--dataset", "folder", "--data-dir", data, "--out", str(out)]
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert (config["crop_size"], config["augment"]["crop_scale"], config["eval_size"]) == (8, [0.5, 1.0], 11)
+    augment = config["augment"]
+    assert (augment["crop_size"], augment["crop_scale"], config["eval"]["size"]) == (8, [0.5, 1.0], 11)
     run = load_run(out)
     assert run.image_size == 11 and run.transform.out_size == 11 and run.train_set.side() == 16
     assert load_run(out, image_size=16).transform.out_size == 16  # asked for: that size
@@ -141,19 +158,15 @@ def test_greyscale_runs_are_evaluated_at_the_scale_their_views_showed(tmp_path):
     assert main([*resume, "--eval-size", "12"]) == 2  # another size is a different run
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress",
                  "--eval-size", "16", "--out", str(tmp_path / "run16")]) == 0  # fmt: skip
-    assert json.loads((tmp_path / "run16" / "config.json").read_text())["eval_size"] == 16
+    assert json.loads((tmp_path / "run16" / "config.json").read_text())["eval"]["size"] == 16
 
 
 @pytest.mark.filterwarnings("ignore")
 def test_sela_objective_options_are_recorded_in_config_json(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--out", str(out), "--epochs", "1", "--no-progress", "--small-crops", "1"]
-    assert (
-        main(
-            [*args, "--set", "sela_temperature=0.2", "--label-inputs", "recorded", "--set", "soft_targets=2"]
-        )
-        == 0
-    )
+    sela = ["--set", "sela.temperature=0.2", "--set", "soft_targets=2"]  # a legacy flat key still works
+    assert main([*args, *sela, "--label-inputs", "recorded"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert (config["objective"], config["small_crops"], config["sela_temperature"]) == ("sela", 1, 0.2)
-    assert config["soft_targets"] == 2 and config["sela_prototypes"] == "learned"
+    assert (config["objective"], config["augment"]["small_crops"]) == ("sela", 1)
+    assert config["sela"] == {"temperature": 0.2, "soft_targets": 2, "prototypes": "learned"}

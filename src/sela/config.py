@@ -1,10 +1,23 @@
-"""Run configuration: dataclasses with defaults, an optional TOML file, and dotted overrides.
+"""The one schema of a ``sela train`` run: sections that match the constructors they feed.
 
-Precedence, lowest first: the defaults below, a TOML file (``--config run.toml``), command-line flags,
-then ``--set section.key=value`` overrides (minGPT style). The resolved configuration is written into
-every run directory as ``config.json``. This module and ``cli.py`` are the only ones that know the
-configuration's schema: the CLI turns a config into the explicit keyword arguments of the layers below.
-Each default is the component's own (read from its signature here), so it is written once.
+Every setting is declared once below, with its default, its help text, its command-line flag (if it has
+one), whether a resumed run must match it, and the checks its value must pass. ``sela train --help``, the
+resume check, the options tables of docs/training.md (``python -m sela.config``) and the legacy names of
+runs written before the sections existed all come from these declarations.
+
+Sections (dotted keys in ``--set``, TOML tables, ``config.json``):
+    data       the images (``sela.data.load_dataset``)
+    model      the network (``sela.models.create_model``)
+    labels     the label steps (``sela.labeller.LabelState`` and the plan of ``sela.train.Trainer``)
+    optim      optimisation and the run's length (``Trainer``)
+    augment    the training views (``sela.data.BatchAugment``; multi-crop)
+    sela, swapped  the options of each objective (``sela.objectives``), picked by ``objective``
+    eval       evaluation: whole-image side, the kNN monitor and the final kNN
+    runtime    device, precision, seed, output, workers, progress
+
+Precedence, lowest first: these defaults, a recipe (``sela.recipes``), a TOML file, flags, ``--set``
+overrides. This module imports neither torch nor any other sela module, so ``sela --help`` stays fast; a
+test checks that each default equals the default of the component it feeds.
 
 Options reference: docs/training.md.
 """
@@ -12,8 +25,8 @@ Options reference: docs/training.md.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
+import math
 import tomllib
 import types
 import typing
@@ -21,225 +34,414 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sela.data import BatchAugment
-from sela.eval.knn import KNN_K, KNN_TEMPERATURE
-from sela.objectives import SelaObjective, SwappedObjective
-from sela.sinkhorn import DEFAULT_LAM
-from sela.train import Trainer
+
+def option(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    resume: bool = False,
+    check: str | None = None,
+    choices: tuple[str, ...] | None = None,
+    legacy: str | None = None,
+    when: str = "",
+    feeds: str | None = None,
+    flag_value: Any = None,
+) -> Any:
+    """Declare one setting: a dataclass field with its metadata.
+
+    Args:
+        default: the value (lists are copied per instance).
+        help: one line for ``--help`` and the docs table.
+        flag: the ``sela train`` flag that sets it (None: ``--set`` only).
+        resume: a resumed run must have the same value (it changes the network, the data, the plan or
+            the randomness).
+        check: ``"positive"`` (> 0, finite), ``"at_least_1"``, ``"at_least_0"`` or ``"at_least_2"`` (every
+            list entry), applied when the config is resolved; None values (unset) always pass.
+        choices: the accepted strings.
+        legacy: the key of this setting in ``config.json`` files written before the sections existed.
+        when: advice for the docs table ("when to change").
+        feeds: ``"module:Component.parameter"`` (or ``"module:CONSTANT"``) whose default this one must
+            equal (a test checks it).
+        flag_value: for a bool flag that takes no argument, the value it sets (``--no-progress``: False).
+    """
+    meta = dict(help=help, flag=flag, resume=resume, check=check, choices=choices, legacy=legacy)
+    meta.update(when=when, feeds=feeds, flag_value=flag_value)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def component_default(component: Any, name: str) -> Any:
-    """The default of keyword ``name`` of ``component`` (a function or a class's __init__)."""
-    value = inspect.signature(component).parameters[name].default
-    if value is inspect.Parameter.empty:
-        raise TypeError(f"{component.__qualname__}({name}) has no default")
-    return list(value) if isinstance(value, tuple) else value
+def _choice_text(choices: tuple[str, ...]) -> str:
+    return " | ".join(choices)
 
 
-def _list_default(component: Any, name: str):
-    return field(default_factory=lambda: component_default(component, name))
+@dataclass
+class DataConfig:
+    """The images: ``sela.data.load_dataset(dataset, data_dir, split, image_size=..., strict=...)``."""
+
+    dataset: str = option(
+        "digits", "a registered dataset (`sela datasets` lists them; digits is embedded)", flag="--dataset",
+        resume=True, when="`folder`: any image tree with `train/` and `test/` (or `val/`) class folders, or a flat folder",
+    )  # fmt: skip
+    data_dir: str | None = option(
+        None, "where the dataset lives (folder: the directory with train/ and test/)", flag="--data-dir",
+        when="torchvision datasets download when online; offline, the error says where to put the files",
+    )  # fmt: skip
+    image_size: int | None = option(
+        None, "resize images to this side in px (unset: the dataset's default, see `sela datasets`, else native)",
+        flag="--image-size", resume=True, check="at_least_1", when="smaller images for speed",
+    )  # fmt: skip
+    strict: bool = option(
+        False, "fail on unreadable images instead of skipping them", flag="--strict", flag_value=True
+    )
+
+
+@dataclass
+class ModelConfig:
+    """The network: ``sela.models.create_model(arch, clusters per head, widths=, pools=, projector=)``."""
+
+    arch: str = option(
+        "convnet", "network: see `sela models`", flag="--arch", resume=True,
+        when="`convnet` for CPUs; `resnet18_cifar` (3x3 stem) for 32 px; `resnet18`, `alexnet` for larger images",
+    )  # fmt: skip
+    heads: int = option(
+        4, "number of clustering heads H", flag="--heads", resume=True, check="at_least_1",
+        when="more heads: more clusterings for the same backbone cost",
+    )  # fmt: skip
+    clusters: list[int] = option(
+        [30], "clusters K per head: one number, or a comma list (one per head)", flag="--clusters",
+        resume=True, check="at_least_2", when="about the number of classes you expect, or more",
+    )  # fmt: skip
+    widths: list[int] | None = option(
+        None, "convnet block widths (unset: the model's own, 64-128-256)", resume=True,
+        when="narrower for CPU budgets",
+    )  # fmt: skip
+    pools: list[bool] | None = option(
+        None, "convnet: whether each block 2x2 max-pools (unset: all do)", resume=True,
+        when="`[true,true,false]` keeps a larger last map for small views",
+    )  # fmt: skip
+    projector: list[int] = option(
+        [], "MLP widths (Linear, BatchNorm, ReLU) between the pooled features and the heads", resume=True,
+        when="a wide backbone; evaluation uses the features below it",
+    )  # fmt: skip
+
+
+@dataclass
+class LabelConfig:
+    """The label steps: ``LabelState(lam=)`` and the Trainer's label plan."""
+
+    lam: float = option(
+        25.0, "lambda of the label step: 1/strength of its entropic regularisation", flag="--lam",
+        check="positive", feeds="sela.sinkhorn:DEFAULT_LAM", when="rarely",
+    )  # fmt: skip
+    updates: int = option(
+        40, "label assignments over the whole run (the first at step 0)", flag="--label-updates",
+        resume=True, check="at_least_1", legacy="label_updates", feeds="sela.train:Trainer.label_updates",
+        when="fewer for short runs",
+    )  # fmt: skip
+    spacing: str = option(
+        "quadratic", "quadratic (dense early) or linear", flag="--label-spacing", resume=True,
+        choices=("quadratic", "linear"), legacy="label_spacing", feeds="sela.train:Trainer.label_spacing",
+    )  # fmt: skip
+    share: float = option(
+        0.15, "the largest share of training time that label passes may take (closer steps are merged)",
+        check="positive", legacy="label_share", feeds="sela.schedule:LABEL_SHARE",
+    )  # fmt: skip
+    heads: str = option(
+        "all", "all heads per label step, or round-robin (one head per step)", flag="--label-heads",
+        resume=True, choices=("all", "round-robin"), legacy="label_heads", feeds="sela.train:Trainer.label_heads",
+        when="`round-robin` at ImageNet scale or with many heads",
+    )  # fmt: skip
+    inputs: str = option(
+        "eval", "what the label step sees: eval (un-augmented, eval mode), train (augmented, train mode) or "
+        "recorded (the training pass's own outputs, no extra pass)", flag="--label-inputs",
+        choices=("eval", "train", "recorded"), legacy="label_inputs", feeds="sela.train:Trainer.label_inputs",
+        when="see [Label inputs](#label-inputs)",
+    )  # fmt: skip
+
+
+@dataclass
+class OptimConfig:
+    """Optimisation and the run's length: the Trainer's SGD and plan."""
+
+    epochs: int = option(
+        60, "training epochs (with --time-limit: the first plan)", flag="--epochs", resume=True,
+        check="at_least_1",
+    )  # fmt: skip
+    time_limit: float | None = option(
+        None, "wall-clock budget for training in minutes: the epochs are re-planned every epoch to fill it",
+        flag="--time-limit", resume=True, check="positive", when="fixed budgets; see [Time limit](#time-limit)",
+    )  # fmt: skip
+    batch_size: int = option(
+        128, "global batch size (over all processes)", flag="--batch-size", resume=True, check="at_least_1",
+        when="must divide by the number of processes",
+    )  # fmt: skip
+    lr: float = option(
+        0.1, "peak learning rate of SGD", flag="--lr", check="positive", when="scale with the batch"
+    )
+    momentum: float = option(0.9, "SGD momentum", check="at_least_0", feeds="sela.train:Trainer.momentum")
+    weight_decay: float = option(
+        5e-4,
+        "weight decay",
+        flag="--weight-decay",
+        check="at_least_0",
+        feeds="sela.train:Trainer.weight_decay",
+    )
+    lr_schedule: str = option(
+        "cosine", "cosine or step", flag="--lr-schedule", choices=("cosine", "step"),
+        feeds="sela.train:Trainer.lr_schedule",
+    )  # fmt: skip
+    warmup_epochs: float = option(
+        1.0, "linear warm-up of the learning rate, epochs", check="at_least_0",
+        feeds="sela.train:Trainer.warmup_epochs",
+    )  # fmt: skip
 
 
 @dataclass
 class AugmentConfig:
-    """On-device batch augmentation (defaults: :class:`sela.data.BatchAugment`'s, the SeLa CIFAR recipe)."""
+    """The training views: ``sela.data.BatchAugment`` (the SeLa CIFAR recipe), and multi-crop."""
 
-    crop_scale: list[float] = _list_default(BatchAugment, "crop_scale")
-    flip_p: float = component_default(BatchAugment, "flip_p")
-    jitter: list[float] = _list_default(BatchAugment, "jitter")
-    jitter_p: float = component_default(BatchAugment, "jitter_p")
-    grayscale_p: float = component_default(BatchAugment, "grayscale_p")
-    blur_p: float = component_default(BatchAugment, "blur_p")
-    # the multi-crop small views' crop area range (``small_crops`` > 0 only)
-    small_crop_scale: list[float] = field(default_factory=lambda: [0.1, 0.4])
+    crop_size: int | None = option(
+        None, "side (px) of the training views (unset: the image size); smaller trains faster",
+        flag="--crop-size", resume=True, check="at_least_1", legacy="crop_size",
+        when="label step and evaluation still see whole images (at --eval-size)",
+    )  # fmt: skip
+    crop_scale: list[float] = option(
+        [0.2, 1.0], "random resized crop: the area range", feeds="sela.data:BatchAugment.crop_scale"
+    )
+    flip_p: float = option(
+        0.5, "horizontal flip probability", feeds="sela.data:BatchAugment.flip_p", when="0 for text"
+    )
+    jitter: list[float] = option(
+        [0.4, 0.4, 0.4, 0.4], "colour jitter strengths: brightness, contrast, saturation, hue",
+        feeds="sela.data:BatchAugment.jitter", when="SimCLR-style `[0.4,0.4,0.4,0.1]` at 0.8 did better on CIFAR-10",
+    )  # fmt: skip
+    jitter_p: float = option(1.0, "colour jitter probability", feeds="sela.data:BatchAugment.jitter_p")
+    grayscale_p: float = option(0.2, "grayscale probability", feeds="sela.data:BatchAugment.grayscale_p")
+    blur_p: float = option(0.0, "Gaussian blur probability", feeds="sela.data:BatchAugment.blur_p")
+    small_crops: int = option(
+        0, "extra small views per image (multi-crop): swapped, they predict the full views' codes; sela, "
+        "they learn the image's label", flag="--small-crops", resume=True, check="at_least_0",
+        legacy="small_crops", feeds="sela.objectives:SwappedObjective.small_crops",
+    )  # fmt: skip
+    small_crop_size: int | None = option(
+        None, "side (px) of the small views (unset: half the training view size)", check="at_least_1",
+        legacy="small_crop_size",
+    )  # fmt: skip
+    small_crop_scale: list[float] = option([0.1, 0.4], "area range of the small views")
+
+
+@dataclass
+class SelaConfig:
+    """Options of the paper's objective (``sela.objectives.SelaObjective``)."""
+
+    temperature: float | None = option(
+        None, "unset: the paper's linear heads; T: cosine heads with scores / T (SeLa-v2)", resume=True,
+        check="positive", legacy="sela_temperature", feeds="sela.objectives:SelaObjective.temperature",
+    )  # fmt: skip
+    soft_targets: int = option(
+        0, "0: the paper's hard labels; k: each view learns its image's k largest entries of the transport "
+        "plan, renormalised", resume=True, check="at_least_0", legacy="soft_targets",
+        feeds="sela.objectives:SelaObjective.soft_targets",
+    )  # fmt: skip
+    prototypes: str = option(
+        "learned", "cosine heads: learned prototypes, or centroids (each cluster's mean head input after "
+        "every label step, frozen between them)", resume=True, choices=("learned", "centroids"),
+        legacy="sela_prototypes", feeds="sela.objectives:SelaObjective.prototypes",
+    )  # fmt: skip
+
+
+@dataclass
+class SwappedConfig:
+    """Options of the online objective (``sela.objectives.SwappedObjective``)."""
+
+    temperature: float = option(
+        0.1, "softmax temperature of the predictions", check="positive", legacy="swap_temperature",
+        feeds="sela.objectives:SwappedObjective.temperature",
+    )  # fmt: skip
+    epsilon: float = option(
+        0.05, "epsilon of the per-batch Sinkhorn codes", check="positive", legacy="swap_epsilon",
+        feeds="sela.objectives:SwappedObjective.epsilon",
+    )  # fmt: skip
+    queue: int = option(
+        0, "head inputs of the last N views (per process) join each batch's balancing", check="at_least_0",
+        legacy="swap_queue", feeds="sela.objectives:SwappedObjective.queue", when="small batches relative to K",
+    )  # fmt: skip
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation: the whole-image side, the kNN monitor during training and the final kNN."""
+
+    size: int | None = option(
+        None, "side (px) of the whole images the label step and evaluation see (unset: as large as the "
+        "largest-scale training views show them, at most the image size)", flag="--eval-size", resume=True,
+        check="at_least_1", legacy="eval_size", when="rarely; config.json records the number",
+    )  # fmt: skip
+    every: int = option(
+        0, "also the test split's kNN top-1 and NMI every N epochs (metrics.jsonl, the epoch line; outside "
+        "the time budget; 0: only at the end)", flag="--eval-every", check="at_least_0", legacy="eval_every",
+    )  # fmt: skip
+    knn_k: int = option(200, "neighbours of the kNN evaluation", check="at_least_1", legacy="knn_k",
+                        feeds="sela.eval.knn:KNN_K")  # fmt: skip
+    knn_temperature: float = option(
+        0.1, "temperature of the kNN votes", check="positive", legacy="knn_temperature",
+        feeds="sela.eval.knn:KNN_TEMPERATURE",
+    )  # fmt: skip
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the run executes (the Trainer's runtime arguments)."""
+
+    device: str = option("auto", "auto (CUDA when available), cpu or cuda[:N]", flag="--device")
+    precision: str = option(
+        "auto", "auto (bfloat16 autocast where the device has native bf16, else float32), bf16 or fp32",
+        flag="--precision", choices=("auto", "fp32", "bf16"), feeds="sela.train:Trainer.precision",
+        when="see [Precision](#precision)",
+    )  # fmt: skip
+    seed: int = option(0, "random seed", flag="--seed", resume=True, feeds="sela.train:Trainer.seed")
+    out: str = option(
+        "runs/sela", "run directory", flag="--out", when="an existing run needs --resume or another --out"
+    )
+    workers: int = option(
+        4, "DataLoader workers for streamed (large) datasets", flag="--workers", check="at_least_0",
+        feeds="sela.train:Trainer.workers",
+    )  # fmt: skip
+    sync_bn: bool = option(
+        False, "synchronise BatchNorm across processes (CUDA only)", flag="--sync-bn", flag_value=True,
+        feeds="sela.train:Trainer.sync_bn",
+    )  # fmt: skip
+    progress: bool = option(
+        True, "progress bars", flag="--no-progress", flag_value=False,
+        feeds="sela.train:Trainer.progress", when="--no-progress for logs and batch jobs",
+    )  # fmt: skip
 
 
 @dataclass
 class TrainConfig:
-    """Everything a ``sela train`` run needs; docs/training.md describes each option."""
+    """Everything a ``sela train`` run needs, in sections; docs/training.md describes each option."""
 
-    # data
-    dataset: str = "digits"
-    data_dir: str | None = None
-    image_size: int | None = None  # px; None: the dataset's default (digits: 16, others: native)
-    strict: bool = False  # fail on unreadable images instead of skipping them
-    # named settings (sela.recipes) applied over the defaults, under a TOML file and flags: "auto" picks one
-    # from the data and the device (a dataset with a preset keeps it); "none": the plain defaults
-    recipe: str = "auto"
-    # model
-    arch: str = "convnet"
-    heads: int = 4
-    clusters: list[int] = field(default_factory=lambda: [30])  # one K for all heads, or one per head
-    widths: list[int] | None = None  # convnet block widths (None: the model's default)
-    pools: list[bool] | None = None  # convnet: whether each block max-pools (None: all do)
-    projector: list[int] = field(default_factory=list)  # MLP widths between features and heads (none)
-    # self-labelling
-    lam: float = DEFAULT_LAM
-    label_updates: int = component_default(Trainer, "label_updates")
-    label_spacing: str = component_default(Trainer, "label_spacing")  # "quadratic" or "linear"
-    # the largest share of training time that label passes may take (closer steps are merged)
-    label_share: float = component_default(Trainer, "label_share")
-    label_heads: str = component_default(
-        Trainer, "label_heads"
-    )  # "all" or "round-robin": one head per update
-    # "eval": un-augmented, eval mode; "train": augmented, train mode; "recorded": the outputs of the
-    # training pass itself, label steps at epoch ends (no extra forward pass)
-    label_inputs: str = component_default(Trainer, "label_inputs")
-    # "sela": the paper's objective; "swapped": an online deviation (SwAV-style swapped prediction of
-    # per-batch Sinkhorn codes between two views, cosine heads), with its temperature and epsilon
-    objective: str = "sela"
-    # sela objective: None for the paper's linear heads; T for cosine heads with scores / T (SeLa-v2)
-    sela_temperature: float | None = None
-    # sela objective: 0 for the paper's hard labels; k > 0: train on each image's k largest entries of
-    # the label step's transport plan, renormalised (soft codes, as SwAV's)
-    soft_targets: int = component_default(SelaObjective, "soft_targets")
-    # sela objective with cosine heads: "learned" prototypes, or "centroids": set to the mean head input of
-    # each cluster after every label step and frozen between them (DeepCluster-v2's prototypes)
-    sela_prototypes: str = component_default(SelaObjective, "prototypes")
-    swap_temperature: float = component_default(SwappedObjective, "temperature")
-    swap_epsilon: float = component_default(SwappedObjective, "epsilon")
-    # swapped: head inputs of this many recent full views (per process) join each batch's Sinkhorn
-    # balancing, scored against the current prototypes (SwAV's queue); 0: the batch alone
-    swap_queue: int = component_default(SwappedObjective, "queue")
-    # side (px) of the augmented training views; None: the image size. Smaller views train faster;
-    # the label step and evaluation still see whole images at image_size
-    crop_size: int | None = None
-    # side (px) of the whole images the label step (eval inputs), the final evaluation, `sela eval` and
-    # `sela embed` see; None: the size at which whole images look as large as in the largest-scale
-    # training views (sela.data.view_scale_size), at most the image size; config.json records the number
-    eval_size: int | None = None
-    # multi-crop: extra small views per image, of small_crop_size px (None: half the training view size),
-    # cropped with augment.small_crop_scale (swapped: they predict the full views' codes; sela: the label)
-    small_crops: int = component_default(SwappedObjective, "small_crops")
-    small_crop_size: int | None = None
-    # optimisation
-    epochs: int = 60
-    # wall-clock budget for training in minutes (None: none); epochs is then the first plan, re-planned
-    # each epoch to fill the budget at the measured speed (see sela.train.Trainer)
-    time_limit: float | None = None
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = component_default(Trainer, "momentum")
-    weight_decay: float = component_default(Trainer, "weight_decay")
-    lr_schedule: str = component_default(Trainer, "lr_schedule")  # "cosine" or "step"
-    warmup_epochs: float = component_default(Trainer, "warmup_epochs")
-    # runtime
-    device: str = "auto"
-    # forward passes: "auto" (bfloat16 autocast where the device has native bf16: CUDA, or CPUs with
-    # AVX512-BF16/AMX; float32 elsewhere), "bf16" or "fp32"
-    precision: str = component_default(Trainer, "precision")
-    seed: int = component_default(Trainer, "seed")
-    out: str = "runs/sela"
-    workers: int = component_default(Trainer, "workers")  # DataLoader workers, streamed (large) datasets only
-    sync_bn: bool = component_default(Trainer, "sync_bn")
-    progress: bool = component_default(Trainer, "progress")
-    # evaluation at the end (when the dataset has ground truth); eval_every N > 0 also gives the kNN top-1
-    # and NMI of the test split every N epochs (metrics.jsonl and the epoch line; outside the time budget)
-    eval_every: int = 0
-    knn_k: int = KNN_K
-    knn_temperature: float = KNN_TEMPERATURE
+    recipe: str = option(
+        "auto", "named settings applied over the defaults: auto (chosen from the images and the device), a "
+        "name from `sela.recipes.RECIPES`, or none (the plain defaults)", flag="--recipe",
+    )  # fmt: skip
+    objective: str = option(
+        "sela", "sela (the paper's label steps) or swapped (online, SwAV-style swapped prediction)",
+        flag="--objective", resume=True, when="see [Objectives](#objectives)",
+    )  # fmt: skip
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    sela: SelaConfig = field(default_factory=SelaConfig)
+    swapped: SwappedConfig = field(default_factory=SwappedConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
-# Per-dataset defaults, applied over TrainConfig's before a TOML file and flags. The digits preset is
-# tuned for the embedded demo (8x8 digits upsampled to 16 px, a few minutes on 2 CPU cores): no flips or
-# grayscale (digits are grey and flips change them), gentler crops than the natural-image recipe, and the
-# original's train-mode label inputs.
-DATASET_PRESETS: dict[str, dict[str, Any]] = {
-    "digits": {
-        "image_size": 16,
-        "heads": 4,
-        "clusters": [10],
-        "epochs": 40,
-        "lr": 0.03,
-        "label_updates": 25,
-        # measured on the demo: augmented train-mode label inputs (the original code's choice) give
-        # self-label NMI 0.85 where eval-mode inputs give 0.80
-        "label_inputs": "train",
-        "augment": {
-            "flip_p": 0.0,
-            "crop_scale": [0.6, 1.0],
-            "jitter": [0.4, 0.4, 0.0, 0.0],
-            "grayscale_p": 0.0,
-        },
-    },
-}
-
-# Settings that must agree between a run and its --resume: they change the network, the data, the
-# plan or the randomness (the others, e.g. workers or progress, may differ).
-MUST_MATCH = (
-    "dataset",
-    "arch",
-    "widths",
-    "pools",
-    "projector",
-    "heads",
-    "clusters",
-    "image_size",
-    "batch_size",
-    "epochs",
-    "label_updates",
-    "label_spacing",
-    "label_heads",
-    "seed",
-    "objective",
-    "small_crops",
-    "soft_targets",
-    "sela_prototypes",
-    "crop_size",
-    "eval_size",
-    "time_limit",
-)
+# --------------------------------------------------------------------------------------------------------
+# the schema, read from the declarations
 
 
-def compare_configs(saved: dict, current: dict) -> list[str]:
-    """The settings that must agree for an exact resume and differ: 'key: saved -> current'."""
-    return [
-        f"{k}: {saved[k]!r} -> {current[k]!r}"
-        for k in MUST_MATCH
-        if k in saved and k in current and saved[k] != current[k]
-    ]
+@dataclass(frozen=True)
+class Option:
+    """One declared setting: its dotted key, type hint, default and metadata."""
+
+    key: str
+    hint: Any
+    default: Any
+    help: str
+    flag: str | None
+    resume: bool
+    check: str | None
+    choices: tuple[str, ...] | None
+    legacy: str
+    when: str
+    feeds: str | None
+    flag_value: Any
 
 
-def data_settings(config: dict) -> dict[str, Any]:
-    """What a run's recorded configuration says about its data: ``dataset``, ``data_dir``,
-    ``image_size`` (the side images were resized to) and ``eval_size`` (the side the evaluation showed
-    them at); None where it does not say."""
-    return {key: config.get(key) for key in ("dataset", "data_dir", "image_size", "eval_size")}
+def _options(cls: type, prefix: str = "") -> list[Option]:
+    hints = typing.get_type_hints(cls)
+    out: list[Option] = []
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += _options(hints[f.name], f"{prefix}{f.name}.")
+            continue
+        m = f.metadata
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        legacy = m["legacy"] or (f"{prefix}{f.name}" if prefix == "augment." else f.name)
+        out.append(
+            Option(
+                key=prefix + f.name,
+                hint=hints[f.name],
+                default=default,
+                help=m["help"],
+                flag=m["flag"],
+                resume=m["resume"],
+                check=m["check"],
+                choices=m["choices"],
+                legacy=legacy,
+                when=m["when"],
+                feeds=m["feeds"],
+                flag_value=m["flag_value"],
+            )  # fmt: skip
+        )
+    return out
 
 
-def legacy_model_spec(config: dict, in_channels: int, input_size: int) -> dict[str, Any]:
-    """The model spec of a run written before checkpoints recorded one (format 1), from its config:
-    ``create_model(**spec)`` rebuilds its network. ``in_channels``, ``input_size``: the channels and side
-    (px) of the run's images, as training gave them to the model."""
-    heads, clusters = config.get("heads", 1), list(config.get("clusters") or [])
-    spec: dict[str, Any] = {
-        "arch": config["arch"],
-        "n_clusters": clusters * heads if len(clusters) == 1 else clusters,
-        "normalize_heads": config.get("objective") == "swapped",
-        "in_channels": in_channels,
-        "input_size": input_size,
-    }
-    spec.update({k: config[k] for k in ("widths", "pools", "projector") if config.get(k)})
-    return spec
+OPTIONS: list[Option] = _options(TrainConfig)
+BY_KEY: dict[str, Option] = {o.key: o for o in OPTIONS}
+# the keys of runs written before the sections existed (flat: "label_updates", "sela_temperature", ...)
+LEGACY_KEYS: dict[str, str] = {o.legacy: o.key for o in OPTIONS if o.legacy != o.key}
+MUST_MATCH: tuple[str, ...] = tuple(o.key for o in OPTIONS if o.resume)
 
 
-def train_defaults(dataset: str) -> TrainConfig:
-    """TrainConfig's defaults with the preset of ``dataset`` (if any) applied."""
-    preset = DATASET_PRESETS.get(dataset, {})
-    data = to_dict(TrainConfig())
-    for key, value in preset.items():
-        if isinstance(value, dict):
-            data[key].update(value)
-        else:
-            data[key] = value
-    data["dataset"] = dataset
-    return from_dict(TrainConfig, data)
+def canonical_key(key: str) -> str:
+    """The dotted key of ``key`` (a legacy flat name like ``label_updates`` is translated)."""
+    key = key.strip()
+    return LEGACY_KEYS.get(key, key)
+
+
+# --------------------------------------------------------------------------------------------------------
+# dicts, TOML and overrides
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready nested dict of a config dataclass."""
     return dataclasses.asdict(cfg)
+
+
+def flatten(table: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {dotted key: value}."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def upgrade(config: dict) -> dict:
+    """A recorded configuration in today's nested form: a run written before the sections existed (flat
+    keys such as ``arch`` or ``label_updates``) is translated; keys starting with ``_`` (the command line,
+    the version) are kept as they are; unknown keys are dropped."""
+    if isinstance(config.get("model"), dict):
+        return config
+    nested: dict[str, Any] = {k: v for k, v in config.items() if k.startswith("_")}
+    for key, value in flatten({k: v for k, v in config.items() if not k.startswith("_")}).items():
+        key = canonical_key(key)
+        if key in BY_KEY:
+            node = nested
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+    return nested
 
 
 def from_dict(cls: type, data: dict[str, Any], *, where: str = "") -> Any:
@@ -264,52 +466,139 @@ def from_dict(cls: type, data: dict[str, Any], *, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def load_toml(cls: type, path: str | Path) -> Any:
-    """Read a TOML file into dataclass ``cls`` (missing keys keep their defaults)."""
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The settings of a TOML file as {dotted key: value} (legacy flat keys translated)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist; pass an existing .toml file to --config")
     try:
-        data = tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {path} is not valid TOML: {e}") from None
-    return from_dict(cls, data)
+    return {canonical_key(k): v for k, v in flatten(table).items()}
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["augment.flip_p=0.5", "model.clusters=[10,20]"]`` -> {dotted key: value}; values are JSON where
+    they parse, strings otherwise (``model.arch=resnet18``); legacy flat keys are translated."""
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like key=value, e.g. augment.flip_p=0.5")
+        try:
+            parsed[canonical_key(key)] = json.loads(raw)
+        except json.JSONDecodeError:
+            parsed[canonical_key(key)] = raw
+    return parsed
 
 
 def apply_overrides(cfg: Any, overrides: dict[str, Any] | list[str]) -> Any:
-    """Return a copy of ``cfg`` with dotted overrides applied.
-
-    ``overrides`` is a dict {"augment.grayscale_p": 0.1} of typed values, or a list of "key=value"
-    strings whose values are parsed as JSON when possible (``clusters=[10,20]``, ``lr=0.1``) and kept as
-    strings otherwise (``arch=resnet18``).
-    """
+    """A copy of ``cfg`` with overrides applied: {dotted key: typed value}, or "key=value" strings
+    (:func:`parse_overrides`). Legacy flat keys are accepted."""
     if isinstance(overrides, list):
-        parsed = {}
-        for item in overrides:
-            key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} must look like key=value, e.g. augment.flip_p=0.5")
-            try:
-                parsed[key.strip()] = json.loads(raw)
-            except json.JSONDecodeError:
-                parsed[key.strip()] = raw
-        overrides = parsed
+        overrides = parse_overrides(overrides)
     data = to_dict(cfg)
     for key, value in overrides.items():
+        key = canonical_key(key)
         node = data
         *parents, leaf = key.split(".")
         for p in parents:
             if not isinstance(node.get(p), dict):
-                raise ValueError(f"unknown config section {p!r} in override {key!r}")
+                raise ValueError(f"unknown config section {p!r} in {key!r}; see `sela train --help`")
             node = node[p]
-        if leaf not in node:
-            raise ValueError(f"unknown config key {key!r}; see `sela train --help` for the keys")
+        if leaf not in node or isinstance(node[leaf], dict):
+            raise ValueError(f"unknown config key {key!r}; see docs/training.md for the keys")
         node[leaf] = value
     return from_dict(type(cfg), data)
 
 
+def get(cfg: Any, key: str) -> Any:
+    """The value of dotted ``key`` in a config dataclass."""
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every declared check and choice; a ValueError that names the setting and its flag."""
+    for o in OPTIONS:
+        value = get(cfg, o.key)
+        name = o.flag or o.key
+        if o.choices and value not in o.choices:
+            raise ValueError(f"{name} must be one of {', '.join(o.choices)}, got {value!r}")
+        if o.check is None or value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if o.check == "at_least_2" and not values:
+            raise ValueError(f"{name} needs at least one value")
+        for v in values:
+            bad = {
+                "positive": not (math.isfinite(v) and v > 0),
+                "at_least_0": v < 0,
+                "at_least_1": v < 1,
+                "at_least_2": v < 2,
+            }[o.check]
+            if bad:
+                what = {"positive": "a positive number", "at_least_0": ">= 0", "at_least_1": ">= 1"}
+                raise ValueError(f"{name} must be {what.get(o.check, '>= 2')} (or unset), got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# what recorded configurations say
+
+
+def data_settings(config: dict) -> dict[str, Any]:
+    """What a run's recorded configuration (either form) says about its data: ``dataset``, ``data_dir``,
+    ``image_size`` (the side images were resized to) and ``eval_size`` (the side the evaluation showed
+    them at); None where it does not say."""
+    data, ev = upgrade(config).get("data", {}), upgrade(config).get("eval", {})
+    return {
+        "dataset": data.get("dataset"),
+        "data_dir": data.get("data_dir"),
+        "image_size": data.get("image_size"),
+        "eval_size": ev.get("size"),
+    }
+
+
+def recorded_arch(config: dict) -> str | None:
+    """The architecture a recorded configuration (either form) names."""
+    return upgrade(config).get("model", {}).get("arch")
+
+
+def legacy_model_spec(config: dict, in_channels: int, input_size: int) -> dict[str, Any]:
+    """The model spec of a run written before checkpoints recorded one (format 1), from its config:
+    ``create_model(**spec)`` rebuilds its network. ``in_channels``, ``input_size``: the channels and side
+    (px) of the run's images, as training gave them to the model."""
+    config = upgrade(config)
+    model = config.get("model", {})
+    heads, clusters = model.get("heads", 1), list(model.get("clusters") or [])
+    spec: dict[str, Any] = {
+        "arch": model["arch"],
+        "n_clusters": clusters * heads if len(clusters) == 1 else clusters,
+        "normalize_heads": config.get("objective") == "swapped",
+        "in_channels": in_channels,
+        "input_size": input_size,
+    }
+    spec.update({k: model[k] for k in ("widths", "pools", "projector") if model.get(k)})
+    return spec
+
+
+def compare_configs(saved: dict, current: dict) -> list[str]:
+    """The settings that must agree for an exact resume and differ: 'key: saved -> current' (either form)."""
+    old, new = flatten(upgrade(saved)), flatten(upgrade(current))
+    return [
+        f"{k}: {old[k]!r} -> {new[k]!r}" for k in MUST_MATCH if k in old and k in new and old[k] != new[k]
+    ]
+
+
+# --------------------------------------------------------------------------------------------------------
+# coercion
+
+
 def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Check/convert ``value`` to the annotated type ``hint`` (int, float, str, bool, list, X | None)."""
+    """Check/convert ``value`` to the annotated type ``hint`` (int, float, str, bool, list, X | None); a
+    list also accepts a comma-separated string (``--clusters 10,20``)."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -319,6 +608,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         return _coerce(value, inner[0], name)
     if origin is list:
         (item,) = typing.get_args(hint)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple):
             value = [value]
         return [_coerce(v, item, f"{name}[]") for v in value]
@@ -329,15 +620,7 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             return value.lower() in ("true", "1", "yes")
         raise ValueError(f"config key {name} must be true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int | float | str):
-            raise ValueError(f"config key {name} must be an integer, got {value!r}")
-        try:
-            f = float(value)
-        except ValueError:
-            raise ValueError(f"config key {name} must be an integer, got {value!r}") from None
-        if f != int(f):
-            raise ValueError(f"config key {name} must be an integer, got {value!r}")
-        return int(f)
+        return _integer(value, name)
     if hint is float:
         try:
             return float(value)
@@ -346,3 +629,51 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
     if hint is str:
         return str(value)
     return value
+
+
+def _integer(value: Any, name: str) -> int:
+    message = f"config key {name} must be an integer, got {value!r}"
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(message)
+    try:
+        f = float(value)
+    except ValueError:
+        raise ValueError(message) from None
+    if not math.isfinite(f) or f != int(f):
+        raise ValueError(message)
+    return int(f)
+
+
+# --------------------------------------------------------------------------------------------------------
+# the docs table
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "unset"
+    return json.dumps(value) if isinstance(value, list | bool) else str(value)
+
+
+def markdown_tables() -> str:
+    """The options tables of docs/training.md, one per section (``python -m sela.config`` prints them)."""
+    lines: list[str] = []
+    sections: dict[str, list[Option]] = {}
+    for o in OPTIONS:
+        sections.setdefault(o.key.rpartition(".")[0] or "run", []).append(o)
+    for section, options in sections.items():
+        lines += [f"#### `{section}`" if section != "run" else "#### top level", ""]
+        lines += [
+            "| key | flag | what [default] | resume must match | when to change |",
+            "|---|---|---|---|---|",
+        ]
+        for o in options:
+            choices = f" ({_choice_text(o.choices)})" if o.choices else ""
+            flag = f"`{o.flag}`" if o.flag else ""
+            what = f"{o.help}{choices} [`{_shown(o.default)}`]"
+            lines.append(f"| `{o.key}` | {flag} | {what} | {'yes' if o.resume else ''} | {o.when} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_tables(), end="")

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from sela import rundir
-from sela.config import data_settings, legacy_model_spec
+from sela.config import data_settings, legacy_model_spec, recorded_arch, upgrade
 from sela.data import SPLITS, EvalTransform, ImageSet, dataset_info, load_dataset
 from sela.models import SelaModel, create_model, list_models, load_pretrained, spec_from_state_dict
 
@@ -41,7 +41,7 @@ class Run:
         image_size: the side (px) the model sees: the ``image_size`` asked for, else the run's recorded
             ``eval_size`` (training may have stored larger images; ``train_set`` holds them as stored).
         dataset, arch: names, as ``sela train`` takes them.
-        config: the run's resolved configuration ({} for foreign checkpoints).
+        config: the run's resolved configuration, in sections ({} for foreign checkpoints).
         source: the path that was opened; ``run_dir``: the run directory, or None.
         summary: the run's summary.json ({} when absent).
         untrained_heads: heads whose weights were not in the checkpoint (their outputs mean nothing).
@@ -96,8 +96,9 @@ def load_test_split(
 
 
 def _recorded_config(ckpt: dict, run_dir: Path | None) -> dict:
-    """A sela checkpoint's configuration: the one it carries, else its run directory's config.json."""
-    return ckpt.get("config") or (rundir.read_json(run_dir / rundir.CONFIG) if run_dir else {})
+    """A sela checkpoint's configuration, in today's sections (:func:`sela.config.upgrade`): the one it
+    carries, else its run directory's config.json."""
+    return upgrade(ckpt.get("config") or (rundir.read_json(run_dir / rundir.CONFIG) if run_dir else {}))
 
 
 def _stored_labels(ckpt: Any, n_heads: int, train_set: ImageSet, notes: list[str]) -> Tensor | None:
@@ -114,8 +115,8 @@ def _stored_labels(ckpt: Any, n_heads: int, train_set: ImageSet, notes: list[str
 
 def _check_source_flags(path: Path, sela: bool, config: dict, arch: str | None, dataset: str | None) -> None:
     """A sela run records its architecture (a different --arch is an error); a foreign one needs both."""
-    if sela and arch is not None and arch != config.get("arch"):
-        raise ValueError(f"{path} was trained as {config.get('arch')!r}; drop --arch {arch}")
+    if sela and arch is not None and arch != recorded_arch(config):
+        raise ValueError(f"{path} was trained as {recorded_arch(config)!r}; drop --arch {arch}")
     if not sela and (arch is None or dataset is None):
         raise ValueError(
             f"{path} is not a sela run, so give its architecture and data: --arch NAME --dataset NAME"
@@ -200,7 +201,7 @@ def load_run(
     config = _recorded_config(ckpt, run_dir) if sela else {}
     _check_source_flags(path, sela, config, arch, dataset)
     recorded = data_settings(config)
-    arch = config.get("arch", arch)
+    arch = recorded_arch(config) or arch
     dataset = dataset or recorded["dataset"]
     data_dir = data_dir if data_dir is not None else recorded["data_dir"]
     size = image_size or recorded["image_size"] or dataset_info(dataset).default_image_size

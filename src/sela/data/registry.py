@@ -35,6 +35,8 @@ class DatasetInfo:
             when no size is given; None keeps the native size. ``load_dataset`` itself never applies it.
         downloads: the files are downloaded when missing (``download=True``).
         streams: the loader takes ``image_size``, ``in_memory``, ``strict`` and ``cache`` (folders).
+        recipe: the ``sela.recipes`` recipe that ``sela train --recipe auto`` takes for this dataset
+            (the embedded digits: its demo's); None: chosen from the images and the device.
     """
 
     name: str
@@ -44,6 +46,7 @@ class DatasetInfo:
     default_image_size: int | None = None
     downloads: bool = False
     streams: bool = False
+    recipe: str | None = None
 
 
 _DATASETS: dict[str, DatasetInfo] = {}
@@ -57,6 +60,7 @@ def register_dataset(
     default_image_size: int | None = None,
     downloads: bool = False,
     streams: bool = False,
+    recipe: str | None = None,
 ) -> Callable[[DatasetLoader], DatasetLoader]:
     """Decorator that registers ``loader`` under ``name`` with the fields of :class:`DatasetInfo`."""
 
@@ -66,7 +70,7 @@ def register_dataset(
         if not splits or isinstance(splits, str):
             raise ValueError(f"{name}: splits must be a tuple of split names, e.g. ('train', 'test')")
         _DATASETS[name] = DatasetInfo(
-            name, tuple(splits), loader, stats, default_image_size, downloads=downloads, streams=streams
+            name, tuple(splits), loader, stats, default_image_size, downloads, streams, recipe
         )
         return loader
 
