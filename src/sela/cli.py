@@ -342,12 +342,10 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path, test_set=None
 
     from sela.data import EvalTransform
     from sela.models import create_model
-    from sela.objectives import SelaObjective, SwappedObjective
+    from sela.objectives import OBJECTIVES, make_objective
     from sela.train import Trainer
 
     side = train_set.side(_image_size(cfg))
-    torch.manual_seed(cfg.seed)
-    model = create_model(cfg.arch, _clusters_per_head(cfg), **_model_kwargs(cfg, side, train_set.channels))
     view = cfg.crop_size or side  # training views; the label step and evaluation: eval_size
     augment = _batch_augment(cfg.augment, view, cfg.augment.crop_scale, train_set).to(device)
     small_side = cfg.small_crop_size or max(view // 2, 1)
@@ -357,19 +355,25 @@ def _build_trainer(cfg: TrainConfig, train_set, device, out: Path, test_set=None
             raise UsageError(
                 "soft_targets is an option of --objective sela (the swapped objective's codes are soft)"
             )
-        objective = SwappedObjective(
-            augment, temperature=cfg.swap_temperature, epsilon=cfg.swap_epsilon, queue=cfg.swap_queue,
+        options = dict(
+            temperature=cfg.swap_temperature, epsilon=cfg.swap_epsilon, queue=cfg.swap_queue,
             small_crops=cfg.small_crops, small_augment=small,
         )  # fmt: skip
     elif cfg.objective == "sela":
         if cfg.swap_queue:
             raise UsageError("swap_queue needs the swapped objective: add --objective swapped or drop it")
-        objective = SelaObjective(
-            augment, temperature=cfg.sela_temperature, small_crops=cfg.small_crops, small_augment=small,
+        options = dict(
+            temperature=cfg.sela_temperature, small_crops=cfg.small_crops, small_augment=small,
             soft_targets=cfg.soft_targets, prototypes=cfg.sela_prototypes,
         )  # fmt: skip
     else:
-        raise UsageError(f"--objective must be sela or swapped, got {cfg.objective!r}")
+        raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    objective = make_objective(cfg.objective, augment, **options)
+    torch.manual_seed(cfg.seed)  # the model's initial weights
+    model = create_model(
+        cfg.arch, _clusters_per_head(cfg), normalize_heads=objective.cosine_heads,
+        **_model_kwargs(cfg, side, train_set.channels),
+    )  # fmt: skip
     names = ("epochs", "batch_size", "lr", "momentum", "weight_decay", "lr_schedule", "warmup_epochs", "lam")
     names += ("label_updates", "label_spacing", "label_heads", "label_inputs", "seed", "workers", "progress")
     names += ("sync_bn", "precision", "label_share")
