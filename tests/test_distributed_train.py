@@ -129,7 +129,7 @@ def _worker(rank: int, world: int, tmp: Path) -> None:
     torch.save(_result(trainer), tmp / f"straight{rank}.pt")
     trainer.update_labels()  # its memory: this rank's features (n_r, D), logits and solver kernel (n_r, K)
     n_r, d, k = len(dist.shard_rows(N)), 16, 6
-    assert trainer._label_memory[0] == (n_r * d + 2 * n_r * k) * 4
+    assert trainer.label_pass.memory[0] == (n_r * d + 2 * n_r * k) * 4
     # a run stopped after one epoch and resumed by a new Trainer from rank 0's checkpoint
     first = _trainer(tmp / "resumed")
     first.fit(max_epochs=1)
@@ -253,7 +253,7 @@ def test_two_processes_train_like_one(two_process_run, tmp_path):
             _assert_same(torch.load(tmp / f"{kind}{rank}.pt"), expected)
     recorded = _trainer(tmp_path / "recorded", label_inputs="recorded")
     recorded.fit()
-    assert recorded.label_epochs == [1] and recorded.state.n_updates == 2
+    assert recorded.plan.label_epochs == [1] and recorded.state.n_updates == 2
     for rank in range(WORLD):
         _assert_same(torch.load(tmp / f"recorded{rank}.pt"), _result(recorded))
     # rank 0 alone writes: one metrics line per epoch, with the label step's memory (the largest rank's)

@@ -26,7 +26,11 @@ RANKS = {
     "sela.schedule": 2,
     "sela.rundir": 2,
     "sela.objectives": 3,
+    "sela.plan": 3,
+    "sela.sinks": 3,
+    "sela.labelpass": 3,
     "sela.train": 4,
+    "sela.finish": 4,
     "sela.config": 2,  # the schema: imports no sela module (and no torch)
     "sela.recipes": 5,
     "sela.runs": 5,
@@ -94,6 +98,12 @@ def test_no_module_imports_upwards():
 
 def test_training_does_not_import_the_inspection_stack():
     assert RANKS["sela.train"] < min(RANKS[m] for m in ("sela.runs", "sela.export", "sela.report"))
+
+
+def test_the_loops_parts_sit_below_the_loop():
+    """The plan, the label pass and the sinks are the loop's parts: none of them may import the loop."""
+    assert max(RANKS[m] for m in ("sela.plan", "sela.labelpass", "sela.sinks")) < RANKS["sela.train"]
+    assert RANKS["sela.schedule"] <= RANKS["sela.plan"] and RANKS["sela.labeller"] <= RANKS["sela.labelpass"]
 
 
 @pytest.mark.parametrize("where", ["top", "function"])

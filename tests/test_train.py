@@ -28,15 +28,23 @@ def make_objective(imageset, objective="sela", **swap):
 
 
 def make_trainer(imageset, out, *, epochs=2, lr=0.05, seed=0, init_seed=0, projector=(), **settings):
-    torch.manual_seed(init_seed)
     # label_share 0.5: the tiny runs keep several label passes (0.15 would merge all but the first)
     settings = {"label_updates": 4, "label_heads": "round-robin", "lam": 25.0, "label_share": 0.5, **settings}
     swap = {k: settings.pop(k) for k in list(settings) if k.startswith(("swap_", "small_", "sela_", "soft_"))}
-    model = create_model("convnet", [6, 8], widths=(8, 16), input_size=8, projector=projector)
+    objective = make_objective(imageset, settings.pop("objective", "sela"), **swap)
+    torch.manual_seed(init_seed)
+    model = create_model(
+        "convnet",
+        [6, 8],
+        widths=(8, 16),
+        input_size=8,
+        projector=projector,
+        normalize_heads=objective.cosine_heads,
+    )
     return Trainer(
         model,
         imageset,
-        objective=make_objective(imageset, settings.pop("objective", "sela"), **swap),
+        objective=objective,
         out_dir=out,
         epochs=epochs,
         batch_size=40,
@@ -90,7 +98,7 @@ def test_end_to_end_writes_the_run(tiny_set, tmp_path):
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [m["epoch"] for m in lines] == [1, 2] and len(history) == 2
     assert all(math.isfinite(m["loss"]) and 0 <= m["label_share"] <= 1 for m in lines)
-    assert trainer.label_steps == [0, 3, 6]  # 4 quadratic updates over 12 steps, two merged at step 0
+    assert trainer.plan.label_steps == [0, 3, 6]  # 4 quadratic updates over 12 steps, two merged at step 0
     assert trainer.state.n_updates == 3
     # labels are balanced (equipartition) and every head was updated round-robin
     for h, k in enumerate([6, 8]):
@@ -182,12 +190,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_set, tmp_path):
 
 def test_recorded_label_steps_use_the_training_pass(tiny_set, tmp_path, monkeypatch):
     t = make_trainer(tiny_set, tmp_path, epochs=3, **RECORDED)
-    assert t.label_steps == [0] and t.label_epochs == [1, 2]
+    assert t.plan.label_steps == [0] and t.plan.label_epochs == [1, 2]
     passes, snapshots = [], []
-    features, update = t._head_inputs, t.update_labels
-    monkeypatch.setattr(t, "_head_inputs", lambda rows: passes.append(len(rows)) or features(rows))
+    features, update = t.label_pass.head_inputs, t.update_labels
+    monkeypatch.setattr(t.label_pass, "head_inputs", lambda rows: passes.append(len(rows)) or features(rows))
     monkeypatch.setattr(t, "update_labels", lambda: (update(), snapshots.append(t.state.labels.clone()))[0])
-    monkeypatch.setattr(t, "_check_health", lambda stats: snapshots.append(t.state.labels.clone()))
+    monkeypatch.setattr(t.health, "on_epoch", lambda stats: snapshots.append(t.state.labels.clone()))
     t.fit()
     assert passes == [240]  # one forward pass over the data: the first assignment, from the random network
     assert t.state.n_updates == 3
@@ -272,7 +280,7 @@ def test_swapped_objective_trains_cosine_prototypes_and_labels_all_images(tiny_s
     import sela.labeller as labeller_mod
 
     t = make_trainer(tiny_set, tmp_path, epochs=2, objective="swapped", precision="fp32")
-    assert t.model.normalize_heads and t.label_steps == []
+    assert t.model.normalize_heads and t.plan.label_steps == []
     solved = []
     real_assign = labeller_mod.assign
     monkeypatch.setattr(labeller_mod, "assign", lambda x, **kw: solved.append(len(x)) or real_assign(x, **kw))
@@ -350,11 +358,11 @@ def test_health_warns_about_chance_level_loss_and_empty_clusters(tiny_set, tmp_p
     stats = {"epoch": 3, "loss": 0.5, "heads": [healthy, healthy]}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        t._check_health(stats)  # learning, no empty cluster: silent
+        t.health.on_epoch(stats)  # learning, no empty cluster: silent
     with pytest.warns(UserWarning, match="chance level ln K"):
-        t._check_health({**stats, "loss": math.log(7.0)})  # heads of 6 and 8 clusters: ln K about 1.9
+        t.health.on_epoch({**stats, "loss": math.log(7.0)})  # heads of 6 and 8 clusters: ln K about 1.9
     with pytest.warns(UserWarning, match=rf"heads \[1\].*{advice}"):
-        t._check_health({**stats, "heads": [healthy, {"min": 0, "n_empty": 2}]})
+        t.health.on_epoch({**stats, "heads": [healthy, {"min": 0, "n_empty": 2}]})
 
 
 def _fixed_epoch_time(trainer: Trainer, seconds: float) -> None:
@@ -382,17 +390,17 @@ def test_time_limit_replans_the_run_to_fill_the_budget(tiny_set, tmp_path, setti
 
     t.optimizer.step = record_lr
     history = t.fit()
-    assert len(history) == t.epochs == t.epoch == 6 and t.total_steps == 36
-    assert t.lr_anchor == (6, 0.0)  # re-planned at the end of the one-epoch warm-up
+    assert len(history) == t.epochs == t.epoch == 6 and t.plan.total_steps == 36
+    assert t.plan.lr_anchor == (6, 0.0)  # re-planned at the end of the one-epoch warm-up
     decay = lrs[6:]
     assert decay == sorted(decay, reverse=True) and decay[0] == pytest.approx(0.05) and decay[-1] < 1e-3
     # the label schedule follows the new length: 4 updates over 36 steps, not over the first plan's 12
     if settings:
         # step 0 and the first plan's end of epoch 1 (12 * 1 / 3 steps), then the new plan's epochs 2, 4
-        assert t.label_epochs == [2, 4] and t.state.n_updates == 4
+        assert t.plan.label_epochs == [2, 4] and t.state.n_updates == 4
     else:
         # 36 * (i / 4)^2 from step 6 on; epoch 1 ran the first plan's steps 0 and 3 (12 * (i / 4)^2)
-        assert t.label_steps == [9, 20] and t.state.n_updates == 4
+        assert t.plan.label_steps == [9, 20] and t.state.n_updates == 4
     assert [m["epoch"] for m in map(json.loads, open(tmp_path / "metrics.jsonl"))] == [1, 2, 3, 4, 5, 6]
 
 
@@ -406,7 +414,11 @@ def test_time_limit_shrinks_the_plan_and_resume_counts_time_spent(tiny_set, tmp_
     assert first.epochs == 3 and first.epoch == 2 and first.state.n_updates == 0
     resumed = make_trainer(tiny_set, tmp_path, epochs=8, time_limit_s=30.0, objective="swapped")
     resumed.load_checkpoint(tmp_path / "checkpoint.pt")
-    assert (resumed.epochs, resumed.epoch_times, resumed.lr_anchor) == (3, [10.0, 10.0], first.lr_anchor)
+    assert (resumed.epochs, resumed.plan.epoch_times, resumed.plan.lr_anchor) == (
+        3,
+        [10.0, 10.0],
+        first.plan.lr_anchor,
+    )
     _fixed_epoch_time(resumed, 10.0)
     assert len(resumed.fit()) == 1 and resumed.epoch == 3
     assert resumed.state.n_updates == 1  # the swapped objective's final label step ran in the last epoch
@@ -420,12 +432,13 @@ def test_time_limit_must_be_positive(tiny_set, tmp_path):
 def test_label_passes_are_bounded_to_their_share_of_training(tiny_set, tmp_path):
     t = make_trainer(tiny_set, tmp_path, epochs=12, label_updates=40, label_share=0.15)
     # a pass at 8 px costs a third of an epoch of 8 px views: at most 15 % means >= 1.9 epochs apart
-    gaps = [b - a for a, b in zip(t.label_steps, t.label_steps[1:], strict=False)]
-    assert t.label_steps[0] == 0 and min(gaps) >= 12 and len(t.label_steps) <= 12 * 6 // 12
-    assert [s for s in t.label_steps if s < t.steps_per_epoch] == [0]  # no second pass in epoch 1
+    steps = t.plan.label_steps
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert steps[0] == 0 and min(gaps) >= 12 and len(steps) <= 12 * 6 // 12
+    assert [s for s in steps if s < t.plan.steps_per_epoch] == [0]  # no second pass in epoch 1
     t.fit()
     passes = sum(m["label_passes"] for m in map(json.loads, open(tmp_path / "metrics.jsonl")))
-    assert passes == len(t.label_steps)
+    assert passes == len(t.plan.label_steps)
 
 
 @pytest.mark.filterwarnings("ignore:the swapped objective")
@@ -462,7 +475,7 @@ def test_monitor_numbers_join_every_nth_epoch_and_the_last_outside_the_epoch_tim
     assert [m.get("knn_top1") for m in metrics] == [None, 51.0, None, 52.0, 53.0]  # epochs 2, 4 and the last
     assert all(m["monitor_time_s"] >= 0.2 for m in metrics if "knn_top1" in m)
     # the plan (time budget) counts the epochs' own times, which leave the monitor out
-    assert t.epoch_times == pytest.approx([m["time_s"] for m in metrics], abs=1e-3)
+    assert t.plan.epoch_times == pytest.approx([m["time_s"] for m in metrics], abs=1e-3)
     assert "kNN top-1 52.0 %" in lines[3] and "kNN" not in lines[2]
     with pytest.raises(ValueError, match="monitor_every must be >= 0"):
         make_trainer(tiny_set, tmp_path, monitor=monitor, monitor_every=-1)

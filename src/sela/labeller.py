@@ -124,6 +124,11 @@ class LabelState:
             )
         return result
 
+    def set_labels(self, rows: Tensor, labels: Tensor) -> None:
+        """Set the labels of ``rows`` (b,) under every head to ``labels`` (H, b), e.g. an online objective's
+        per-batch codes; one transfer to where the labels live. Scalings and soft codes are left as they are."""
+        self.labels[:, rows] = labels.to(self.labels.device)
+
     def _keep_soft(self, head: int, logits: Tensor, scaling: Tensor, rows: Tensor, seen: Tensor) -> None:
         """Keep the k largest entries of each row of Q for ``rows``: Q[n] is proportional to
         exp(lam * logits[n]) * b, so its top k are those of lam * logits[n] + log b (in chunks)."""

@@ -1,10 +1,14 @@
-"""Training objectives behind one small interface: the paper's (``sela``) and the online one (``swapped``).
+"""Training objectives behind one small interface and a registry: the paper's (``sela``) and the online
+one (``swapped``).
 
-The training loop asks an objective for the loss of a batch (:meth:`Objective.loss`), calls
-:meth:`Objective.after_step` after each optimiser step and :meth:`Objective.start_epoch` before each
-epoch, and reads ``label_steps``: whether global label steps (Sinkhorn over all N images) run during
-training. Everything particular to an objective (its views, queue, prototype normalisation, settings
-and their checks) lives in its class.
+Each objective is a class registered by name (:func:`register_objective`, :data:`OBJECTIVES`,
+:func:`make_objective`). It declares what it needs before the model is built: ``cosine_heads`` (build the
+model with ``create_model(..., normalize_heads=objective.cosine_heads)``) and ``online_labels`` (labels
+come from the loss itself, per batch, instead of global label steps: the training plan then schedules no
+label step during training and one global step after the last epoch). The training loop asks it for the
+loss of a batch (:meth:`Objective.loss`) and calls its hooks; it changes labels only through the label
+layer (:class:`sela.labeller.LabelState`). Everything particular to an objective (its views, queue,
+prototype normalisation, settings and their checks) lives in its class.
 
 Letters: N images, B batch (this rank's part), H heads, K_h clusters of head h, P the heads' input
 width, C channels, S the training view's side.
@@ -24,7 +28,6 @@ from sela.data import BatchAugment
 from sela.labeller import LabelState
 from sela.sinkhorn import soft_codes
 
-OBJECTIVES = ("sela", "swapped")
 PROTOTYPES = ("learned", "centroids")
 
 
@@ -40,21 +43,29 @@ class Objective:
     """The interface the training loop uses; subclasses implement :meth:`loss`.
 
     Attributes:
-        name: as ``--objective`` takes it.
-        label_steps: global label steps run during training (the paper); otherwise labels come online
-            and one global label step after the last epoch gives the exported labels.
+        name: as ``--objective`` takes it (set by :func:`register_objective`).
+        cosine_heads: the model must have cosine heads (``create_model(..., normalize_heads=True)``).
+        online_labels: labels come online from :meth:`loss` (through ``LabelState.set_labels``); False:
+            global label steps run during training (the paper). Either way one global label step gives
+            the exported labels: an online objective's runs once, after the last epoch.
         empty_advice: what to tell the user when a head has empty clusters.
+        logit_scale: the label step solves on logits x this (cosine heads: 1 / temperature).
+        soft_targets: label steps keep this many soft codes per image (``LabelState``'s ``soft``).
+        needs_embeddings: recorded outputs include the heads' inputs (key "z"), for :meth:`after_labels`.
     """
 
     name = ""
-    label_steps = True
+    cosine_heads = False
+    online_labels = False
     empty_advice = ""
-    logit_scale = 1.0  # the label step solves on logits x this (cosine heads: 1 / temperature)
-    soft_targets = 0  # label steps keep this many soft codes per image (sela.labeller.LabelState's soft)
-    needs_embeddings = False  # recorded outputs include the heads' inputs (key "z"), for after_labels
+    logit_scale = 1.0
+    soft_targets = 0
+    needs_embeddings = False
 
     def prepare(self, model: nn.Module) -> None:
-        """Adapt the model before training (called once, before it moves to its device)."""
+        """Check (and adapt, e.g. freeze) the model before training; called once, before it moves to its
+        device. A ValueError when its heads are not the kind this objective needs."""
+        _check_heads(self, model)
 
     def start_epoch(self) -> None:
         """Reset per-epoch state."""
@@ -68,11 +79,11 @@ class Objective:
         *,
         generator: torch.Generator,
         autocast: contextlib.AbstractContextManager,
-    ) -> tuple[Tensor, list[Tensor] | None]:
+    ) -> tuple[Tensor, dict[int | str, Tensor] | None]:
         """The loss of a uint8 batch ``images`` (b, C, H, W) of rows ``idx`` (b,), averaged over heads
         (a scalar with its graph), and what a recorded label step may keep (None when the objective has
         none): {head: (b, K_h) outputs}, with ``"z"``: (b, P) the heads' inputs when
-        ``needs_embeddings``."""
+        ``needs_embeddings``. An online objective sets the batch's labels here (``labels.set_labels``)."""
         raise NotImplementedError
 
     def after_step(self, model: nn.Module) -> None:
@@ -83,6 +94,40 @@ class Objective:
         (n_r, P) that the step scored and their new labels (n_r,)."""
 
 
+OBJECTIVES: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str):
+    """Class decorator: registers an :class:`Objective` subclass under ``name`` (``--objective``'s value)."""
+
+    def decorator(cls: type[Objective]) -> type[Objective]:
+        if name in OBJECTIVES:
+            raise ValueError(f"an objective named {name!r} is already registered; pick another name")
+        cls.name = name
+        OBJECTIVES[name] = cls
+        return cls
+
+    return decorator
+
+
+def make_objective(name: str, augment: BatchAugment, **options) -> Objective:
+    """The registered objective ``name`` built with the training augmentation and its own keyword options;
+    a ValueError naming the choices for an unknown name."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name](augment, **options)
+
+
+def _check_heads(objective: Objective, model: nn.Module) -> None:
+    if bool(getattr(model, "normalize_heads", False)) != objective.cosine_heads:
+        kind = "cosine heads" if objective.cosine_heads else "linear heads (no normalize_heads)"
+        raise ValueError(
+            f"the {objective.name} objective with these settings needs {kind}; build the model with "
+            "create_model(..., normalize_heads=objective.cosine_heads)"
+        )
+
+
+@register_objective("sela")
 class SelaObjective(Objective):
     """The paper's objective: cross-entropy of each head's outputs on an augmented view against the
     image's current self-label, averaged over heads (Asano et al. 2020, eq. 1); the labels come from global
@@ -105,8 +150,7 @@ class SelaObjective(Objective):
             pulls each view towards its cluster's current centre.
     """
 
-    name = "sela"
-    label_steps = True
+    online_labels = False
     empty_advice = (
         "empty clusters (partial collapse); more label updates or a smaller --lam keep clusters balanced"
     )
@@ -137,16 +181,19 @@ class SelaObjective(Objective):
         self.soft_targets, self.prototypes = soft_targets, prototypes
         self.needs_embeddings = prototypes == "centroids"
 
+    @property
+    def cosine_heads(self) -> bool:
+        return self.temperature is not None
+
     def prepare(self, model: nn.Module) -> None:
-        if self.temperature is not None:
-            _cosine_heads(model)
+        _check_heads(self, model)
         if self.prototypes == "centroids":
             for head in model.heads:
                 head.weight.requires_grad_(False)
 
     def after_step(self, model: nn.Module) -> None:
         if self.temperature is not None and self.prototypes == "learned":
-            normalize_prototypes(model)
+            model.normalize_prototypes()
 
     def after_labels(self, model: nn.Module, head: int, z: Tensor, labels: Tensor) -> None:
         if self.prototypes == "centroids":
@@ -184,6 +231,7 @@ def _label_loss(logits: Tensor, labels: LabelState, head: int, idx: Tensor, repe
     return -(weights * F.log_softmax(logits, dim=1).gather(1, codes)).sum(1).mean()
 
 
+@register_objective("swapped")
 class SwappedObjective(Objective):
     """An online deviation from the paper, as SwAV (Caron et al. 2020): two views per image, each
     predicts the other's per-batch Sinkhorn codes over cosine-similarity heads (unit-norm prototypes,
@@ -203,8 +251,8 @@ class SwappedObjective(Objective):
             only). Each costs about (s / S)^2 of a full view.
     """
 
-    name = "swapped"
-    label_steps = False
+    cosine_heads = True
+    online_labels = True
     empty_advice = (  # online codes, balanced within each batch only
         "prototypes that no image's codes chose this epoch; harmless if it passes after the first "
         "epochs, else use fewer --clusters"
@@ -233,7 +281,8 @@ class SwappedObjective(Objective):
         self.model: nn.Module | None = None
 
     def prepare(self, model: nn.Module) -> None:
-        """The heads become prototypes: cosine similarity of unit-norm rows, no bias."""
+        """The heads are prototypes (cosine heads, built by ``create_model(normalize_heads=True)``)."""
+        _check_heads(self, model)
         if min(model.n_clusters) < model.head_dim:
             warnings.warn(
                 f"the swapped objective with {min(model.n_clusters)} prototypes in a {model.head_dim}-d "
@@ -241,14 +290,13 @@ class SwappedObjective(Objective):
                 f"(seen on digits); use --clusters >= {model.head_dim} or a narrower head input",
                 stacklevel=3,
             )
-        _cosine_heads(model)
         self.model = model
 
     def start_epoch(self) -> None:
         self.queue = None
 
     def after_step(self, model: nn.Module) -> None:
-        normalize_prototypes(model)
+        model.normalize_prototypes()
 
     def loss(self, net, images, idx, labels, *, generator, autocast):
         """Two full views of each image (and ``small_crops`` smaller ones) go through the network in one
@@ -273,7 +321,7 @@ class SwappedObjective(Objective):
             ce = -torch.einsum("vbk,ubk->vu", codes.view(2, b, -1), logp) / b
             loss = loss + (ce.sum() - ce[0, 0] - ce[1, 1]) / (2 * (1 + m))  # a view never predicts itself
             codes_of_batch.append(codes[:b].argmax(1))  # the first view's codes
-        labels.labels[:, idx] = torch.stack(codes_of_batch).to(labels.labels.device)  # (H, b), one transfer
+        labels.set_labels(idx, torch.stack(codes_of_batch))  # (H, b), one transfer
         if self.queue_size:  # newest first, the oldest rows drop out
             z = z[: 2 * b].detach().float()
             self.queue = (z if self.queue is None else torch.cat([z, self.queue]))[: self.queue_size]
@@ -292,16 +340,6 @@ class SwappedObjective(Objective):
         return soft_codes(balanced, epsilon=self.epsilon)[: len(scores)]
 
 
-def _cosine_heads(model: nn.Module) -> None:
-    """The heads become prototypes: cosine similarity of unit-norm rows over normalised inputs, no bias."""
-    model.normalize_heads = True
-    model.spec = {**getattr(model, "spec", {}), "normalize_heads": True}
-    for head in model.heads:
-        head.bias.data.zero_()
-        head.bias.requires_grad_(False)
-    normalize_prototypes(model)
-
-
 @torch.no_grad()
 def set_centroids(head: nn.Linear, z: Tensor, labels: Tensor) -> None:
     """Set ``head``'s prototypes (K, P) to the unit-norm means of the rows of ``z`` (n_r, P) in each cluster
@@ -311,10 +349,3 @@ def set_centroids(head: nn.Linear, z: Tensor, labels: Tensor) -> None:
     dist.all_reduce_sum_(sums)
     filled = sums.norm(dim=1) > 0
     head.weight[filled] = F.normalize(sums[filled], dim=1).to(head.weight.device, head.weight.dtype)
-
-
-@torch.no_grad()
-def normalize_prototypes(model: nn.Module) -> None:
-    """Scale every head's weight rows (the prototypes) to unit L2 norm, in place."""
-    for head in model.heads:
-        head.weight.div_(head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))

@@ -110,6 +110,36 @@ class SelaModel(nn.Module):
         logits = [head(z) for head in self.heads]
         return (logits, z) if embeddings else logits
 
+    @torch.no_grad()
+    def head_logits(self, z: Tensor, head: int, *, out: Tensor | None = None, chunk: int = 8192) -> Tensor:
+        """(n, P) head inputs -> (n, K_h) float32 logits of head ``head``, computed ``chunk`` rows at a time
+        into ``out`` (a preallocated (n, K_h) float32 buffer, e.g. a view of one reused for every head).
+
+        ``z`` is what the heads see: for cosine heads (``normalize_heads``), already L2-normalised rows.
+        """
+        linear = self.heads[head]
+        if out is None:
+            out = torch.empty(len(z), linear.out_features, device=z.device)
+        for s in range(0, len(z), chunk):
+            torch.addmm(linear.bias, z[s : s + chunk].float(), linear.weight.t(), out=out[s : s + chunk])
+        return out  # (n, K_h)
+
+    @torch.no_grad()
+    def normalize_prototypes(self) -> None:
+        """Scale every head's weight rows (the prototypes) to unit L2 norm, in place."""
+        for head in self.heads:
+            head.weight.div_(head.weight.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def _make_cosine_heads(self) -> None:
+        """The heads become prototypes: cosine similarity of unit-norm rows over normalised inputs, no bias
+        (zeroed and frozen). :func:`sela.models.create_model` calls it for ``normalize_heads=True``, after
+        the heads are built (so the random initialisation draws the same numbers either way)."""
+        self.normalize_heads = True
+        for head in self.heads:
+            head.bias.data.zero_()
+            head.bias.requires_grad_(False)
+        self.normalize_prototypes()
+
     def forward(self, x: Tensor | list[Tensor], *, embeddings: bool = False) -> list[Tensor] | tuple:
         """(B, C, H, W) images -> list of H logits tensors (B, K_h).
 

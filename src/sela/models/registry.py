@@ -79,7 +79,9 @@ def create_model(
     Args:
         arch: a name from ``list_models()``.
         n_clusters: clusters K per head; an int means one head. Every K must be >= 2.
-        normalize_heads: cosine heads (L2-normalised head inputs; see ``SelaModel.normalize_heads``).
+        normalize_heads: cosine heads: L2-normalised head inputs (see ``SelaModel.normalize_heads``),
+            unit-norm prototype rows and a zero, frozen bias (the swapped objective's, and the sela
+            objective's with a temperature: build with ``normalize_heads=objective.cosine_heads``).
         **kwargs: passed to the model's factory (e.g. ``in_channels``, ``widths``, ``input_size``).
 
     Raises:
@@ -97,7 +99,9 @@ def create_model(
         raise ValueError(
             f"{arch} does not take the setting {key!r}; drop it or choose another --arch"
         ) from None
-    model.normalize_heads = normalize_heads
+    model.normalize_heads = False
+    if normalize_heads:
+        model._make_cosine_heads()
     model.spec = {"arch": arch, "n_clusters": ks, "normalize_heads": normalize_heads}
     model.spec.update({k: _plain(v) for k, v in kwargs.items()})
     return model
