@@ -91,7 +91,7 @@ def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
     [
         (["--arch", "vgg99"], "unknown architecture"),
         (["--clusters", "5000"], "clusters"),
-        (["--clusters", "10,20,30"], "--clusters lists 3 values"),
+        (["--clusters", "10,20,30"], "clusters lists 3 values for 4 heads"),
         (["--dataset", "folder", "--data-dir", "/nonexistent/dir"], "/nonexistent/dir"),
         (["--dataset", "imagenet22k"], "unknown dataset"),
         (["--resume"], "no checkpoint.pt"),

@@ -138,9 +138,11 @@ def test_declared_checks_name_the_flag(override, message):
 
 def test_the_docs_hold_the_generated_options_tables():
     """docs/training.md's options tables are `python -m sela.config`'s output: a field missing from the
-    docs, or a stale default, fails here (regenerate the block between the markers)."""
+    docs, or a stale default, fails here (regenerate: python -m sela.config docs/training.md)."""
+    from sela.config import DOCS_BEGIN as begin
+    from sela.config import DOCS_END as end
+
     text = DOCS.read_text()
-    begin, end = "<!-- options: begin (python -m sela.config) -->\n", "<!-- options: end -->"
     assert begin in text and end in text
     assert text.split(begin)[1].split(end)[0] == markdown_tables()
     for o in OPTIONS:

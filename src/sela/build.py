@@ -43,8 +43,8 @@ from sela.config import (
     validate,
 )
 from sela.data import BatchAugment, EvalTransform, ImageSet, dataset_info, load_dataset, view_scale_size
-from sela.models import clusters_per_head, create_model
-from sela.objectives import make_objective
+from sela.models import clusters_per_head, create_model, list_models
+from sela.objectives import OBJECTIVES, make_objective
 from sela.runs import load_test_split
 from sela.train import Trainer, finish_run
 
@@ -73,9 +73,16 @@ def upgrade_keys(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def settings_before_data(user: dict[str, Any]) -> TrainConfig:
-    """The defaults with the user's settings: what can be checked before any image is read."""
+    """The defaults with the user's settings, checked as far as they can be before any image is read: the
+    schema's checks, and names that registries must know (dataset, architecture, objective)."""
     cfg = apply_overrides(TrainConfig(), user)
     validate(cfg)
+    dataset_info(cfg.data.dataset)
+    if cfg.model.arch not in list_models():
+        raise ValueError(f"unknown architecture {cfg.model.arch!r}; choose one of {', '.join(list_models())}")
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    clusters_per_head(cfg.model.clusters, cfg.model.heads)
     return cfg
 
 

@@ -675,5 +675,17 @@ def markdown_tables() -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-if __name__ == "__main__":
-    print(markdown_tables(), end="")
+DOCS_BEGIN, DOCS_END = "<!-- options: begin (python -m sela.config) -->\n", "<!-- options: end -->"
+
+
+def write_docs(path: str | Path) -> None:
+    """Replace the options tables between the markers of ``path`` (docs/training.md) with today's."""
+    path = Path(path)
+    before, rest = path.read_text().split(DOCS_BEGIN)
+    path.write_text(before + DOCS_BEGIN + markdown_tables() + DOCS_END + rest.split(DOCS_END)[1])
+
+
+if __name__ == "__main__":  # python -m sela.config [docs/training.md]: print the tables, or rewrite them there
+    import sys
+
+    write_docs(sys.argv[1]) if len(sys.argv) > 1 else print(markdown_tables(), end="")
