@@ -37,6 +37,7 @@ from sela.config import (
     canonical_key,
     compare_configs,
     flatten,
+    model_options,
     parse_overrides,
     read_toml,
     to_dict,
@@ -179,9 +180,7 @@ def build_model(cfg: TrainConfig, train_set: ImageSet, *, cosine_heads: bool):
     """The network the model section describes, for these images (seeded with ``runtime.seed``)."""
     m = cfg.model
     kwargs: dict[str, Any] = {"in_channels": train_set.channels, "input_size": image_side(cfg, train_set)}
-    kwargs.update(
-        {key: tuple(getattr(m, key)) for key in ("widths", "pools", "projector") if getattr(m, key)}
-    )
+    kwargs.update({key: tuple(value) for key, value in model_options(to_dict(m)).items()})
     torch.manual_seed(cfg.runtime.seed)
     return create_model(
         m.arch, clusters_per_head(m.clusters, m.heads), normalize_heads=cosine_heads, **kwargs

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import json
 import math
 import sys
@@ -37,8 +38,7 @@ class UsageError(ValueError):
     """Bad input from the user: printed as one line, exit code 2."""
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
+_say = functools.partial(print, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -52,21 +52,12 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         description="Train by self-labelling (SeLa). Defaults < recipe < --config TOML < flags < --set "
         "overrides. Every setting: docs/training.md.",
     )
-    for o in OPTIONS:
-        if o.flag is None:
-            continue
-        help = o.help + (f" (recipes: {', '.join(RECIPES)})" if o.key == "recipe" else "")
-        if o.choices:
-            help += f"; one of {', '.join(o.choices)}"
-        if o.flag_value is False:
-            help = f"no {help}"
+    for o in (o for o in OPTIONS if o.flag):
+        help = o.help_line() + (f" (recipes: {', '.join(RECIPES)})" if o.key == "recipe" else "")
         if o.flag_value is not None:
-            p.add_argument(
-                o.flag, dest=o.key, action="store_const", const=o.flag_value, default=None, help=help
-            )
+            p.add_argument(o.flag, dest=o.key, action="store_const", const=o.flag_value, help=help)
         else:
-            default = "unset" if o.default is None else o.default
-            p.add_argument(o.flag, dest=o.key, default=None, metavar="VALUE", help=f"{help} [{default}]")
+            p.add_argument(o.flag, dest=o.key, metavar="VALUE", help=help)
     p.add_argument("--config", help="TOML file of settings (keys and tables as in config.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override of any setting, e.g. --set augment.grayscale_p=0.1 (repeatable)")  # fmt: skip

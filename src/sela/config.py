@@ -363,6 +363,13 @@ class Option:
     feeds: str | None
     flag_value: Any
 
+    def help_line(self) -> str:
+        """The flag's ``--help`` text: what it sets, its choices, and its default (a switch: what it does)."""
+        text = self.help + (f"; one of {', '.join(self.choices)}" if self.choices else "")
+        if self.flag_value is not None:
+            return text if self.flag_value else f"no {text}"
+        return f"{text} [{'unset' if self.default is None else self.default}]"
+
 
 def _options(cls: type, prefix: str = "") -> list[Option]:
     hints = typing.get_type_hints(cls)
@@ -566,6 +573,12 @@ def recorded_arch(config: dict) -> str | None:
     return upgrade(config).get("model", {}).get("arch")
 
 
+def model_options(model: dict) -> dict[str, Any]:
+    """The keyword arguments of ``create_model`` that a model section sets beyond ``arch`` and the
+    clusters: ``widths``, ``pools``, ``projector`` where given (unset or empty: the model's own)."""
+    return {key: model[key] for key in ("widths", "pools", "projector") if model.get(key)}
+
+
 def legacy_model_spec(config: dict, in_channels: int, input_size: int) -> dict[str, Any]:
     """The model spec of a run written before checkpoints recorded one (format 1), from its config:
     ``create_model(**spec)`` rebuilds its network. ``in_channels``, ``input_size``: the channels and side
@@ -580,7 +593,7 @@ def legacy_model_spec(config: dict, in_channels: int, input_size: int) -> dict[s
         "in_channels": in_channels,
         "input_size": input_size,
     }
-    spec.update({k: model[k] for k in ("widths", "pools", "projector") if model.get(k)})
+    spec.update(model_options(model))
     return spec
 
 
@@ -685,7 +698,9 @@ def write_docs(path: str | Path) -> None:
     path.write_text(before + DOCS_BEGIN + markdown_tables() + DOCS_END + rest.split(DOCS_END)[1])
 
 
-if __name__ == "__main__":  # python -m sela.config [docs/training.md]: print the tables, or rewrite them there
+if (
+    __name__ == "__main__"
+):  # python -m sela.config [docs/training.md]: print the tables, or rewrite them there
     import sys
 
     write_docs(sys.argv[1]) if len(sys.argv) > 1 else print(markdown_tables(), end="")
