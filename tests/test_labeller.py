@@ -148,3 +148,10 @@ def test_unbalanced_labels_warn_only_after_the_first_label_step():
     state.n_updates = 1
     with pytest.warns(UserWarning, match="label step 2, head 0: the largest cluster holds 3.9x"):
         state.relabel(0, torch.zeros(200, 4))
+
+
+def test_set_labels_writes_every_heads_labels_of_the_given_rows():
+    state = LabelState(2, 6)
+    state.set_labels(torch.tensor([4, 1]), torch.tensor([[3, 2], [5, 0]]))  # (H, b) for rows 4 and 1
+    assert state.labels.tolist() == [[0, 2, 0, 0, 3, 0], [0, 0, 0, 0, 5, 0]]
+    assert state.labels.dtype == torch.int64 and state.n_updates == 0  # not a label step

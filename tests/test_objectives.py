@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_train import make_trainer
 
-from sela.data import BatchAugment
+from sela.data import BatchAugment, EvalTransform
 
 
 def swapped_loss(trainer, images, idx, generator):
@@ -222,3 +222,127 @@ def test_sela_centroid_prototypes_are_the_clusters_mean_inputs_and_get_no_gradie
     assert all(torch.equal(b, head.weight) for b, head in zip(before, t.model.heads, strict=True))
     with pytest.raises(ValueError, match="centroid prototypes need cosine heads"):
         make_trainer(tiny_set, tmp_path, sela_prototypes="centroids")
+
+
+# ------------------------------------------------------------------------------------------------------
+# the registry, and the loop's independence of which objective it runs
+
+
+def _augment(imageset):
+    return BatchAugment(8, crop_scale=(0.6, 1.0), flip_p=0.0, mean=imageset.mean, std=imageset.std)
+
+
+def test_registry_lists_both_objectives_and_makes_them_by_name(tiny_set):
+    from sela.objectives import OBJECTIVES, SelaObjective, SwappedObjective, make_objective
+
+    assert {"sela": SelaObjective, "swapped": SwappedObjective}.items() <= OBJECTIVES.items()
+    assert all(cls.name == name for name, cls in OBJECTIVES.items())
+    swapped = make_objective("swapped", _augment(tiny_set), temperature=0.2, queue=10)
+    assert isinstance(swapped, SwappedObjective) and (swapped.temperature, swapped.queue_size) == (0.2, 10)
+    assert swapped.cosine_heads and swapped.online_labels
+    sela = make_objective("sela", _augment(tiny_set))
+    assert not sela.cosine_heads and not sela.online_labels
+    assert make_objective("sela", _augment(tiny_set), temperature=0.1).cosine_heads
+    with pytest.raises(ValueError, match=r"unknown objective 'dino'; choose one of sela, swapped"):
+        make_objective("dino", _augment(tiny_set))
+
+
+def test_prepare_rejects_a_model_built_with_the_other_kind_of_heads(tiny_set):
+    from sela.models import create_model
+    from sela.objectives import SelaObjective, SwappedObjective
+
+    plain = create_model("convnet", [6], widths=(8,), input_size=8)
+    cosine = create_model("convnet", [6], widths=(8,), input_size=8, normalize_heads=True)
+    SelaObjective(_augment(tiny_set)).prepare(plain)
+    for objective, model in [
+        (SwappedObjective(_augment(tiny_set)), plain),
+        (SelaObjective(_augment(tiny_set), temperature=0.1), plain),
+        (SelaObjective(_augment(tiny_set)), cosine),
+    ]:
+        with pytest.raises(ValueError, match=r"normalize_heads=objective\.cosine_heads"):
+            objective.prepare(model)
+    assert not plain.normalize_heads and not plain.spec["normalize_heads"]  # prepare changed nothing
+
+
+def _register_toy_objectives(monkeypatch):
+    """Two objectives the package does not know: offline labels (plain cross-entropy on one view) and
+    online labels (each batch's argmax becomes its labels)."""
+    import torch.nn.functional as F
+
+    import sela.objectives as objectives_mod
+
+    monkeypatch.setattr(objectives_mod, "OBJECTIVES", dict(objectives_mod.OBJECTIVES))
+
+    @objectives_mod.register_objective("toy")
+    class ToyObjective(objectives_mod.Objective):
+        def __init__(self, augment):
+            self.augment = augment
+
+        def loss(self, net, images, idx, labels, *, generator, autocast):
+            with autocast:
+                outputs = net(self.augment(images, generator=generator))
+            logits = [o.float() for o in outputs]
+            loss = sum(F.cross_entropy(o, labels.labels[h, idx]) for h, o in enumerate(logits)) / len(logits)
+            return loss, {h: o.detach() for h, o in enumerate(logits)}
+
+    @objectives_mod.register_objective("toy-online")
+    class OnlineToy(ToyObjective):
+        online_labels = True
+
+        def loss(self, net, images, idx, labels, *, generator, autocast):
+            loss, outputs = super().loss(net, images, idx, labels, generator=generator, autocast=autocast)
+            labels.set_labels(idx, torch.stack([o.argmax(1) for o in outputs.values()]))
+            return loss, None
+
+    return objectives_mod
+
+
+@pytest.mark.filterwarnings("ignore:epoch")
+@pytest.mark.parametrize("name", ["toy", "toy-online"])
+def test_a_newly_registered_objective_trains_without_any_change_to_the_loop(
+    tiny_set, tmp_path, monkeypatch, name
+):
+    from sela.models import create_model
+    from sela.train import Trainer
+
+    objectives_mod = _register_toy_objectives(monkeypatch)
+    assert name in objectives_mod.OBJECTIVES
+    objective = objectives_mod.make_objective(name, _augment(tiny_set))
+    torch.manual_seed(0)
+    model = create_model(
+        "convnet", [6, 8], widths=(8, 16), input_size=8, normalize_heads=objective.cosine_heads
+    )
+    t = Trainer(
+        model, tiny_set, objective=objective, out_dir=tmp_path, epochs=2, batch_size=40, lr=0.05,
+        label_updates=4, label_share=0.5, lam=25.0, eval_transform=EvalTransform(8, mean=tiny_set.mean, std=tiny_set.std),
+        device=torch.device("cpu"), precision="fp32", progress=False,
+    )  # fmt: skip
+    history = t.fit()
+    assert len(history) == 2 and all(m["loss"] == m["loss"] for m in history)
+    # offline: the plan's label steps during training; online: none, then one global pass after the end
+    assert t.state.n_updates == (1 if name == "toy-online" else len(t.plan.label_steps))
+    assert [m["label_updates"] for m in history] == ([0, 1] if name == "toy-online" else [2, 3])
+    for h, k in enumerate([6, 8]):  # the last labels of every image come from a global solve
+        assert torch.bincount(t.state.labels[h], minlength=k).min() > 0
+
+
+def test_the_loop_uses_only_the_objectives_hooks():
+    """fit and train_one_epoch (and their helpers) call the objective's hooks, never read what it is."""
+    import ast
+    import inspect
+
+    import sela.train as train_mod
+
+    tree = ast.parse(inspect.getsource(train_mod.Trainer))
+    loop = {"fit", "_next_epoch", "train_one_epoch", "_step", "_recorder", "update_labels"}
+    used = {
+        node.attr
+        for fn in ast.walk(tree)
+        if isinstance(fn, ast.FunctionDef) and fn.name in loop
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Attribute)
+        and node.value.attr == "objective"
+    }
+    assert used <= {"loss", "after_step", "start_epoch"}, used
+    assert "isinstance" not in inspect.getsource(train_mod.Trainer.train_one_epoch)

@@ -306,3 +306,32 @@ def test_projector_sits_between_features_and_heads(name):
 def test_projector_widths_are_checked(bad):
     with pytest.raises(ValueError, match="projector"):
         create_model("convnet", [4], projector=bad)
+
+
+@pytest.mark.parametrize("name", ["convnet", "resnet18_cifar"])
+def test_cosine_heads_are_built_by_create_model_from_the_same_draws(name):
+    torch.manual_seed(0)
+    plain = create_model(name, [7, 5], projector=(16,))
+    torch.manual_seed(0)
+    cosine = create_model(name, [7, 5], projector=(16,), normalize_heads=True)
+    assert cosine.normalize_heads and cosine.spec["normalize_heads"] and not plain.normalize_heads
+    for a, b in zip(plain.heads, cosine.heads, strict=True):
+        assert torch.allclose(b.weight.norm(dim=1), torch.ones(b.out_features), atol=1e-6)  # unit prototypes
+        assert torch.equal(b.weight, a.weight / a.weight.norm(dim=1, keepdim=True))  # the same random rows
+        assert torch.equal(b.bias, torch.zeros_like(b.bias)) and not b.bias.requires_grad  # no bias, frozen
+        assert b.weight.requires_grad and a.bias.requires_grad
+    body = {k: v for k, v in plain.state_dict().items() if not k.startswith("heads")}
+    assert all(torch.equal(v, cosine.state_dict()[k]) for k, v in body.items())  # RNG draws unchanged
+    rebuilt = create_model(**cosine.spec)  # a run's spec rebuilds cosine heads
+    assert rebuilt.normalize_heads and not rebuilt.heads[0].bias.requires_grad
+
+
+def test_head_logits_fill_the_given_buffer_in_chunks():
+    torch.manual_seed(0)
+    model = create_model("convnet", [7, 5], widths=(8, 16), input_size=8)
+    z = torch.randn(10, model.head_dim)
+    buffer = torch.full((10 * 7,), float("nan"))
+    out = model.head_logits(z, 1, out=buffer[: 10 * 5].view(10, 5), chunk=3)  # (10, 5), 4 chunks
+    assert out.data_ptr() == buffer.data_ptr() and not out.requires_grad
+    assert torch.allclose(out, model.heads[1](z), atol=1e-6)
+    assert torch.equal(model.head_logits(z, 0), model.head_logits(z, 0, chunk=4))  # allocated when no buffer
