@@ -34,7 +34,8 @@ TIMING = {"time_s", "label_time_s", "label_share", "images_per_s", "label_peak_m
 
 def run(src: str, out: Path, extra: list[str]) -> None:
     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sela", "train", "--out", str(out), "--no-progress", "--device", "cpu", *extra]
+    cmd = [sys.executable, "-m", "sela", "train", "--out", str(out), "--no-progress", "--device", "cpu"]
+    cmd += extra
     with open(out.with_suffix(".log"), "w") as log:
         subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
 
