@@ -70,12 +70,15 @@ def test_unknown_schedule_names_are_rejected():
 def test_state_dict_round_trip_and_old_plans_without_the_newer_keys():
     p = plan(time_limit_s=60.0)
     p.replan(1, 6)
-    p.epoch_times = [9.5]
+    p.epoch_times, p.last_label_step, p.pass_epochs = [9.5], 12, 0.5
     saved = p.state_dict()
-    assert set(saved) == {"epochs", "lr_anchor", "label_steps", "label_epochs", "epoch_times"}  # format 2
+    assert set(saved) == {"epochs", "lr_anchor", "label_steps", "label_epochs", "epoch_times",
+                          "last_label_step", "pass_epochs"}  # fmt: skip
     again = plan()
     again.load_state_dict({**saved, "lr_anchor": list(saved["lr_anchor"])})  # JSON-like lists load too
     assert again.state_dict() == saved and again.lr_at(33) == p.lr_at(33)
-    assert again.last_label_step is None
-    again.load_state_dict({**saved, "last_label_step": 12, "pass_epochs": 0.5})
-    assert again.last_label_step == 12 and again.pass_epochs == 0.5
+    assert again.last_label_step == 12 and again.pass_epochs == 0.5  # a resumed budget spaces steps as before
+    old = {k: v for k, v in saved.items() if k not in ("last_label_step", "pass_epochs")}  # format 2 plans
+    fresh = plan()
+    fresh.load_state_dict(old)
+    assert fresh.last_label_step is None and fresh.pass_epochs == plan().pass_epochs

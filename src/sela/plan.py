@@ -27,7 +27,15 @@ from sela.schedule import (
     typical_epoch_s,
 )
 
-_SAVED = ("epochs", "lr_anchor", "label_steps", "label_epochs", "epoch_times")  # the checkpoint's "plan"
+_SAVED = (
+    "epochs",
+    "lr_anchor",
+    "label_steps",
+    "label_epochs",
+    "epoch_times",
+    "last_label_step",
+    "pass_epochs",
+)
 
 
 @dataclass
