@@ -282,7 +282,7 @@ def write_labels_csv(
     conf = confidence.t().tolist() if confidence is not None else None  # (N, H)
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", errors="surrogateescape") as f:
             out = csv.writer(f)
             out.writerow(header)
             for i, row in enumerate(cols):
