@@ -84,8 +84,8 @@ def list_images(source: str | os.PathLike) -> list[str]:
     """Image files to label, as absolute paths: every image below a folder, or the lines of a text list.
 
     A folder is walked by :func:`sela.data.reader.walk_images`, as ``sela train`` walks its data (links
-    followed once, sela's run directories left out; entries that cannot be listed, such as a dangling
-    link, are skipped with one warning). A list is UTF-8 (a byte-order mark is fine; bytes that are not
+    followed once, sela's run directories left out; a dangling link is listed, so that it is named with
+    the files that cannot be read). A list is UTF-8 (a byte-order mark is fine; bytes that are not
     UTF-8 are kept as they are); a relative path in it is relative to the list file's folder; blank lines
     and lines starting with ``#`` are skipped. The paths :func:`write_embedding` writes are absolute, so a
     ``.paths.txt`` reads back as a list from anywhere.
@@ -95,8 +95,9 @@ def list_images(source: str | os.PathLike) -> list[str]:
         found = walk_images(os.path.abspath(source))
         if not found.paths:
             raise ValueError(f"no images under {source} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        report_unreadable(found.skipped, strict=False)
-        return found.paths
+        unlisted = [s for s in found.skipped if not s.startswith(tuple(found.broken))]
+        report_unreadable(unlisted, strict=False)  # folders; a broken file is named when it is read
+        return sorted(found.paths + found.broken)
     if not source.is_file():
         raise FileNotFoundError(f"--images {source} does not exist; pass a folder of images or a file list")
     if source.suffix.lower() in IMAGE_EXTENSIONS:

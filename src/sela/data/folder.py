@@ -142,7 +142,7 @@ def scan_folder(folder: str, classes: list[str] | None = None) -> Scan:
     loose, visited = Listing(), set()
     list_folder(folder, loose, visited)
     names = subfolders(folder)
-    per_class = {n: walk_images(os.path.join(folder, n), visited=visited) for n in names}
+    per_class = _walk_classes(folder, names, visited)
     nested = sum(len(found.paths) for found in per_class.values())
     if nested > len(loose.paths) and len(loose.paths) <= max(1, int(nested * _STRAY_SHARE)):
         scan = _labelled(per_class, classes or names)
@@ -162,6 +162,22 @@ def scan_folder(folder: str, classes: list[str] | None = None) -> Scan:
             "put images in <root>/train/<class>/ or directly in the folder"
         )
     return scan
+
+
+def _walk_classes(folder: str, names: list[str], visited: set[tuple[int, int]]) -> dict[str, Listing]:
+    """Each class folder's listing; a link from one class folder into another is not followed (the
+    images stay in their own class)."""
+    roots = {}
+    for n in names:
+        st = os.stat(os.path.join(folder, n))
+        roots[n] = (st.st_dev, st.st_ino)
+    per_class = {}
+    for n in names:
+        others = {key for m, key in roots.items() if m != n}
+        seen = visited | others
+        per_class[n] = walk_images(os.path.join(folder, n), visited=seen)
+        visited |= seen - others
+    return per_class
 
 
 def _labelled(per_class: dict[str, Listing], classes: list[str]) -> Scan:

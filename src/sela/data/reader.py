@@ -94,13 +94,10 @@ def printable(path: str) -> str:
 def _reason(err: BaseException, path: str = "") -> str:
     """``Type: first line`` of ``err``, without the file name that PIL's messages repeat."""
     text = str(err).strip().splitlines()
-    first = (
-        text[0].replace(f" {path!r}", "").replace(f" {path}", "")
-        if text and path
-        else text[0]
-        if text
-        else ""
-    )
+    first = text[0] if text else ""
+    if path:
+        for shown in (f": {path!r}", f" {path!r}", f" {path}"):
+            first = first.replace(shown, "")
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
 
 
@@ -110,16 +107,19 @@ def _reason(err: BaseException, path: str = "") -> str:
 @dataclass
 class Listing:
     """Image files found below a folder: ``paths`` (sorted) with their ``stats`` (``os.stat``, links
-    followed), and ``skipped``: "PATH (reason)" for each entry that could not be listed."""
+    followed), ``skipped``: "PATH (reason)" for each entry that could not be listed, and ``broken``: the
+    paths of the image-named entries among them (a dangling link)."""
 
     paths: list[str] = field(default_factory=list)
     stats: list[os.stat_result] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    broken: list[str] = field(default_factory=list)
 
     def extend(self, other: "Listing") -> None:
         self.paths += other.paths
         self.stats += other.stats
         self.skipped += other.skipped
+        self.broken += other.broken
 
 
 def is_image_name(name: str) -> bool:
@@ -169,7 +169,8 @@ def list_folder(path: str, listing: Listing, visited: set[tuple[int, int]]) -> l
                 if not stat.S_ISREG(st.st_mode):
                     raise OSError("not a regular file")
             except OSError as err:
-                listing.skipped.append(f"{entry.path} ({_reason(err)})")
+                listing.skipped.append(f"{entry.path} ({_reason(err, entry.path)})")
+                listing.broken.append(entry.path)
             else:
                 listing.paths.append(entry.path)
                 listing.stats.append(st)
@@ -273,7 +274,7 @@ def _reduce(img: Image.Image, size: tuple[int, int] | None, turned: bool, max_pi
         th, tw = (size[1], size[0]) if turned else size  # the target in the file's own (unrotated) frame
         scale = max(th / h, tw / w)
     elif w * h > max_pixels:
-        scale = (max_pixels / (w * h)) ** 0.5
+        scale = (max_pixels / (w * h)) ** 0.5 / 2  # draft gives at most twice the asked side: within budget
     else:
         return
     img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))  # fast JPEG downscale
