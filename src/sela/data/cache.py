@@ -9,9 +9,10 @@ warns and leaves no temporary file.
 The key (:func:`cache_file`) covers the folder, the decode settings, the class names and, for every file,
 its path bytes, size, mtime, ctime, inode and device. ctime cannot be set from user space (``touch -d``
 and ``os.utime`` set mtime, and stamp ctime with *now*) and a replaced file has a new inode or a new
-ctime, so a file rewritten with the same size and its old mtime restored misses the cache. Hashing the
-files' bytes as well would make every load read the whole folder again (measured on CIFAR-10's 50,000
-JPEGs in docs/ and the issue-30 report); the stat fields are what a second load already has.
+ctime, so a file rewritten with the same size and its old mtime restored misses the cache (a copied or
+restored folder misses it too, and is decoded once more). Hashing the files' bytes instead would read the
+whole folder on every load: on CIFAR-10's 50,000 train JPEGs (46 MB) the stat key costs 0.15 s on top of
+the 0.6 s listing, a content hash (read + blake2b) 1.2 s with the files in the page cache, 6 s without.
 """
 
 import hashlib
