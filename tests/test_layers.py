@@ -19,6 +19,8 @@ RANKS = {
     "sela.models": 0,
     "sela.data": 0,
     "sela.data.registry": 0,
+    "sela.data.reader": 0,
+    "sela.data.cache": 0,
     "sela.distributed": 0,
     "sela.plots": 0,
     "sela.eval": 1,

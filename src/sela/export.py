@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from sela.data import EvalTransform, make_loader
-from sela.data.folder import IMAGE_EXTENSIONS, decode_images
+from sela.data.reader import IMAGE_EXTENSIONS, decode_images, printable, report_unreadable, walk_images
 from sela.eval.features import extract
 from sela.labeller import SelfLabeller, feature_matrix
 from sela.models.export import backbone_payload, backbone_spec, info_path, torchvision_recipe
@@ -81,51 +81,71 @@ def assign_labels(logits: list[Tensor], *, balanced: bool = False, lam: float = 
 
 
 def list_images(source: str | os.PathLike) -> list[str]:
-    """Image files to label: every image below a folder (sorted), or the lines of a text file list.
+    """Image files to label, as absolute paths: every image below a folder, or the lines of a text list.
 
-    Relative paths in a list are taken relative to the list's folder; blank lines and lines starting
-    with ``#`` are skipped.
+    A folder is walked by :func:`sela.data.reader.walk_images`, as ``sela train`` walks its data (links
+    followed once, sela's run directories left out; a dangling link is listed, so that it is named with
+    the files that cannot be read). A list is UTF-8 (a byte-order mark is fine; bytes that are not
+    UTF-8 are kept as they are); a relative path in it is relative to the list file's folder; blank lines
+    and lines starting with ``#`` are skipped. The paths :func:`write_embedding` writes are absolute, so a
+    ``.paths.txt`` reads back as a list from anywhere.
     """
     source = Path(source)
     if source.is_dir():
-        found = sorted(
-            str(p)
-            for p in source.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-        )
-        if not found:
+        found = walk_images(os.path.abspath(source))
+        if not found.paths:
             raise ValueError(f"no images under {source} (looked for {', '.join(IMAGE_EXTENSIONS)})")
-        return found
+        unlisted = [s for s in found.skipped if not s.startswith(tuple(found.broken))]
+        report_unreadable(unlisted, strict=False)  # folders; a broken file is named when it is read
+        return sorted(found.paths + found.broken)
     if not source.is_file():
         raise FileNotFoundError(f"--images {source} does not exist; pass a folder of images or a file list")
     if source.suffix.lower() in IMAGE_EXTENSIONS:
-        return [str(source)]
+        return [os.path.abspath(source)]
     try:
-        lines = source.read_text().splitlines()
-    except UnicodeDecodeError:
-        raise ValueError(f"{source} is neither an image nor a text list of image paths") from None
-    paths = []
-    for line in lines:
-        line = line.strip()
-        if line and not line.startswith("#"):
-            p = Path(line)
-            paths.append(str(p if p.is_absolute() else source.parent / p))
+        text = source.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    except OSError as err:
+        raise ValueError(f"could not read the file list {source} ({err.strerror or err})") from None
+    if "\0" in text:
+        raise ValueError(f"{source} is neither an image nor a text list of image paths")
+    folder = os.path.abspath(source.parent)
+    paths = [
+        os.path.normpath(os.path.join(folder, line.strip()))  # an absolute line stays as it is
+        for line in text.splitlines()
+        if line.strip() and not line.strip().startswith("#")
+    ]
     if not paths:
         raise ValueError(f"the file list {source} is empty; put one image path per line")
     return paths
 
 
-def load_images(paths: list[str], size: int, *, channels: int = 3) -> Tensor:
-    """Decode image files into uint8 (N, C, size, size) (shorter side to ``size``, center crop)."""
-    images, _, failed = decode_images(paths, (size, size), None)
-    if failed:
-        more = f" and {len(failed) - 3} more" if len(failed) > 3 else ""
-        raise ValueError(f"could not read {len(failed)} image(s): {', '.join(failed[:3])}{more}; remove them")
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+def read_images(paths: list[str], size: int, *, channels: int = 3) -> tuple[Tensor, list[str], list[str]]:
+    """Decode image files into uint8 (M, C, size, size) (shorter side to ``size``, center crop), as
+    ``sela train`` decodes them; unreadable files are left out.
+
+    Returns the images, the M paths that were read (in order) and "PATH (reason)" for each file left out.
+    """
+    images, ok, failed = decode_images(paths, (size, size), None)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (M, 3, S, S)
     if channels == 1:
         x = x.float().mul(torch.tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
-        x = x.round().clamp(0, 255).to(torch.uint8)  # (N, 1, S, S)
+        x = x.round().clamp(0, 255).to(torch.uint8)  # (M, 1, S, S)
+    return x, [paths[i] for i in ok], failed
+
+
+def load_images(paths: list[str], size: int, *, channels: int = 3) -> Tensor:
+    """Decode every one of ``paths`` into uint8 (N, C, size, size) (see :func:`read_images`); a
+    ``ValueError`` naming the files that could not be read."""
+    x, _, failed = read_images(paths, size, channels=channels)
+    report_unreadable(failed, strict=True)
     return x
+
+
+def _none_read(failed: list[str]) -> ValueError:
+    shown = "; ".join(printable(f) for f in failed[:3]) + (
+        f"; and {len(failed) - 3} more" if len(failed) > 3 else ""
+    )
+    return ValueError(f"could not read any of the {len(failed)} image(s): {shown}")
 
 
 def load_features(path: str | os.PathLike) -> Tensor:
@@ -246,13 +266,16 @@ def label_images(
 ) -> tuple[Path, list[Path], Tensor]:
     """Label new images (a folder or a file list) with a run's trained heads and write them as CSV.
 
-    Each image is fitted to the run's input size and normalised like its training set. Returns the CSV
-    path, the size-histogram PNGs and the (H, M) labels.
+    Each image is fitted to the run's input size and normalised like its training set; a file that cannot
+    be read is left out with one warning. Returns the CSV path, the size-histogram PNGs and the (H, M)
+    labels of the M images read.
     """
     if run.untrained_heads:
         raise ValueError(f"heads {run.untrained_heads} of {run.source} are untrained; label with a sela run")
-    paths = list_images(images)
-    x = load_images(paths, run.image_size, channels=run.train_set.channels)  # (M, C, S, S)
+    x, paths, failed = read_images(list_images(images), run.image_size, channels=run.train_set.channels)
+    if not paths:
+        raise _none_read(failed)
+    report_unreadable(failed, strict=False)  # (M, C, S, S): the files that were read
     logits = head_outputs(run.model, x, transform=run.transform, batch_size=batch_size, progress=progress)
     labels = assign_labels(logits, balanced=balanced, lam=lam)  # (H, M)
     path = write_labels_csv(out, labels, paths=paths, confidence=confidences(logits))
@@ -291,27 +314,33 @@ def embed_images(
     """(N, D) float32 features of images (a folder or a file list) from a run's backbone, and their paths.
 
     Images are decoded ``batch_size`` at a time (never all at once), fitted to the run's input size and
-    normalised like its training set. ``layer`` picks an intermediate layer (``run.model.feature_layers``)
+    normalised like its training set. A file that cannot be read is left out of both (one warning names
+    the files at the end); the paths are absolute (:func:`list_images`). ``layer`` picks an intermediate layer (``run.model.feature_layers``)
     instead of the pooled output. ``progress``: a bar over the images; None shows it on a terminal only.
     """
     if layer is not None and layer not in run.model.feature_layers:
         raise ValueError(f"--layer {layer!r} is not a layer of {run.arch}; choose {run.model.feature_layers}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    paths = list_images(images)
-    chunks = []
+    listed = list_images(images)
+    chunks, paths, failed = [], [], []
     with tqdm(
-        total=len(paths), desc="embed", unit="img", disable=None if progress is None else not progress
+        total=len(listed), desc="embed", unit="img", disable=None if progress is None else not progress
     ) as bar:
-        for start in range(0, len(paths), batch_size):
-            x = load_images(
-                paths[start : start + batch_size], run.image_size, channels=run.train_set.channels
-            )
-            found = extract(
-                run.model, x, transform=run.transform, batch_size=batch_size, layer=layer, heads=False
-            )
-            chunks.append(found.features)  # (B, D)
-            bar.update(x.shape[0])
+        for start in range(0, len(listed), batch_size):
+            batch = listed[start : start + batch_size]
+            x, read, unread = read_images(batch, run.image_size, channels=run.train_set.channels)
+            paths += read
+            failed += unread
+            if read:
+                found = extract(
+                    run.model, x, transform=run.transform, batch_size=batch_size, layer=layer, heads=False
+                )
+                chunks.append(found.features)  # (B, D)
+            bar.update(len(batch))
+    if not paths:
+        raise _none_read(failed)
+    report_unreadable(failed, strict=False)
     return torch.cat(chunks), paths  # (N, D)
 
 
@@ -338,11 +367,14 @@ def write_embedding(out: str | os.PathLike, features: Tensor, paths: list[str]) 
 
         return [
             atomic_write(out, save_array),
-            atomic_write(listing, lambda tmp: tmp.write_text("".join(f"{p}\n" for p in paths))),
+            atomic_write(
+                listing,
+                lambda tmp: tmp.write_text("".join(f"{p}\n" for p in paths), errors="surrogateescape"),
+            ),
         ]
 
     def save_csv(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", errors="surrogateescape") as f:
             writer = csv.writer(f)
             writer.writerow(["path", *(f"f{d}" for d in range(x.shape[1]))])
             for path, row in zip(paths, x.tolist(), strict=True):

@@ -282,7 +282,7 @@ def write_labels_csv(
     conf = confidence.t().tolist() if confidence is not None else None  # (N, H)
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", errors="surrogateescape") as f:
             out = csv.writer(f)
             out.writerow(header)
             for i, row in enumerate(cols):
@@ -297,7 +297,7 @@ def read_labels_csv(path: str | os.PathLike) -> LabelTable:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist; pass a labels CSV written by `sela labels`")
-    with open(path, newline="") as f:
+    with open(path, newline="", errors="surrogateescape") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0][:1] not in (["path"], ["index"]):
         raise ValueError(f"{path} is not a sela labels CSV (its header must start with path or index)")

@@ -161,7 +161,7 @@ def test_folder_unreadable_images(tmp_path):
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "broken.jpg" in messages[0] and "empty.png" in messages[0]
     assert len(d) == 6 and len(d.paths) == 6 and d.targets.tolist() == [0, 0, 0, 1, 1, 1]
-    with pytest.warns(UserWarning, match="skipped 2"):  # the cached copy remembers the failures
+    with pytest.warns(UserWarning, match="could not read 2"):  # the cached copy remembers the failures
         load_dataset("folder", root)
     with pytest.raises(ValueError, match="broken.jpg"):
         load_dataset("folder", root, strict=True)

@@ -5,7 +5,7 @@ evaluation; training sees images and their indices. Every item is ``(image uint8
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -25,6 +25,9 @@ class ImageSet(Dataset):
         name: the dataset's name, e.g. ``"cifar10"``.
         mean, std: per-channel statistics in [0, 1] units, for normalisation (length C).
         stream: a ``Dataset`` yielding ``(uint8 (C, H, W), index)`` when ``images`` is None.
+        skipped: files of the source that were left out as unreadable, "PATH (reason)" each (folder
+            datasets; a streamed set lists those found at listing time). Not part of the N images; a
+            caller that knows a run directory writes them down there.
     """
 
     images: Tensor | None
@@ -35,6 +38,7 @@ class ImageSet(Dataset):
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     stream: Dataset | None = None
+    skipped: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.images is None:
