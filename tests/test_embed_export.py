@@ -206,4 +206,48 @@ def test_export_bad_output_is_one_line(tmp_path, capsys, out):
     run_dir = _fake_run(tmp_path / "run", widths=[8, 16])
     assert main(["export", str(run_dir), "-o", str(tmp_path / out), *CPU]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("sela: error:") and "ending in .pt or .pth" in err and "\n" not in err
+    assert err.startswith("sela: error:") and "ending in .pt, .pth or .onnx" in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    "arch, kwargs", [("convnet", {"widths": [8, 16], "projector": [12]}), ("resnet18_cifar", {})]
+)
+def test_onnx_export_gives_the_features_of_torch(tmp_path, capsys, arch, kwargs):
+    """onnxruntime's features of the run's own images equal torch's (max abs difference < 1e-4), for any
+    batch size; the JSON says the input, the preprocessing and the lines that run it."""
+    ort = pytest.importorskip("onnxruntime")
+    run_dir = _fake_run(tmp_path / "run", arch, **kwargs)
+    out = tmp_path / "model.onnx"
+    assert main(["export", str(run_dir), "-o", str(out), *CPU]) == 0
+    run = load_run(run_dir, test_split=False)
+    c, side, d = run.train_set.channels, run.image_size, run.model.feature_dim
+    assert f"{arch} backbone, D = {d}, ONNX graph" in capsys.readouterr().out
+    info = json.loads((tmp_path / "model.json").read_text())
+    assert info["layout"] == "onnx" and info["feature_dim"] == d and info["max_abs_difference"] < 1e-4
+    assert info["input"] == {"name": "images", "shape": ["batch", c, side, side], "dtype": "float32"}
+    assert info["output"] == {"name": "features", "shape": ["batch", d], "dtype": "float32"}
+    assert info["preprocess"]["image_size"] == side and len(info["preprocess"]["mean"]) == c
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        x = run.transform(run.train_set.images[:n])  # (n, C, S, S)
+        with torch.no_grad():
+            expected = run.model.forward_features(x).numpy()  # (n, D)
+        got = session.run(None, {"images": x.numpy()})[0]
+        assert got.shape == (n, d) and np.abs(got - expected).max() < 1e-4
+    namespace = {"x": x.numpy()}
+    exec("\n".join(info["load"]), namespace)  # the JSON's lines, as a user would paste them
+    assert np.abs(namespace["features"] - expected).max() < 1e-4
+    first = out.read_bytes()
+    assert main(["export", str(run_dir), "-o", str(out), *CPU]) == 0
+    assert out.read_bytes() == first  # deterministic
+
+
+def test_onnx_export_without_its_packages_is_one_line(tmp_path, capsys, monkeypatch):
+    import sela.models.export
+
+    monkeypatch.setattr(sela.models.export, "_ONNX_PACKAGES", ("onnx", "onnxruntime_not_installed"))
+    run_dir = _fake_run(tmp_path / "run", widths=[8, 16])
+    assert main(["export", str(run_dir), "-o", str(tmp_path / "m.onnx"), *CPU]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sela: error: an ONNX export needs onnxruntime_not_installed: pip install")
+    assert "\n" not in err and not (tmp_path / "m.onnx").exists()

@@ -30,6 +30,7 @@ RANKS = {
     "sela.objectives": 3,
     "sela.plan": 3,
     "sela.sinks": 3,
+    "sela.loggers": 3,  # the metric loggers (TensorBoard, MLflow) on the sink interface
     "sela.labelpass": 3,
     "sela.train": 4,
     "sela.finish": 4,

@@ -44,6 +44,7 @@ from sela.config import (
     validate,
 )
 from sela.data import BatchAugment, EvalTransform, ImageSet, dataset_info, load_dataset, view_scale_size
+from sela.loggers import chosen, metric_sinks
 from sela.models import clusters_per_head, create_model, list_models
 from sela.objectives import OBJECTIVES, make_objective
 from sela.runs import load_test_split
@@ -84,6 +85,7 @@ def settings_before_data(user: dict[str, Any]) -> TrainConfig:
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     clusters_per_head(cfg.model.clusters, cfg.model.heads)
+    chosen(cfg.runtime.log)  # a logger's missing package fails before any image is read
     return cfg
 
 
@@ -215,13 +217,14 @@ def build_trainer(
     log: Log | None = None,
 ) -> Trainer:
     """The model, the objective and the :class:`sela.train.Trainer` that a resolved configuration
-    describes (``test_set``: for ``eval.every``)."""
+    describes (``test_set``: for ``eval.every``). Its sinks (rank 0): metrics.jsonl and the console line
+    (:func:`sela.sinks.default_sinks`), then the loggers of ``runtime.log`` (:func:`sela.loggers.metric_sinks`)."""
     objective = build_objective(cfg, train_set, device)
     model = build_model(cfg, train_set, cosine_heads=objective.cosine_heads)
     transform = EvalTransform(cfg.eval.size or image_side(cfg, train_set), mean=train_set.mean,
                               std=train_set.std).to(device)  # fmt: skip
     o, lab, r = cfg.optim, cfg.labels, cfg.runtime
-    return Trainer(
+    trainer = Trainer(
         model, train_set, objective=objective, out_dir=r.out, eval_transform=transform,
         monitor=knn_monitor(cfg, train_set, test_set, transform, device), monitor_every=cfg.eval.every,
         device=device, time_limit_s=None if o.time_limit is None else o.time_limit * 60,
@@ -231,6 +234,9 @@ def build_trainer(
         label_inputs=lab.inputs, seed=r.seed, workers=r.workers, progress=r.progress, sync_bn=r.sync_bn,
         precision=r.precision,
     )  # fmt: skip
+    if dist.is_main():
+        trainer.sinks += metric_sinks(r.out, r.log, params=flatten(to_dict(cfg)))
+    return trainer
 
 
 # --------------------------------------------------------------------------------------------------------

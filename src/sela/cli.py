@@ -366,27 +366,27 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def _add_export(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
-        help="write a run's backbone weights for use without sela (torchvision keys for the ResNets)",
-        description="Write the trained backbone (no heads, no projector) as a state dict: for the ResNets "
-        "with torchvision's keys, loadable with strict=True into torchvision.models.resnet18() etc. with "
-        'fc = nn.Identity(); for other architectures as {"spec", "state_dict"}, read by '
-        "sela.models.load_exported. A JSON file next to it records the preprocessing and how to load it.",
+        help="write a run's backbone for use without sela (torchvision keys for the ResNets, or ONNX)",
+        description="Write the trained backbone (no heads, no projector). -o *.pt: a state dict, for the ResNets "
+        "with torchvision's keys (loads with strict=True into torchvision.models.resnet18() etc. with fc = "
+        'nn.Identity()), else {"spec", "state_dict"} (sela.models.load_exported); -o *.onnx: an ONNX graph, '
+        "normalised images in, features out, dynamic batch. A JSON file next to it says how to preprocess and load.",
     )
     p.add_argument("source", metavar="RUN_DIR")
-    p.add_argument("-o", "--output", required=True, help="weights file: .pt or .pth")
+    p.add_argument("-o", "--output", required=True, help="weights file: .pt, .pth or .onnx")
     _add_source_flags(p)
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sela.export import WEIGHT_FORMATS, export_backbone
+    from sela.export import LAYOUTS, WEIGHT_FORMATS, export_backbone
 
     out = Path(args.output)
     if out.is_dir() or out.suffix.lower() not in WEIGHT_FORMATS:
-        raise UsageError(f"-o {out}: give a weights file name ending in .pt or .pth, like weights.pt")
+        raise UsageError(f"-o {out}: give a file name ending in .pt, .pth or .onnx, like weights.pt")
     run = _open_run(args, test_split=False)
     weights, info = export_backbone(run, out, extra={"_command": sys.argv, "_version": sela.__version__})
-    layout = "torchvision keys" if json.loads(info.read_text())["layout"] == "torchvision" else "sela spec"
+    layout = LAYOUTS[json.loads(info.read_text())["layout"]]
     print(f"wrote {weights}: {run.arch} backbone, D = {run.model.feature_dim}, {layout}; how to load: {info}")
     return 0
 

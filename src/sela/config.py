@@ -317,6 +317,12 @@ class RuntimeConfig:
         True, "progress bars", flag="--no-progress", flag_value=False,
         feeds="sela.train:Trainer.progress", when="--no-progress for logs and batch jobs",
     )  # fmt: skip
+    log: list[str] = option(
+        ["auto"], "metric loggers besides metrics.jsonl, a comma list (auto: TensorBoard in RUN/tensorboard when "
+        "installed; mlflow: RUN/mlflow.db or $MLFLOW_TRACKING_URI)", flag="--log",
+        choices=("auto", "tensorboard", "mlflow", "none"), feeds="sela.loggers:metric_sinks.log",
+        when="`tensorboard --logdir runs/`; `--log tensorboard,mlflow` for both",
+    )  # fmt: skip
 
 
 @dataclass
@@ -532,7 +538,7 @@ def validate(cfg: TrainConfig) -> None:
     for o in OPTIONS:
         value = get(cfg, o.key)
         name = o.flag or o.key
-        if o.choices and value not in o.choices:
+        if o.choices and not set(value if isinstance(value, list) else [value]) <= set(o.choices):
             raise ValueError(f"{name} must be one of {', '.join(o.choices)}, got {value!r}")
         if o.check is None or value is None:
             continue

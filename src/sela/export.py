@@ -27,7 +27,18 @@ from sela.data import EvalTransform, make_loader
 from sela.data.reader import IMAGE_EXTENSIONS, decode_images, printable, report_unreadable, walk_images
 from sela.eval.features import extract
 from sela.labeller import SelfLabeller, feature_matrix
-from sela.models.export import backbone_payload, backbone_spec, info_path, torchvision_recipe
+from sela.models.export import (
+    ONNX_INPUT,
+    ONNX_OPSET,
+    ONNX_OUTPUT,
+    backbone_payload,
+    backbone_spec,
+    check_onnx_packages,
+    export_onnx,
+    info_path,
+    onnx_difference,
+    torchvision_recipe,
+)
 from sela.models.resnet import ResNet
 from sela.rundir import atomic_write, load_file, write_json, write_labels_csv
 from sela.runs import Run
@@ -285,7 +296,9 @@ def label_images(
 # ------------------------------------------------------------------------------- features and weights out
 
 EMBEDDING_FORMATS = (".npy", ".pt", ".csv")
-WEIGHT_FORMATS = (".pt", ".pth")
+WEIGHT_FORMATS = (".pt", ".pth", ".onnx")
+# what each export layout is, in the line `sela export` prints
+LAYOUTS = {"torchvision": "torchvision keys", "sela": "sela spec", "onnx": "ONNX graph"}
 
 
 def _output_file(out: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> Path:
@@ -384,35 +397,79 @@ def write_embedding(out: str | os.PathLike, features: Tensor, paths: list[str]) 
 
 
 def export_backbone(run: Run, out: str | os.PathLike, *, extra: dict | None = None) -> tuple[Path, Path]:
-    """Write a run's backbone weights for use without sela, and a JSON file next to them that says how.
+    """Write a run's backbone for use without sela, and a JSON file next to it that says how.
 
-    ``out`` (``.pt``/``.pth``) receives :func:`sela.models.export.backbone_payload`: a ResNet's plain
-    state dict with torchvision's keys, else ``{"spec", "state_dict"}``. ``<stem>.json`` records the spec,
-    the feature width D, the preprocessing (side, pixel scale, mean, std) and the lines that load the
-    weights; ``extra`` is merged into it. Returns both paths.
+    ``out`` ``.pt``/``.pth`` receives :func:`sela.models.export.backbone_payload`: a ResNet's plain state
+    dict with torchvision's keys, else ``{"spec", "state_dict"}``. ``out`` ``.onnx`` receives the ONNX graph
+    of :func:`sela.models.export.export_onnx` (normalised images in, (B, D) features out, dynamic batch),
+    checked against the model with onnxruntime. ``<stem>.json`` records the spec, the feature width D, the
+    preprocessing (side, pixel scale, mean, std) and the lines that load the file (for ONNX also the input
+    and output names and shapes, and the check's largest difference); ``extra`` is merged into it. Returns
+    both paths.
     """
     out = _output_file(out, WEIGHT_FORMATS, "weights")
+    if out.suffix.lower() == ".onnx":
+        return _export_onnx(run, out, extra)
     model, spec = run.model, backbone_spec(run.model)
     payload = backbone_payload(model)
     recipe = torchvision_recipe(spec, str(out)) if isinstance(model, ResNet) else None
-    mean, std = run.train_set.mean, run.train_set.std
     info = {
         "arch": run.arch,
         "layout": "torchvision" if recipe else "sela",
         "spec": spec,
         "feature_dim": model.feature_dim,
         "load": recipe or ["import sela.models", f"m = sela.models.load_exported({str(out)!r})"],
-        "preprocess": {
-            "image_size": run.image_size,
-            "channels": run.train_set.channels,
-            "resize": "shorter side to image_size (bilinear, antialiased), then a central square crop",
-            "scale": "pixel / 255, then (x - mean) / std per channel",
-            "mean": None if mean is None else list(mean),
-            "std": None if std is None else list(std),
-            **({"gray": "0.299 R + 0.587 G + 0.114 B, rounded"} if run.train_set.channels == 1 else {}),
-        },
+        "preprocess": _preprocess(run),
         "source": str(run.source),
         **(extra or {}),
     }
     weights = atomic_write(out, lambda tmp: torch.save(payload, tmp))
     return weights, write_json(info_path(out), info)
+
+
+def _preprocess(run: Run) -> dict:
+    """How an image becomes the backbone's input: the JSON's ``preprocess``."""
+    mean, std = run.train_set.mean, run.train_set.std
+    return {
+        "image_size": run.image_size,
+        "channels": run.train_set.channels,
+        "resize": "shorter side to image_size (bilinear, antialiased), then a central square crop",
+        "scale": "pixel / 255, then (x - mean) / std per channel",
+        "mean": None if mean is None else list(mean),
+        "std": None if std is None else list(std),
+        **({"gray": "0.299 R + 0.587 G + 0.114 B, rounded"} if run.train_set.channels == 1 else {}),
+    }
+
+
+def _export_onnx(run: Run, out: Path, extra: dict | None) -> tuple[Path, Path]:
+    """The ONNX export of :func:`export_backbone`: the graph, checked by onnxruntime on random normalised
+    images (another batch size than the traced one), and its JSON."""
+    check_onnx_packages()
+    c, side, d = run.train_set.channels, run.image_size, run.model.feature_dim
+    graph = atomic_write(out, lambda tmp: export_onnx(run.model, tmp, channels=c, side=side))
+    x = torch.randn(3, c, side, side, generator=torch.Generator().manual_seed(0))  # (B, C, S, S)
+    difference = onnx_difference(graph, run.model, x)
+    if not difference < 1e-3:
+        graph.unlink()
+        raise ValueError(
+            f"the ONNX graph of {run.arch} differs from the model by {difference:.3g}; use -o *.pt"
+        )
+    info = {
+        "arch": run.arch,
+        "layout": "onnx",
+        "spec": backbone_spec(run.model),
+        "feature_dim": d,
+        "input": {"name": ONNX_INPUT, "shape": ["batch", c, side, side], "dtype": "float32"},
+        "output": {"name": ONNX_OUTPUT, "shape": ["batch", d], "dtype": "float32"},
+        "opset": ONNX_OPSET,
+        "max_abs_difference": difference,
+        "load": [
+            "import onnxruntime",
+            f"s = onnxruntime.InferenceSession({str(out)!r})",
+            f"features = s.run(None, {{{ONNX_INPUT!r}: x}})[0]  # x: (B, {c}, {side}, {side}) float32, preprocessed",
+        ],
+        "preprocess": _preprocess(run),
+        "source": str(run.source),
+        **(extra or {}),
+    }
+    return graph, write_json(info_path(out), info)

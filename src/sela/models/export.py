@@ -148,3 +148,65 @@ def load_exported(path: str | os.PathLike, *, spec: Mapping[str, Any] | None = N
     net = torchvision_resnet(spec)
     net.load_state_dict(data, strict=True)
     return net.eval()
+
+
+# ------------------------------------------------------------------------------------------------- ONNX
+
+ONNX_INPUT, ONNX_OUTPUT = "images", "features"
+ONNX_OPSET = 17
+_ONNX_PACKAGES = ("onnx", "onnxruntime")
+
+
+def check_onnx_packages() -> None:
+    """A ValueError naming the pip command when onnx or onnxruntime (an ONNX export's check) is missing."""
+    import importlib.util
+
+    missing = [name for name in _ONNX_PACKAGES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(
+            f"an ONNX export needs {' and '.join(missing)}: pip install 'sela[onnx]' "
+            "(or: pip install onnx onnxruntime)"
+        )
+
+
+def export_onnx(model: SelaModel, path: str | os.PathLike, *, channels: int, side: int) -> Path:
+    """Write the backbone of ``model`` as an ONNX graph: ``images`` (B, C, S, S) float32, normalised ->
+    ``features`` (B, D) float32, with a dynamic batch axis B (opset 17).
+
+    The model is copied to the CPU in float32 and eval mode (BatchNorm uses its running statistics) and
+    traced with torch's TorchScript-based exporter (``dynamo=False``: offline, needs no onnxscript, and
+    the same weights give the same bytes); the graph is then checked with ``onnx.checker``.
+    """
+    import copy
+    import inspect
+    import warnings
+
+    import onnx
+
+    net = _Features(copy.deepcopy(model).cpu().float().eval()).eval()
+    example = torch.zeros(2, channels, side, side)  # (B, C, S, S)
+    legacy = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    path = Path(path)
+    with warnings.catch_warnings():  # torch's notice that this exporter is the older one
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            net, (example,), str(path), input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}}, opset_version=ONNX_OPSET,
+            do_constant_folding=True, **legacy,
+        )  # fmt: skip
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def onnx_difference(path: str | os.PathLike, model: SelaModel, images: Tensor) -> float:
+    """The largest absolute difference between onnxruntime's features of normalised ``images``
+    (B, C, S, S) from the ONNX file at ``path`` and the model's own (float32, CPU)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = images.detach().float().cpu().contiguous()
+    (got,) = session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})  # (B, D)
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        expected = model.eval().forward_features(x.to(device)).float().cpu()  # (B, D)
+    return float((torch.from_numpy(got) - expected).abs().max())
