@@ -91,7 +91,7 @@ def _add_lists(sub: argparse._SubParsersAction) -> None:
     def models(args) -> int:
         from sela.models import list_models
 
-        print("\n".join(list_models()))
+        print("\n".join([*list_models(), "timm:<name>  (any timm model: pip install 'sela[timm]')"]))
         return 0
 
     def datasets(args) -> int:
@@ -386,7 +386,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(f"-o {out}: give a weights file name ending in .pt or .pth, like weights.pt")
     run = _open_run(args, test_split=False)
     weights, info = export_backbone(run, out, extra={"_command": sys.argv, "_version": sela.__version__})
-    layout = "torchvision keys" if json.loads(info.read_text())["layout"] == "torchvision" else "sela spec"
+    layout = json.loads(info.read_text())["layout"]
+    layout = {"torchvision": "torchvision keys", "timm": "timm keys"}.get(layout, "sela spec")
     print(f"wrote {weights}: {run.arch} backbone, D = {run.model.feature_dim}, {layout}; how to load: {info}")
     return 0
 

@@ -27,7 +27,7 @@ from sela.data import EvalTransform, make_loader
 from sela.data.folder import IMAGE_EXTENSIONS, decode_images
 from sela.eval.features import extract
 from sela.labeller import SelfLabeller, feature_matrix
-from sela.models.export import backbone_payload, backbone_spec, info_path, torchvision_recipe
+from sela.models.export import backbone_payload, backbone_spec, info_path, timm_recipe, torchvision_recipe
 from sela.models.resnet import ResNet
 from sela.rundir import atomic_write, load_file, write_json, write_labels_csv
 from sela.runs import Run
@@ -363,10 +363,13 @@ def export_backbone(run: Run, out: str | os.PathLike, *, extra: dict | None = No
     model, spec = run.model, backbone_spec(run.model)
     payload = backbone_payload(model)
     recipe = torchvision_recipe(spec, str(out)) if isinstance(model, ResNet) else None
+    layout = "torchvision" if recipe else "sela"
+    if timm_recipe(spec, str(out)):
+        recipe, layout = timm_recipe(spec, str(out)), "timm"
     mean, std = run.train_set.mean, run.train_set.std
     info = {
         "arch": run.arch,
-        "layout": "torchvision" if recipe else "sela",
+        "layout": layout,
         "spec": spec,
         "feature_dim": model.feature_dim,
         "load": recipe or ["import sela.models", f"m = sela.models.load_exported({str(out)!r})"],
