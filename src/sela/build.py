@@ -84,7 +84,9 @@ def settings_before_data(user: dict[str, Any]) -> TrainConfig:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     clusters_per_head(cfg.model.clusters, cfg.model.heads)
     if cfg.optim.epochs == 0 and not cfg.model.init:
-        raise ValueError("--epochs 0 trains nothing; it needs --init SOURCE (the clusters of those weights' features)")
+        raise ValueError(
+            "--epochs 0 trains nothing; it needs --init SOURCE (the clusters of those weights' features)"
+        )
     if cfg.optim.epochs == 0 and cfg.optim.time_limit is not None:
         raise ValueError("--epochs 0 trains nothing; drop --time-limit")
     return cfg
@@ -191,7 +193,9 @@ def build_model(cfg: TrainConfig, train_set: ImageSet, *, cosine_heads: bool, in
     kwargs: dict[str, Any] = {"in_channels": train_set.channels, "input_size": image_side(cfg, train_set)}
     kwargs.update({key: tuple(value) for key, value in model_options(to_dict(m)).items()})
     torch.manual_seed(cfg.runtime.seed)
-    model = create_model(m.arch, clusters_per_head(m.clusters, m.heads), normalize_heads=cosine_heads, **kwargs)
+    model = create_model(
+        m.arch, clusters_per_head(m.clusters, m.heads), normalize_heads=cosine_heads, **kwargs
+    )
     if init and m.init:
         weights.init_backbone(model, m.init)
     return model

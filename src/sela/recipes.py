@@ -72,7 +72,9 @@ class DataFacts:
         return f"{self.device.upper()}, {self.n} {kind} images of {self.side} px{start}"
 
 
-def data_facts(train_set: ImageSet, side: int, device: torch.device, *, pretrained: bool = False) -> DataFacts:
+def data_facts(
+    train_set: ImageSet, side: int, device: torch.device, *, pretrained: bool = False
+) -> DataFacts:
     """The facts of a training set (greyscale: one channel, or three equal channels on a sample);
     ``pretrained``: the backbone starts from weights (``--init``)."""
     grey = train_set.channels == 1
@@ -92,7 +94,10 @@ def choose(facts: DataFacts, own: str | None = None) -> tuple[str, str]:
         return own, f"{facts.describe()}: the dataset's own recipe"
     if facts.pretrained:
         name = "gpu-sela" if facts.device == "cuda" else "cpu-sela"
-        return name, f"{facts.describe()}: the offline objective, its first labels clusters of the weights' features"
+        return (
+            name,
+            f"{facts.describe()}: the offline objective, its first labels clusters of the weights' features",
+        )
     if facts.device == "cuda":
         return "gpu-fast", f"{facts.describe()}: a GPU, so ResNet-18 with the online objective"
     return "cpu-fast", f"{facts.describe()}: a CPU, so the small convnet on half-size views"

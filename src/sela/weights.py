@@ -38,7 +38,7 @@ def _torchvision_weights(name: str):
         return torchvision.models.get_weight(name)
     except (ValueError, KeyError, AttributeError):
         raise ValueError(
-            f"torchvision has no weights {name!r}; list them with python -c \"import torchvision; "
+            f'torchvision has no weights {name!r}; list them with python -c "import torchvision; '
             "print(list(torchvision.models.get_model_weights('resnet18')))\""
         ) from None
 

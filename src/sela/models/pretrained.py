@@ -146,7 +146,9 @@ def load_backbone(model: SelaModel, state_dict: Mapping[str, Any], *, what: str 
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     shapes = [
-        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
     ]
     problems = [
         f"{name} {len(keys)} key(s): {_short(keys, 3)}"
@@ -154,7 +156,9 @@ def load_backbone(model: SelaModel, state_dict: Mapping[str, Any], *, what: str 
         if keys
     ]
     if problems:
-        arch = model.spec.get("arch", type(model).__name__) if hasattr(model, "spec") else type(model).__name__
+        arch = (
+            model.spec.get("arch", type(model).__name__) if hasattr(model, "spec") else type(model).__name__
+        )
         raise ValueError(
             f"{what} does not fit a {arch} backbone: {'; '.join(problems)}; pass the --arch (and model "
             "settings) it was trained as"

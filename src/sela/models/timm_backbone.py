@@ -51,7 +51,11 @@ def timm_network(spec: dict[str, Any], *, pretrained: bool = False) -> nn.Module
     timm = import_timm(spec["arch"])
     kwargs = dict(spec.get("timm_kwargs") or {})
     return timm.create_model(
-        check_timm_name(name), pretrained=pretrained, num_classes=0, in_chans=spec.get("in_channels", 3), **kwargs
+        check_timm_name(name),
+        pretrained=pretrained,
+        num_classes=0,
+        in_chans=spec.get("in_channels", 3),
+        **kwargs,
     )
 
 
@@ -64,7 +68,9 @@ def _build(timm, name: str, in_channels: int, input_size: int | None, kwargs: di
     for extra in tries:
         try:
             used = {**kwargs, **extra}
-            return timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_channels, **used), used
+            return timm.create_model(
+                name, pretrained=False, num_classes=0, in_chans=in_channels, **used
+            ), used
         except TypeError as e:
             if "unexpected keyword argument" not in str(e) or not extra:
                 raise
