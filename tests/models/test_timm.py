@@ -77,3 +77,31 @@ def test_unknown_name_and_missing_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # import timm now fails, as without the extra
     with pytest.raises(ValueError, match=r"--arch timm:resnet10t needs timm: pip install 'sela\[timm\]'"):
         create_model("timm:resnet10t", [3])
+
+
+@pytest.mark.slow
+def test_a_timm_run_through_the_commands_and_back_in_with_init(tmp_path, capsys):
+    from PIL import Image
+
+    from sela.cli import main
+
+    run, exp = tmp_path / "run", tmp_path / "w.pt"
+    tiny = ["--epochs", "1", "--label-updates", "2", "--heads", "2", "--clusters", "10", "--no-progress"]
+    assert main(["train", "--arch", "timm:resnet10t", "--out", str(run), *tiny]) == 0
+    (tmp_path / "imgs").mkdir()
+    for i in range(3):
+        Image.fromarray(torch.randint(0, 255, (20, 20, 3), dtype=torch.uint8).numpy()).save(
+            tmp_path / "imgs" / f"{i}.png"
+        )
+    assert main(["eval", str(run), "--no-linear"]) == 0
+    assert main(["labels", str(run), "-o", str(tmp_path / "l.csv")]) == 0
+    assert main(["embed", str(run), str(tmp_path / "imgs"), "-o", str(tmp_path / "e.npy")]) == 0
+    assert main(["export", str(run), "-o", str(exp)]) == 0
+    assert "timm keys" in capsys.readouterr().out
+    assert (
+        main(["train", "--init", str(exp), "--epochs", "0", "--out", str(tmp_path / "ep0"), *tiny[2:]]) == 0
+    )
+    config = __import__("json").loads((tmp_path / "ep0" / "config.json").read_text())
+    assert (
+        config["model"]["arch"] == "timm:resnet10t"
+    )  # from the JSON that sela export wrote next to the file
