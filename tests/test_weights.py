@@ -96,13 +96,13 @@ def test_the_recipe_lowers_the_learning_rate_and_labels_from_eval_passes(exporte
     start = resolve(user_settings({**TINY, "recipe": "cpu-sela", "model.init": str(exported / "exp.pt")}), digits,
                     torch.device("cpu"))  # fmt: skip
     assert start.config.optim.lr == pytest.approx(0.1 * plain.config.optim.lr)
-    assert start.config.labels.inputs == "eval" and plain.config.labels.inputs == "recorded"
+    assert start.config.labels.inputs == plain.config.labels.inputs == "recorded"  # no extra passes
     assert start.config.model.widths == [8, 16]  # the export's network, not the recipe's
     auto = resolve(
         user_settings({**TINY, "model.init": str(exported / "exp.pt")}), digits, torch.device("cpu")
     )
     assert auto.config.recipe == "digits"  # a dataset's own recipe still wins; its lr is scaled
-    assert auto.config.optim.lr == pytest.approx(0.003)
+    assert auto.config.optim.lr == pytest.approx(0.003) and auto.config.labels.inputs == "eval"  # was train
 
 
 def test_a_torchvision_name_downloads_through_torchvision(monkeypatch):
