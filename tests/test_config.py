@@ -122,7 +122,7 @@ def test_toml_file(tmp_path):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"optim.epochs": 0}, "--epochs must be >= 1"),
+        ({"optim.epochs": -1}, "--epochs must be >= 0"),
         ({"optim.lr": float("nan")}, "--lr must be a positive number"),
         ({"model.clusters": [10, 1]}, "--clusters must be >= 2"),
         ({"labels.inputs": "test"}, "--label-inputs must be one of eval, train, recorded"),

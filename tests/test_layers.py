@@ -37,6 +37,7 @@ RANKS = {
     "sela.config": 2,  # the schema: imports no sela module (and no torch)
     "sela.recipes": 5,
     "sela.runs": 5,
+    "sela.weights": 5,  # --init sources: run directories, exports, state dicts, library weights names
     "sela.build": 6,
     "sela.export": 6,
     "sela.report": 6,

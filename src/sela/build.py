@@ -30,7 +30,7 @@ import torch
 
 import sela
 from sela import distributed as dist
-from sela import recipes, rundir
+from sela import recipes, rundir, weights
 from sela.config import (
     TrainConfig,
     apply_overrides,
@@ -45,7 +45,7 @@ from sela.config import (
 )
 from sela.data import BatchAugment, EvalTransform, ImageSet, dataset_info, load_dataset, view_scale_size
 from sela.loggers import chosen, metric_sinks
-from sela.models import clusters_per_head, create_model, list_models
+from sela.models import check_arch, clusters_per_head, create_model
 from sela.objectives import OBJECTIVES, make_objective
 from sela.runs import load_test_split
 from sela.train import Trainer, finish_run
@@ -80,12 +80,17 @@ def settings_before_data(user: dict[str, Any]) -> TrainConfig:
     cfg = apply_overrides(TrainConfig(), user)
     validate(cfg)
     dataset_info(cfg.data.dataset)
-    if cfg.model.arch not in list_models():
-        raise ValueError(f"unknown architecture {cfg.model.arch!r}; choose one of {', '.join(list_models())}")
+    check_arch(cfg.model.arch)
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     clusters_per_head(cfg.model.clusters, cfg.model.heads)
     chosen(cfg.runtime.log)  # a logger's missing package fails before any image is read
+    if cfg.optim.epochs == 0 and not cfg.model.init:
+        raise ValueError(
+            "--epochs 0 trains nothing; it needs --init SOURCE (the clusters of those weights' features)"
+        )
+    if cfg.optim.epochs == 0 and cfg.optim.time_limit is not None:
+        raise ValueError("--epochs 0 trains nothing; drop --time-limit")
     return cfg
 
 
@@ -111,18 +116,23 @@ class Resolved:
         return f"recipe {name} ({self.why}; --recipe NAME to choose): {', '.join(shown)}"
 
 
-def resolve(user: dict[str, Any], train_set: ImageSet, device: torch.device) -> Resolved:
-    """Defaults < recipe < the user's settings, for these images on this device; then the image side (the
-    dataset's default when it has one) and the evaluation side fixed as numbers."""
+def resolve(
+    user: dict[str, Any], train_set: ImageSet, device: torch.device, *, start: dict[str, Any] | None = None
+) -> Resolved:
+    """Defaults < recipe < the network ``--init``'s weights fit < the user's settings, for these images on
+    this device; then the image side (the dataset's default when it has one) and the evaluation side fixed
+    as numbers. ``start``: that network's settings (default: read from ``model.init``'s source)."""
     cfg = settings_before_data(user)
     info = dataset_info(cfg.data.dataset)
     side = train_set.side(cfg.data.image_size or info.default_image_size)
-    facts = recipes.data_facts(train_set, side, device)
+    facts = recipes.data_facts(train_set, side, device, pretrained=cfg.model.init is not None)
     name, why = cfg.recipe, "asked for"
     if name == "auto":
         name, why = recipes.choose(facts, own=info.recipe)
     chosen = {} if name == "none" else recipes.settings(name, facts)
-    cfg = apply_overrides(apply_overrides(TrainConfig(), chosen), {**user, "recipe": name})
+    if start is None:
+        start = weights.start_network(cfg.model.init) if cfg.model.init else {}
+    cfg = apply_overrides(apply_overrides(TrainConfig(), {**chosen, **start}), {**user, "recipe": name})
     fixed: dict[str, Any] = {}
     if cfg.data.image_size is None and info.default_image_size is not None:
         fixed["data.image_size"] = info.default_image_size
@@ -178,15 +188,19 @@ def build_objective(cfg: TrainConfig, train_set: ImageSet, device: torch.device)
     )
 
 
-def build_model(cfg: TrainConfig, train_set: ImageSet, *, cosine_heads: bool):
-    """The network the model section describes, for these images (seeded with ``runtime.seed``)."""
+def build_model(cfg: TrainConfig, train_set: ImageSet, *, cosine_heads: bool, init: bool = True):
+    """The network the model section describes, for these images (seeded with ``runtime.seed``); with
+    ``init``, its backbone starts from ``model.init``'s weights when set (heads fresh)."""
     m = cfg.model
     kwargs: dict[str, Any] = {"in_channels": train_set.channels, "input_size": image_side(cfg, train_set)}
     kwargs.update({key: tuple(value) for key, value in model_options(to_dict(m)).items()})
     torch.manual_seed(cfg.runtime.seed)
-    return create_model(
+    model = create_model(
         m.arch, clusters_per_head(m.clusters, m.heads), normalize_heads=cosine_heads, **kwargs
     )
+    if init and m.init:
+        weights.init_backbone(model, m.init)
+    return model
 
 
 def knn_monitor(cfg: TrainConfig, train_set: ImageSet, test_set: ImageSet | None, transform, device):
@@ -215,12 +229,15 @@ def build_trainer(
     *,
     test_set: ImageSet | None = None,
     log: Log | None = None,
+    init: bool = True,
 ) -> Trainer:
     """The model, the objective and the :class:`sela.train.Trainer` that a resolved configuration
-    describes (``test_set``: for ``eval.every``). Its sinks (rank 0): metrics.jsonl and the console line
-    (:func:`sela.sinks.default_sinks`), then the loggers of ``runtime.log`` (:func:`sela.loggers.metric_sinks`)."""
+    describes (``test_set``: for ``eval.every``; ``init``: load ``model.init``'s weights, not when resuming).
+    ``optim.epochs`` 0 plans one epoch that :func:`train` never runs (it labels only). Its sinks (rank 0):
+    metrics.jsonl and the console line (:func:`sela.sinks.default_sinks`), then the loggers of
+    ``runtime.log`` (:func:`sela.loggers.metric_sinks`)."""
     objective = build_objective(cfg, train_set, device)
-    model = build_model(cfg, train_set, cosine_heads=objective.cosine_heads)
+    model = build_model(cfg, train_set, cosine_heads=objective.cosine_heads, init=init)
     transform = EvalTransform(cfg.eval.size or image_side(cfg, train_set), mean=train_set.mean,
                               std=train_set.std).to(device)  # fmt: skip
     o, lab, r = cfg.optim, cfg.labels, cfg.runtime
@@ -228,7 +245,7 @@ def build_trainer(
         model, train_set, objective=objective, out_dir=r.out, eval_transform=transform,
         monitor=knn_monitor(cfg, train_set, test_set, transform, device), monitor_every=cfg.eval.every,
         device=device, time_limit_s=None if o.time_limit is None else o.time_limit * 60,
-        metadata=to_dict(cfg), log=log, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, momentum=o.momentum,
+        metadata=to_dict(cfg), log=log, epochs=max(o.epochs, 1), batch_size=o.batch_size, lr=o.lr, momentum=o.momentum,
         weight_decay=o.weight_decay, lr_schedule=o.lr_schedule, warmup_epochs=o.warmup_epochs, lam=lab.lam,
         label_updates=lab.updates, label_spacing=lab.spacing, label_share=lab.share, label_heads=lab.heads,
         label_inputs=lab.inputs, seed=r.seed, workers=r.workers, progress=r.progress, sync_bn=r.sync_bn,
@@ -308,6 +325,23 @@ def banner(cfg: TrainConfig, trainer: Trainer, train_set: ImageSet, device: torc
     )
 
 
+def _recorded_start(out: Path) -> dict[str, Any]:
+    """A resumed run's network as it recorded it (its ``--init`` source need not exist any more)."""
+    model = rundir.read_json(out / rundir.CONFIG).get("model", {})
+    if not model.get("init"):
+        return {}
+    return {f"model.{k}": model[k] for k in ("arch", "widths", "pools") if model.get(k) is not None}
+
+
+def label_only(trainer: Trainer) -> None:
+    """``--epochs 0``: one label step on the initial backbone (every head), checkpointed; no training."""
+    if trainer.state.n_updates == 0:  # a resumed baseline has its labels already
+        trainer.update_labels()
+        if dist.is_main():
+            trainer.save_checkpoint()
+    trainer.close()
+
+
 def _record(cfg: TrainConfig, out: Path, command: list[str]) -> None:
     if dist.is_main():
         record = {**to_dict(cfg), "_command": command, "_version": sela.__version__}
@@ -343,13 +377,13 @@ def train(
     device = device_for(first.runtime.device)
     check_out_dir(out, resume=resume)
     train_set, test_set = load_splits(first)
-    resolved = resolve(user, train_set, device)
+    resolved = resolve(user, train_set, device, start=_recorded_start(out) if resume else None)
     cfg = resolved.config
     if resume:
         check_resume(cfg, out)
     if say:
         say(resolved.recipe_line())
-    trainer = build_trainer(cfg, train_set, device, test_set=test_set, log=say)
+    trainer = build_trainer(cfg, train_set, device, test_set=test_set, log=say, init=not resume)
     created = not out.exists()
     lock = rundir.RunLock(out).acquire() if dist.is_main() else None
     try:
@@ -359,7 +393,7 @@ def train(
             _record(cfg, out, sys.argv if command is None else command)
         if say:
             say(banner(cfg, trainer, train_set, device))
-        trainer.fit()
+        trainer.fit() if cfg.optim.epochs else label_only(trainer)
         summary = finish_run(
             trainer, test_set, knn_k=cfg.eval.knn_k, knn_temperature=cfg.eval.knn_temperature
         )

@@ -91,7 +91,7 @@ def _add_lists(sub: argparse._SubParsersAction) -> None:
     def models(args) -> int:
         from sela.models import list_models
 
-        print("\n".join(list_models()))
+        print("\n".join([*list_models(), "timm:<name>  (any timm model: pip install 'sela[timm]')"]))
         return 0
 
     def datasets(args) -> int:

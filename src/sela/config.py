@@ -121,6 +121,11 @@ class ModelConfig:
         None, "convnet: whether each block 2x2 max-pools (unset: all do)", resume=True,
         when="`[true,true,false]` keeps a larger last map for small views",
     )  # fmt: skip
+    init: str | None = option(
+        None, "start the backbone from these weights (heads fresh): a sela run or `sela export` file, a "
+        "torchvision or timm state dict file, torchvision:<Weights>.<NAME> or timm:<name>", flag="--init",
+        resume=True, when="you hold a pretrained backbone; the recipe then lowers the learning rate",
+    )  # fmt: skip
     projector: list[int] = option(
         [], "MLP widths (Linear, BatchNorm, ReLU) between the pooled features and the heads", resume=True,
         when="a wide backbone; evaluation uses the features below it",
@@ -166,8 +171,9 @@ class OptimConfig:
     """Optimisation and the run's length: the Trainer's SGD and plan."""
 
     epochs: int = option(
-        60, "training epochs (with --time-limit: the first plan)", flag="--epochs", resume=True,
-        check="at_least_1",
+        60, "training epochs (with --time-limit: the first plan); 0 with --init: one label step on the "
+        "initial backbone, its labels and kNN (the pretrained features' baseline)", flag="--epochs",
+        resume=True, check="at_least_0",
     )  # fmt: skip
     time_limit: float | None = option(
         None, "wall-clock budget for training in minutes: the epochs are re-planned every epoch to fill it",

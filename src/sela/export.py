@@ -37,6 +37,7 @@ from sela.models.export import (
     export_onnx,
     info_path,
     onnx_difference,
+    timm_recipe,
     torchvision_recipe,
 )
 from sela.models.resnet import ResNet
@@ -298,7 +299,7 @@ def label_images(
 EMBEDDING_FORMATS = (".npy", ".pt", ".csv")
 WEIGHT_FORMATS = (".pt", ".pth", ".onnx")
 # what each export layout is, in the line `sela export` prints
-LAYOUTS = {"torchvision": "torchvision keys", "sela": "sela spec", "onnx": "ONNX graph"}
+LAYOUTS = {"torchvision": "torchvision keys", "timm": "timm keys", "sela": "sela spec", "onnx": "ONNX graph"}
 
 
 def _output_file(out: str | os.PathLike, suffixes: tuple[str, ...], what: str) -> Path:
@@ -413,9 +414,12 @@ def export_backbone(run: Run, out: str | os.PathLike, *, extra: dict | None = No
     model, spec = run.model, backbone_spec(run.model)
     payload = backbone_payload(model)
     recipe = torchvision_recipe(spec, str(out)) if isinstance(model, ResNet) else None
+    layout = "torchvision" if recipe else "sela"
+    if timm_recipe(spec, str(out)):
+        recipe, layout = timm_recipe(spec, str(out)), "timm"
     info = {
         "arch": run.arch,
-        "layout": "torchvision" if recipe else "sela",
+        "layout": layout,
         "spec": spec,
         "feature_dim": model.feature_dim,
         "load": recipe or ["import sela.models", f"m = sela.models.load_exported({str(out)!r})"],

@@ -29,6 +29,12 @@ greyscale images (one channel, or three equal ones) get no colour jitter, graysc
 milder crops (their class lives in the shape); the number of clusters is at most N / 20 so that every cluster
 can hold a few dozen images.
 
+A pretrained start (``--init``, :attr:`DataFacts.pretrained`) changes every recipe (:func:`_from_pretrained`):
+the network is the one the weights fit, the learning rate is a tenth, a warm-up of at least one epoch lets the
+fresh heads settle before the backbone moves far, and the first labels are clusters of the pretrained features
+(eval-mode label inputs on un-augmented images at step 0). ``auto`` then picks the offline objective
+(``cpu-sela``, ``gpu-sela``), whose training starts from those labels (measured: docs/experiments.md).
+
 This module imports no torch at import time (the CLI lists the recipes in ``--help``).
 """
 
@@ -37,6 +43,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from sela.config import BY_KEY
 
 if TYPE_CHECKING:
     import torch
@@ -48,26 +56,35 @@ RECIPES = ("digits", "cpu-fast", "cpu-sela", "gpu-fast", "gpu-sela", "paper", "p
 
 @dataclass(frozen=True)
 class DataFacts:
-    """What the rule looks at: image side (px), channels, greyscale, number of images, device type."""
+    """What the rule looks at: image side (px), channels, greyscale, number of images, device type, and
+    whether the backbone starts from pretrained weights (``--init``)."""
 
     side: int
     channels: int
     grey: bool
     n: int
     device: str
+    pretrained: bool = False
 
     def describe(self) -> str:
         kind = "greyscale" if self.grey else f"{self.channels}-channel"
-        return f"{self.device.upper()}, {self.n} {kind} images of {self.side} px"
+        start = ", a pretrained backbone" if self.pretrained else ""
+        return f"{self.device.upper()}, {self.n} {kind} images of {self.side} px{start}"
 
 
-def data_facts(train_set: ImageSet, side: int, device: torch.device) -> DataFacts:
-    """The facts of a training set (greyscale: one channel, or three equal channels on a sample)."""
+def data_facts(
+    train_set: ImageSet, side: int, device: torch.device, *, pretrained: bool = False
+) -> DataFacts:
+    """The facts of a training set (greyscale: one channel, or three equal channels on a sample);
+    ``pretrained``: the backbone starts from weights (``--init``)."""
     grey = train_set.channels == 1
     if train_set.in_memory and train_set.channels == 3:
         sample = train_set.images[:: max(1, len(train_set) // 256)]  # (n, 3, H, W)
         grey = bool((sample[:, 0] == sample[:, 1]).all() and (sample[:, 1] == sample[:, 2]).all())
-    return DataFacts(side=side, channels=train_set.channels, grey=grey, n=len(train_set), device=device.type)
+    return DataFacts(
+        side=side, channels=train_set.channels, grey=grey, n=len(train_set), device=device.type,
+        pretrained=pretrained,
+    )  # fmt: skip
 
 
 def choose(facts: DataFacts, own: str | None = None) -> tuple[str, str]:
@@ -75,6 +92,12 @@ def choose(facts: DataFacts, own: str | None = None) -> tuple[str, str]:
     names for itself (the digits demo's), taken when given."""
     if own is not None:
         return own, f"{facts.describe()}: the dataset's own recipe"
+    if facts.pretrained:
+        name = "gpu-sela" if facts.device == "cuda" else "cpu-sela"
+        return (
+            name,
+            f"{facts.describe()}: the offline objective, its first labels clusters of the weights' features",
+        )
     if facts.device == "cuda":
         return "gpu-fast", f"{facts.describe()}: a GPU, so ResNet-18 with the online objective"
     return "cpu-fast", f"{facts.describe()}: a CPU, so the small convnet on half-size views"
@@ -84,6 +107,31 @@ def settings(name: str, facts: DataFacts) -> dict[str, Any]:
     """The config settings of recipe ``name`` for these data (dotted keys for the augment section)."""
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; choose one of {', '.join(RECIPES)} (or auto)")
+    out = _recipe(name, facts)
+    return _from_pretrained(out) if facts.pretrained else out
+
+
+# the settings that pick the network: a pretrained start takes the one its weights fit
+NETWORK_KEYS = ("model.arch", "model.widths", "model.pools")
+PRETRAINED_LR_SCALE = 0.1
+
+
+def _from_pretrained(out: dict[str, Any]) -> dict[str, Any]:
+    """A recipe for a pretrained backbone: the weights' network, a tenth of the learning rate, a warm-up of
+    at least one epoch, and label passes over un-augmented images in eval mode instead of augmented train-mode
+    ones, so that the first labels are clusters of the pretrained features (as SCAN and TEMI start). Label
+    steps from the training pass's outputs (``recorded``, cpu-sela's) stay: as eval passes every epoch they
+    took 73 % of a 4-minute Imagewoof64 run (issue 32's measurement)."""
+    out = {k: v for k, v in out.items() if k not in NETWORK_KEYS}
+    out["optim.lr"] = PRETRAINED_LR_SCALE * out.get("optim.lr", BY_KEY["optim.lr"].default)
+    warmup = out.get("optim.warmup_epochs", BY_KEY["optim.warmup_epochs"].default)
+    out["optim.warmup_epochs"] = max(1.0, warmup)
+    if out.get("labels.inputs", BY_KEY["labels.inputs"].default) == "train":
+        out["labels.inputs"] = "eval"  # "recorded" stays: its per-epoch steps cost no extra pass
+    return out
+
+
+def _recipe(name: str, facts: DataFacts) -> dict[str, Any]:
     if name == "digits":
         return _digits()
     if name.startswith("paper"):

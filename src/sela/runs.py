@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from sela import rundir
 from sela.config import data_settings, legacy_model_spec, recorded_arch, upgrade
 from sela.data import SPLITS, EvalTransform, ImageSet, dataset_info, load_dataset
-from sela.models import SelaModel, create_model, list_models, load_pretrained, spec_from_state_dict
+from sela.models import SelaModel, check_arch, create_model, load_pretrained, spec_from_state_dict
 
 
 @dataclass
@@ -161,8 +161,7 @@ def _foreign_model(
     ckpt: Any, arch: str, clusters: list[int] | None, side: int
 ) -> tuple[SelaModel, list[int]]:
     """A foreign checkpoint's network (heads and widths as its tensors have them) and its untrained heads."""
-    if arch not in list_models():
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(list_models())}")
+    check_arch(arch)
     model = create_model(**spec_from_state_dict(arch, ckpt, n_clusters=clusters, input_size=side))
     skipped = load_pretrained(model, ckpt)
     return model, sorted({int(name.split(".")[1]) for name in skipped})

@@ -13,7 +13,7 @@ from sela.models.base import SelaModel
 from sela.models.convnet import ConvNet
 from sela.models.export import load_exported
 from sela.models.pretrained import load_pretrained, spec_from_state_dict
-from sela.models.registry import clusters_per_head, create_model, list_models, register_model
+from sela.models.registry import check_arch, clusters_per_head, create_model, list_models, register_model
 from sela.models.resnet import ResNet
 
 __all__ = [
@@ -21,6 +21,7 @@ __all__ = [
     "ConvNet",
     "ResNet",
     "SelaModel",
+    "check_arch",
     "clusters_per_head",
     "create_model",
     "list_models",

@@ -6,6 +6,10 @@ Two shapes (:func:`backbone_payload`):
     :func:`torchvision_resnet`: ``torchvision.models.resnet18()`` with ``fc = nn.Identity()`` (the model then
     outputs the pooled (B, D) features), plus, for the ``_cifar`` variants, a 3x3 stride-1 ``conv1`` and
     ``maxpool = nn.Identity()`` (and for C != 3 image channels, a ``conv1`` taking C channels).
+  * timm backbones (``timm:<name>``): timm's own state dict of the ``num_classes=0`` network, loadable
+    with ``strict=True`` into ``timm.create_model(name, num_classes=0, in_chans=C, **timm_kwargs)``
+    (:func:`sela.models.timm_backbone.timm_network`), or through timm's pretrained machinery with
+    ``pretrained=True, pretrained_cfg_overlay=dict(file=PATH)`` and the same arguments.
   * every other architecture (no torchvision equivalent): ``{"spec": ..., "state_dict": ...}``, the
     backbone's state dict and the ``create_model`` spec that builds it (heads and projector left out).
 :func:`load_exported` reads either back as a module mapping normalised images (B, C, S, S) to (B, D).
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 from sela.models.base import SelaModel
 from sela.models.registry import create_model
 from sela.models.resnet import STEM_WIDTH, ResNet, set_stem, stem_conv
+from sela.models.timm_backbone import BODY, PREFIX, TimmBackbone, timm_network
 
 # the parts of a SelaModel above the backbone: they fit the self-labels, not the images
 _NOT_BACKBONE = ("heads.", "projector.")
@@ -45,8 +50,28 @@ def backbone_state_dict(model: SelaModel) -> dict[str, Tensor]:
 
 
 def backbone_spec(model: SelaModel) -> dict[str, Any]:
-    """The model's ``create_model`` spec without the heads and projector (``arch`` and backbone settings)."""
-    return {k: v for k, v in model.spec.items() if k not in _HEAD_SPEC}
+    """The model's ``create_model`` spec without the heads and projector (``arch`` and backbone settings;
+    for a timm backbone, the ``timm_kwargs`` it was built with)."""
+    spec = {k: v for k, v in model.spec.items() if k not in _HEAD_SPEC}
+    if isinstance(model, TimmBackbone):
+        spec["timm_kwargs"] = dict(model.timm_kwargs)
+    return spec
+
+
+def timm_recipe(spec: Mapping[str, Any], path: str = "PATH") -> list[str] | None:
+    """Python lines that build a timm backbone's network and load its export at ``path`` with
+    ``strict=True`` (the second way: timm's own loader); None for an architecture that is not timm's."""
+    arch = str(spec.get("arch", ""))
+    if not arch.startswith(PREFIX):
+        return None
+    args = f"{arch.removeprefix(PREFIX)!r}, num_classes=0, in_chans={int(spec.get('in_channels', 3))}"
+    args += "".join(f", {k}={v!r}" for k, v in (spec.get("timm_kwargs") or {}).items())
+    return [
+        "import timm, torch",
+        f"m = timm.create_model({args})",
+        f"m.load_state_dict(torch.load({path!r}, weights_only=True), strict=True)",
+        f"# or: timm.create_model({args}, pretrained=True, pretrained_cfg_overlay=dict(file={path!r}))",
+    ]
 
 
 def torchvision_resnet(spec: Mapping[str, Any]) -> nn.Module:
@@ -96,6 +121,8 @@ def backbone_payload(model: SelaModel) -> dict[str, Any]:
     state = backbone_state_dict(model)
     if isinstance(model, ResNet):
         return state
+    if isinstance(model, TimmBackbone):
+        return {k.removeprefix(BODY): v for k, v in state.items()}
     return {"spec": backbone_spec(model), "state_dict": state}
 
 
@@ -124,7 +151,8 @@ def load_exported(path: str | os.PathLike, *, spec: Mapping[str, Any] | None = N
             default: the ``spec`` of the JSON file that ``sela export`` writes next to it.
 
     Returns:
-        For a ResNet, the torchvision model of :func:`torchvision_resnet`; otherwise the sela model
+        For a ResNet, the torchvision model of :func:`torchvision_resnet`; for a timm backbone, the timm
+        network (``num_classes=0``); otherwise the sela model
         (its heads are untrained placeholders; the module's forward never reaches them).
     """
     path = Path(path)
@@ -145,7 +173,7 @@ def load_exported(path: str | os.PathLike, *, spec: Mapping[str, Any] | None = N
         if not info.is_file():
             raise ValueError(f"{path} is a plain state dict and {info} is absent; pass spec={{'arch': ...}}")
         spec = json.loads(info.read_text())["spec"]
-    net = torchvision_resnet(spec)
+    net = timm_network(spec) if str(spec.get("arch", "")).startswith(PREFIX) else torchvision_resnet(spec)
     net.load_state_dict(data, strict=True)
     return net.eval()
 

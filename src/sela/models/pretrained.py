@@ -15,6 +15,7 @@ from torch import Tensor
 
 from sela.models.base import SelaModel
 from sela.models.resnet import ResNet
+from sela.models.timm_backbone import BODY, TimmBackbone
 
 _HEAD_KEY = re.compile(r"^(?:top_layer|fc|heads\.)(\d*)(?:\.0)?\.(weight|bias)$")
 # SeLa's resnetv1 kept the backbone in one nn.Sequential called ``features``
@@ -109,6 +110,60 @@ def load_pretrained(
         )
     model.load_state_dict(loaded, strict=False)
     return sorted(k for k in own_heads if k not in loaded)
+
+
+_ABOVE_BACKBONE = ("heads.", "projector.")
+
+
+def _backbone_keys(model: SelaModel, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The checkpoint's backbone tensors under the model's names: heads, projector and classifiers
+    dropped (torchvision's ``fc``, a timm model's own classifier), a plain timm state dict put under ``body.``."""
+    if isinstance(model, ResNet):
+        state = {_rename_sela_resnet(k): v for k, v in state.items()}
+    if isinstance(model, TimmBackbone):
+        classifiers = model.body.pretrained_cfg.get("classifier") or ()
+        classifiers = (classifiers,) if isinstance(classifiers, str) else tuple(classifiers)
+        plain = not any(k.startswith(BODY) for k in state)
+        state = {
+            (BODY + k if plain else k): v
+            for k, v in state.items()
+            if not (plain and any(k.startswith(c + ".") for c in classifiers))
+        }
+    return {k: v for k, v in state.items() if not k.startswith(_ABOVE_BACKBONE) and not _HEAD_KEY.match(k)}
+
+
+def load_backbone(model: SelaModel, state_dict: Mapping[str, Any], *, what: str = "the checkpoint") -> None:
+    """Copy a checkpoint's backbone into ``model`` in place; its heads and projector stay as they are
+    (fresh): ``sela train --init``. The checkpoint may be a sela one (run, export), a torchvision or a
+    timm state dict; its heads and classifier are ignored.
+
+    Raises:
+        ValueError: one line naming the missing, unexpected and mis-shaped keys (a few, then counts) and
+            what to do (``what`` names the checkpoint in it).
+    """
+    state = _backbone_keys(model, _unwrap(state_dict))
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(_ABOVE_BACKBONE)}
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in state.items()
+        if k in own and own[k].shape != v.shape
+    ]
+    problems = [
+        f"{name} {len(keys)} key(s): {_short(keys, 3)}"
+        for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch in", shapes))
+        if keys
+    ]
+    if problems:
+        arch = (
+            model.spec.get("arch", type(model).__name__) if hasattr(model, "spec") else type(model).__name__
+        )
+        raise ValueError(
+            f"{what} does not fit a {arch} backbone: {'; '.join(problems)}; pass the --arch (and model "
+            "settings) it was trained as"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def spec_from_state_dict(

@@ -18,6 +18,7 @@ ModelFactory = Callable[..., SelaModel]
 _MODELS: dict[str, ModelFactory] = {}
 
 DEFAULT_N_CLUSTERS: tuple[int, ...] = (128,)
+TIMM_PREFIX = "timm:"  # ``timm:<name>``: any timm model (sela.models.timm_backbone)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -33,8 +34,30 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 
 
 def list_models() -> list[str]:
-    """Names of all registered models, sorted."""
+    """Names of all registered models, sorted (timm's models, ``timm:<name>``, are not listed)."""
     return sorted(_MODELS)
+
+
+def check_arch(arch: str) -> str:
+    """``arch`` if it names a registered model or a timm model (``timm:<name>``), else a ValueError that says
+    what to choose (timm not installed: how to install it)."""
+    if arch.startswith(TIMM_PREFIX):
+        from sela.models.timm_backbone import check_timm_name
+
+        check_timm_name(arch.removeprefix(TIMM_PREFIX))
+    elif arch not in _MODELS:
+        raise ValueError(
+            f"unknown architecture {arch!r}; choose one of {', '.join(list_models())}, or timm:<name>"
+        )
+    return arch
+
+
+def _factory(arch: str) -> ModelFactory:
+    if arch.startswith(TIMM_PREFIX):
+        from sela.models.timm_backbone import timm_factory
+
+        return timm_factory(arch.removeprefix(TIMM_PREFIX))
+    return _MODELS[arch]
 
 
 def _check_n_clusters(n_clusters: Sequence[int] | int) -> list[int]:
@@ -77,7 +100,7 @@ def create_model(
     """Build the registered model ``arch`` with one linear head per entry of ``n_clusters``.
 
     Args:
-        arch: a name from ``list_models()``.
+        arch: a name from ``list_models()``, or ``timm:<name>`` for a timm model (the ``timm`` extra).
         n_clusters: clusters K per head; an int means one head. Every K must be >= 2.
         normalize_heads: cosine heads: L2-normalised head inputs (see ``SelaModel.normalize_heads``),
             unit-norm prototype rows and a zero, frozen bias (the swapped objective's, and the sela
@@ -87,11 +110,10 @@ def create_model(
     Raises:
         ValueError: an unknown name, bad ``n_clusters``, or a keyword the architecture does not take.
     """
-    if arch not in _MODELS:
-        raise ValueError(f"unknown model {arch!r}; choose one of {', '.join(list_models())}")
+    check_arch(arch)
     ks = _check_n_clusters(n_clusters)
     try:
-        model = _MODELS[arch](ks, **kwargs)
+        model = _factory(arch)(ks, **kwargs)
     except TypeError as e:
         if "unexpected keyword argument" not in str(e):
             raise
