@@ -71,8 +71,10 @@ def main() -> None:
     p.add_argument("out", type=Path)
     p.add_argument("--repeat", type=int, default=1, help="runs per tree and command (alternating)")
     p.add_argument("--quick", action="store_true", help="digits only")
+    p.add_argument("--only", nargs="+", choices=list(COMMANDS), help="these commands only")
     args = p.parse_args()
     names = [n for n in COMMANDS if not args.quick or n.startswith("digits")]
+    names = [n for n in names if not args.only or n in args.only]
     for name in names:
         rates: dict[str, list[float]] = {"old": [], "new": []}
         for r in range(args.repeat):
