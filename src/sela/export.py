@@ -29,7 +29,7 @@ from sela.eval.features import extract
 from sela.labeller import SelfLabeller, feature_matrix
 from sela.models.export import backbone_payload, backbone_spec, info_path, torchvision_recipe
 from sela.models.resnet import ResNet
-from sela.rundir import atomic_write, load_file, write_json, write_labels_csv
+from sela.rundir import atomic_write, atomic_write_all, load_file, write_json, write_labels_csv
 from sela.runs import Run
 from sela.sinkhorn import DEFAULT_LAM, assign
 
@@ -193,16 +193,14 @@ def size_histograms(labels: Tensor, n_clusters: list[int], csv_path: str | os.Pa
     from sela.plots import plot_cluster_sizes
 
     csv_path = Path(csv_path)
-    return [
-        plot_cluster_sizes(
-            labels[h : h + 1],
-            [k],
-            csv_path.with_name(f"{csv_path.stem}_sizes_head{h}.png"),
-            histogram=True,
-            heads=[h],
-        )
-        for h, k in enumerate(n_clusters)
-    ]
+    written = []
+    for h, k in enumerate(n_clusters):
+        path = csv_path.with_name(f"{csv_path.stem}_sizes_head{h}.png")
+        write = lambda tmp, h=h, k=k: plot_cluster_sizes(
+            labels[h : h + 1], [k], tmp, histogram=True, heads=[h]
+        )  # noqa: E731
+        written.append(atomic_write(path, write))
+    return written
 
 
 def export_run_labels(
@@ -252,7 +250,7 @@ def label_images(
     if run.untrained_heads:
         raise ValueError(f"heads {run.untrained_heads} of {run.source} are untrained; label with a sela run")
     paths = list_images(images)
-    x = load_images(paths, run.image_size, channels=run.train_set.channels)  # (M, C, S, S)
+    x = load_images(paths, run.image_size, channels=run.channels)  # (M, C, S, S)
     logits = head_outputs(run.model, x, transform=run.transform, batch_size=batch_size, progress=progress)
     labels = assign_labels(logits, balanced=balanced, lam=lam)  # (H, M)
     path = write_labels_csv(out, labels, paths=paths, confidence=confidences(logits))
@@ -275,9 +273,17 @@ def _output_file(out: str | os.PathLike, suffixes: tuple[str, ...], what: str) -
     return out
 
 
-def check_embedding_path(out: str | os.PathLike) -> Path:
-    """The embedding file ``out`` (``.npy``, ``.pt`` or ``.csv``), checked before any work is done."""
-    return _output_file(out, EMBEDDING_FORMATS, "features")
+def check_embedding_path(out: str | os.PathLike, paths: list[str] | None = None) -> Path:
+    """The embedding file ``out`` (``.npy``, ``.pt`` or ``.csv``), checked before any work is done; with
+    ``paths``, also that ``.npy``'s one-path-a-line ``.paths.txt`` can hold them (no newline in a name)."""
+    out = _output_file(out, EMBEDDING_FORMATS, "features")
+    odd = next((p for p in paths or () if "\n" in p or "\r" in p), None)
+    if odd is not None and out.suffix.lower() == ".npy":
+        raise ValueError(
+            f"the image path {odd!r} holds a line break, which {out.with_suffix('.paths.txt').name} (one path "
+            "a line) cannot hold; write -o with .pt or .csv, or rename the file"
+        )
+    return out
 
 
 def embed_images(
@@ -304,9 +310,7 @@ def embed_images(
         total=len(paths), desc="embed", unit="img", disable=None if progress is None else not progress
     ) as bar:
         for start in range(0, len(paths), batch_size):
-            x = load_images(
-                paths[start : start + batch_size], run.image_size, channels=run.train_set.channels
-            )
+            x = load_images(paths[start : start + batch_size], run.image_size, channels=run.channels)
             found = extract(
                 run.model, x, transform=run.transform, batch_size=batch_size, layer=layer, heads=False
             )
@@ -320,7 +324,7 @@ def write_embedding(out: str | os.PathLike, features: Tensor, paths: list[str]) 
 
     Returns the files written (for ``.npy``: the array and ``<stem>.paths.txt``).
     """
-    out = check_embedding_path(out)
+    out = check_embedding_path(out, paths)
     if features.ndim != 2 or features.shape[0] != len(paths):
         raise ValueError(f"need (N, D) features for {len(paths)} paths, got {tuple(features.shape)}")
     x = features.detach().float().cpu().contiguous()  # (N, D)
@@ -336,10 +340,12 @@ def write_embedding(out: str | os.PathLike, features: Tensor, paths: list[str]) 
             with open(tmp, "wb") as f:  # a file object: np.save would append .npy to tmp's name
                 np.save(f, array, allow_pickle=False)
 
-        return [
-            atomic_write(out, save_array),
-            atomic_write(listing, lambda tmp: tmp.write_text("".join(f"{p}\n" for p in paths))),
-        ]
+        text = "".join(
+            f"{p}\n" for p in paths
+        )  # both written, then both renamed: never one without the other
+        return atomic_write_all(
+            {out: save_array, listing: lambda tmp: tmp.write_text(text, errors="surrogateescape")}
+        )
 
     def save_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
@@ -363,7 +369,7 @@ def export_backbone(run: Run, out: str | os.PathLike, *, extra: dict | None = No
     model, spec = run.model, backbone_spec(run.model)
     payload = backbone_payload(model)
     recipe = torchvision_recipe(spec, str(out)) if isinstance(model, ResNet) else None
-    mean, std = run.train_set.mean, run.train_set.std
+    mean, std = run.mean, run.std
     info = {
         "arch": run.arch,
         "layout": "torchvision" if recipe else "sela",
@@ -372,12 +378,12 @@ def export_backbone(run: Run, out: str | os.PathLike, *, extra: dict | None = No
         "load": recipe or ["import sela.models", f"m = sela.models.load_exported({str(out)!r})"],
         "preprocess": {
             "image_size": run.image_size,
-            "channels": run.train_set.channels,
+            "channels": run.channels,
             "resize": "shorter side to image_size (bilinear, antialiased), then a central square crop",
             "scale": "pixel / 255, then (x - mean) / std per channel",
             "mean": None if mean is None else list(mean),
             "std": None if std is None else list(std),
-            **({"gray": "0.299 R + 0.587 G + 0.114 B, rounded"} if run.train_set.channels == 1 else {}),
+            **({"gray": "0.299 R + 0.587 G + 0.114 B, rounded"} if run.channels == 1 else {}),
         },
         "source": str(run.source),
         **(extra or {}),
