@@ -68,7 +68,10 @@ def test_labels_realign_by_path_after_the_folder_changed(folder_run, tmp_path):
 def test_show_and_eval_use_the_realigned_labels(folder_run, tmp_path):
     run, images = folder_run
     _change(images)
-    for argv in (["show", run, "-o", tmp_path / "report"], ["eval", run, "--no-linear", "-o", tmp_path / "e.json"]):
+    for argv in (
+        ["show", run, "-o", tmp_path / "report"],
+        ["eval", run, "--no-linear", "-o", tmp_path / "e.json"],
+    ):
         result = call_sela([*argv, "--device", "cpu"])
         assert result.code == 0, str(result)
         assert "realigned by path" in result.err, result.err
@@ -78,7 +81,9 @@ def test_resume_on_a_changed_folder_is_refused_in_one_line(folder_run):
     run, images = folder_run
     before = (run / "checkpoint.pt").read_bytes()
     (images / "d0007.png").unlink()  # case 15: the file removed "as told"
-    line = error_line(call_sela(["train", "--resume", "--dataset", "folder", "--data-dir", images, "--out", run, *TR]))
+    line = error_line(
+        call_sela(["train", "--resume", "--dataset", "folder", "--data-dir", images, "--out", run, *TR])
+    )
     assert "1 removed" in line and "d0007.png" in line, line
     assert (run / "checkpoint.pt").read_bytes() == before
 
@@ -86,7 +91,9 @@ def test_resume_on_a_changed_folder_is_refused_in_one_line(folder_run):
 def test_resume_on_another_folder_with_the_same_n_is_refused(folder_run, tmp_path):
     run, _ = folder_run
     other = digit_folder(tmp_path / "other", start=300)  # 120 other images: same N, other files
-    line = error_line(call_sela(["train", "--resume", "--dataset", "folder", "--data-dir", other, "--out", run, *TR]))
+    line = error_line(
+        call_sela(["train", "--resume", "--dataset", "folder", "--data-dir", other, "--out", run, *TR])
+    )
     assert "changed" in line and "120 added" in line, line
 
 
