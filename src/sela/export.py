@@ -195,11 +195,11 @@ def size_histograms(labels: Tensor, n_clusters: list[int], csv_path: str | os.Pa
     csv_path = Path(csv_path)
     written = []
     for h, k in enumerate(n_clusters):
-        path = csv_path.with_name(f"{csv_path.stem}_sizes_head{h}.png")
-        write = lambda tmp, h=h, k=k: plot_cluster_sizes(
-            labels[h : h + 1], [k], tmp, histogram=True, heads=[h]
-        )  # noqa: E731
-        written.append(atomic_write(path, write))
+
+        def write(tmp: Path, h: int = h, k: int = k) -> None:
+            plot_cluster_sizes(labels[h : h + 1], [k], tmp, histogram=True, heads=[h])
+
+        written.append(atomic_write(csv_path.with_name(f"{csv_path.stem}_sizes_head{h}.png"), write))
     return written
 
 

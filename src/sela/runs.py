@@ -124,14 +124,16 @@ def _recorded_config(ckpt: dict, run_dir: Path | None) -> dict:
 
 
 def _stored_labels(
-    ckpt: Any, n_heads: int, train_set: ImageSet, notes: list[str], match: rundir.FileMatch | None
+    ckpt: Any, n_heads: int, train_set: ImageSet, notes: list[str], match: rundir.FileMatch | str | None
 ) -> Tensor | None:
     """The (H, N) self-labels stored with the model for the images as they are now, or None (with a note
     when they do not fit). ``match``: the run's recorded file list against the images now; labels of
-    files added since are -1 here (:func:`_label_new_files` fills them)."""
+    files added since are -1 here (:func:`_label_new_files` fills them); a str: the note of a run
+    without a file list (:func:`_file_match`), given when its labels fit."""
     labels = _as_label_matrix(ckpt.get("labels")) if isinstance(ckpt, dict) else None
     if labels is None:
         return None
+    unknown, match = (match, None) if isinstance(match, str) else (None, match)
     if match is not None and match.rows is not None and match.n_then == labels.shape[1] and not match.same:
         rows = match.rows  # (N_now,): the recorded index of each image now, -1 for a new file
         labels = torch.where(rows[None] >= 0, labels[:, rows.clamp_min(0)], -1)  # (H, N_now)
@@ -145,23 +147,27 @@ def _stored_labels(
             f"{len(train_set)} {train_set.name or 'training'} images; they are not evaluated"
         )
         return None
+    if unknown:
+        notes.append(unknown)
     if match is not None and match.modified:
         notes.append(f"{len(match.modified)} training file(s) changed since the run was trained (e.g. "
                      f"{match.modified[0]}); each keeps its label")  # fmt: skip
     return labels
 
 
-def _file_match(run_dir: Path | None, train_set: ImageSet, data_dir: str | None, notes: list[str]):
-    """The run's recorded file list matched to the images now (None without one, with a note for a run)."""
+def _file_match(
+    run_dir: Path | None, train_set: ImageSet, data_dir: str | None
+) -> rundir.FileMatch | str | None:
+    """The run's recorded file list matched to the images now; None without a run directory; for a run
+    of files without a file list (sela before files.json), the note to give when its labels are used."""
     if run_dir is None:
         return None
     recorded = rundir.read_file_list(run_dir)
     if recorded is None:
-        notes.append(
+        return None if train_set.paths is None else (
             f"{run_dir} records no file list (a run of sela before {rundir.FILES}): its labels are matched "
             "to the images by position, checked by their number only"
-        )
-        return None
+        )  # fmt: skip
     return rundir.match_files(recorded, rundir.FileList.of(train_set.paths, len(train_set), data_dir))
 
 
@@ -300,7 +306,7 @@ def load_run(
     check_fits(model, sample, transform, arch=arch, image_size=shown)
     labels = None
     if train_set is not None:
-        match = _file_match(run_dir, train_set, data_dir, notes) if sela else None
+        match = _file_match(run_dir, train_set, data_dir) if sela else None
         labels = _stored_labels(ckpt, len(model.n_clusters), train_set, notes, match)
         if labels is not None and bool((labels < 0).any()):
             labels = _label_new_files(model, train_set, transform, labels)
