@@ -315,8 +315,7 @@ def render_report(
     for c in shown:
         _save_strip(gather_images(images, picks[c.cluster]), out / "clusters" / f"c{c.cluster:05d}.png")
 
-    # pages of clusters with prev / next links (an earlier report's pages go first)
-    _remove_old_pages(out)
+    _remove_old_pages(out)  # pages of clusters with prev / next links (an earlier report's pages go first)
     names = _write_pages(shown, out, images.classes, title=title, head=head, per_page=per_page)
 
     # the index

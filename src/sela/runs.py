@@ -266,15 +266,11 @@ def load_run(
         arch: the architecture; required for foreign checkpoints, must match for sela runs.
         clusters: K per head for foreign checkpoints without heads (default: the heads found in the
             checkpoint; with none, one placeholder head that is reported as untrained).
-        device: where the model runs.
-        test_split: also load the test (or val) split when the dataset has one.
-        train_split: load the training split (and the stored labels). False (``sela export``, ``embed``,
-            ``labels --images``): a run that records its images' channels, side and statistics
-            (config.json's ``_data``) opens without its training folder; ``train_set`` and ``labels`` are
-            None then. Other sources still need the folder for those statistics.
+        device: where the model runs. test_split: also load the test (or val) split, if any.
+        train_split: False: a run that records its images' statistics (config.json's ``_data``) opens
+            without its training folder, ``train_set`` and ``labels`` None (export, embed, labels --images).
 
-    Raises:
-        ValueError (FileNotFoundError for missing paths): with a message that names the fix.
+    Raises ValueError (FileNotFoundError for missing paths) with a message that names the fix.
     """
     path, run_dir = _locate(source)
     ckpt = rundir.load_file(path)
@@ -287,29 +283,20 @@ def load_run(
     data_dir = data_dir if data_dir is not None else recorded["data_dir"]
     size = image_size or recorded["image_size"] or dataset_info(dataset).default_image_size
     facts = None if train_split or not sela else _recorded_images(run_dir)
-    train_set = _train_split(dataset, data_dir, size) if facts is None else None
-    channels, mean, std = (train_set.channels, train_set.mean, train_set.std) if facts is None else facts[:3]
-    side = train_set.side(size) if facts is None else int(size or facts[3])
+    train_set, (channels, mean, std, side) = _images(facts, dataset, data_dir, size)
     if sela:
         model, untrained = _sela_model(ckpt, config, channels, side, path), []
     else:
         model, untrained = _foreign_model(ckpt, arch, clusters, side)
-    notes = (
-        [f"heads {untrained} are not in the checkpoint; their cluster metrics are skipped"]
-        if untrained
-        else []
+    notes = [f"heads {untrained} are not in the checkpoint; their cluster metrics are skipped"] * bool(
+        untrained
     )
     model = model.to(device).eval()
     shown = side if image_size else recorded["eval_size"] or side  # what the run's evaluation saw
     transform = EvalTransform(shown, mean=mean, std=std).to(device)
     sample = train_set if train_set is not None else torch.zeros((2, channels, side, side), dtype=torch.uint8)
     check_fits(model, sample, transform, arch=arch, image_size=shown)
-    labels = None
-    if train_set is not None:
-        match = _file_match(run_dir, train_set, data_dir) if sela else None
-        labels = _stored_labels(ckpt, len(model.n_clusters), train_set, notes, match)
-        if labels is not None and bool((labels < 0).any()):
-            labels = _label_new_files(model, train_set, transform, labels)
+    labels = _labels_now(ckpt, model, train_set, transform, notes, run_dir if sela else None, data_dir)
     test_set = load_test_split(dataset, data_dir, size) if test_split else None
     return Run(
         model=model, labels=labels, train_set=train_set, test_set=test_set, transform=transform,
@@ -317,6 +304,31 @@ def load_run(
         summary=rundir.read_json(run_dir / rundir.SUMMARY) if run_dir else {}, untrained_heads=untrained,
         notes=notes, channels=channels, mean=mean, std=std,
     )  # fmt: skip
+
+
+def _labels_now(
+    ckpt: Any, model: SelaModel, train_set: ImageSet | None, transform: EvalTransform, notes: list[str],
+    run_dir: Path | None, data_dir: str | None,
+) -> Tensor | None:  # fmt: skip
+    """The stored labels of the training images as they are now (:func:`_stored_labels`), new files
+    labelled by the model's argmax; None without a training split."""
+    if train_set is None:
+        return None
+    labels = _stored_labels(
+        ckpt, len(model.n_clusters), train_set, notes, _file_match(run_dir, train_set, data_dir)
+    )
+    if labels is not None and bool((labels < 0).any()):
+        labels = _label_new_files(model, train_set, transform, labels)
+    return labels
+
+
+def _images(facts: tuple | None, dataset: str, data_dir: str | None, size: int | None):
+    """The training split (None when ``facts``, the recorded ones, stand in for it) and the images'
+    (channels, mean, std, side)."""
+    if facts is not None:
+        return None, (*facts[:3], int(size or facts[3]))
+    train_set = _train_split(dataset, data_dir, size)
+    return train_set, (train_set.channels, train_set.mean, train_set.std, train_set.side(size))
 
 
 def _recorded_images(run_dir: Path | None) -> tuple[int, tuple, tuple, int] | None:
