@@ -428,7 +428,7 @@ def _run(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    for key in {"source", "data_dir", "output", "images", "features"} & set(vars(args)):  # `-o=~/x`
+    for key in {"source", "data_dir", "output", "images", "features", "config"} & set(vars(args)):  # ~/x
         setattr(args, key, getattr(args, key) and os.path.expanduser(getattr(args, key)))
     try:
         return int(args.func(args) or 0)
