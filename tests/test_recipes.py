@@ -127,15 +127,15 @@ def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, 
     data = two_class_folder(tmp_path / "data", 40, 10, colour_image)
     out = tmp_path / "run"
     args = ["train", "--dataset", "folder", "--data-dir", data, "--out", str(out)]
-    assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
+    assert main([*args, "--epochs", "1", "--batch-size", "8", "--heads", "1", "--no-progress"]) == 0
     said = capsys.readouterr().out
     assert "recipe cpu-fast (CPU, 40 3-channel images of 12 px" in said
-    assert "model.heads=1 (recipe: 5)" in said and "optim.batch_size=16 (recipe: 256)" in said
+    assert "model.heads=1 (recipe: 5)" in said and "optim.batch_size=8 (recipe: 16)" in said  # 40 images
     assert "optim.lr=0.25," in said
     config = json.loads((out / "config.json").read_text())
     assert config["recipe"] == "cpu-fast" and config["objective"] == "swapped"
     assert config["augment"]["crop_size"] == 8
-    assert config["optim"]["batch_size"] == 16 and config["model"]["heads"] == 1  # flags win over the recipe
+    assert config["optim"]["batch_size"] == 8 and config["model"]["heads"] == 1  # flags win over the recipe
     assert config["eval"]["size"] == 12  # 8 px views of crops down to 0.2: 17.9 px, capped at the side
 
 

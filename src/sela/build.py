@@ -19,6 +19,7 @@ From Python::
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from sela.config import (
     apply_overrides,
     canonical_key,
     compare_configs,
+    data_settings,
     flatten,
     model_options,
     parse_overrides,
@@ -43,14 +45,16 @@ from sela.config import (
     to_dict,
     validate,
 )
-from sela.data import BatchAugment, EvalTransform, ImageSet, dataset_info, load_dataset, view_scale_size
+from sela.data import BatchAugment, EvalTransform, ImageSet, dataset_info, view_scale_size
 from sela.loggers import chosen, metric_sinks
 from sela.models import check_arch, clusters_per_head, create_model
 from sela.objectives import OBJECTIVES, make_objective
-from sela.runs import load_test_split
-from sela.train import Trainer, finish_run
+from sela.runs import load_split, load_test_split
+from sela.train import Trainer, TrainingDiverged, finish_run
 
 Log = Callable[[str], None]
+TRAIN_FAILURES = (TrainingDiverged, dist.PeerFailed)  # a run that started and then failed: exit code 1
+PATH_KEYS = ("runtime.out", "data.data_dir")  # settings that name a path: ``~`` is expanded
 
 
 def user_settings(
@@ -60,12 +64,16 @@ def user_settings(
     overrides: list[str] | dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The user's settings as {dotted key: value}, lowest first: a TOML file, ``settings`` (the flags),
-    ``overrides`` (``["augment.flip_p=0.5"]`` strings or a dict). Legacy flat keys are translated."""
+    ``overrides`` (``["augment.flip_p=0.5"]`` strings or a dict). Legacy flat keys are translated; ``~``
+    in a path (``PATH_KEYS``) is expanded."""
     merged = read_toml(toml) if toml else {}
     merged.update(flatten(upgrade_keys(settings or {})))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
     merged.update(flatten(upgrade_keys(overrides or {})))
+    for key in PATH_KEYS:  # the shell leaves `--out=~/x` as it is
+        if isinstance(merged.get(key), str):
+            merged[key] = os.path.expanduser(merged[key])
     return merged
 
 
@@ -278,8 +286,10 @@ def device_for(name: str) -> torch.device:
     return device
 
 
-def check_out_dir(out: Path, *, resume: bool) -> None:
-    """The run directory is free for this run: not locked by another, holding a run only when resuming."""
+def check_out_dir(out: Path, *, resume: bool, force: bool = False) -> None:
+    """The run directory is free for this run: not locked by another, holding a run only when resuming,
+    and holding no files that sela did not write (unless ``force``: the user's files of the run's names,
+    config.json or labels.csv, would be replaced)."""
     holder = rundir.RunLock(out).holder()
     if holder is not None:
         raise ValueError(
@@ -290,23 +300,56 @@ def check_out_dir(out: Path, *, resume: bool) -> None:
         raise ValueError(f"--resume: no {rundir.CHECKPOINT} in {out}; point --out at an existing run")
     if not resume and has_run:
         raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory; choose another --out")
+    if not resume and not force and not rundir.is_run_dir(out) and out.is_dir() and any(out.iterdir()):
+        first = sorted(p.name for p in out.iterdir())[0]
+        raise ValueError(
+            f"{out} is not empty and is not a sela run (it holds {first}, ...); choose a new or empty --out, "
+            "or pass --force to write the run into it (files of the run's names are replaced)"
+        )
 
 
-def check_resume(cfg: TrainConfig, out: Path) -> None:
-    """A resumed run's settings that must match its recorded ones (``resume=True`` in the schema)."""
-    mismatched = compare_configs(rundir.read_json(out / rundir.CONFIG), to_dict(cfg))
+def check_resume(cfg: TrainConfig, out: Path, train_set: ImageSet | None = None) -> list[str]:
+    """A resumed run's settings that must match its recorded ones (``resume=True`` in the schema), and its
+    training images its recorded file list (:func:`check_files`); returns the notes to tell the user."""
+    saved = rundir.read_json(out / rundir.CONFIG)
+    mismatched = compare_configs(saved, to_dict(cfg))
     if mismatched:
         raise ValueError(
             f"{out} was trained with different settings ({'; '.join(mismatched)}); resume with the same "
             "settings or start a new --out directory"
         )
+    return [] if train_set is None else check_files(out, train_set, cfg.data.data_dir, saved)
+
+
+def check_files(out: Path, train_set: ImageSet, data_dir: str | None, saved: dict) -> list[str]:
+    """The training images are the ones the run started with (files.json), matched by path: a file added
+    or removed is refused in one line (the labels would not fit), a moved folder or a file modified in
+    place is a note. A run without files.json (older sela) is checked by the number of images only."""
+    was = data_settings(saved).get("data_dir")
+    moved = [f"data.data_dir is {data_dir!r}; the run was trained on {was!r}"] if was != data_dir else []
+    recorded = rundir.read_file_list(out)
+    if recorded is None:
+        return [f"{out} records no file list (sela before {rundir.FILES}): only the number of images "
+                "is checked", *moved]  # fmt: skip
+    match = rundir.match_files(recorded, rundir.FileList.of(train_set.paths, len(train_set), data_dir))
+    if not match.same:
+        raise ValueError(
+            f"--resume: the training images changed since {out} was trained ({match.describe()}); "
+            "restore them, or train a new --out"
+        )
+    if match.modified:
+        moved.append(f"{len(match.modified)} training file(s) modified since the run started (e.g. "
+                     f"{match.modified[0]}); each keeps its label")  # fmt: skip
+    return moved
 
 
 def load_splits(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
     """The training split and the test (or val) split of the data section."""
     d = cfg.data
     size = d.image_size or dataset_info(d.dataset).default_image_size
-    train_set = load_dataset(d.dataset, d.data_dir, "train", image_size=size, strict=d.strict)
+    train_set = load_split(d.dataset, d.data_dir, "train", size, strict=d.strict)
     if len(train_set) == 0:
         raise ValueError(f"the {d.dataset} training split is empty; check --data-dir")
     return train_set, load_test_split(d.dataset, d.data_dir, size, strict=d.strict)
@@ -342,10 +385,15 @@ def label_only(trainer: Trainer) -> None:
     trainer.close()
 
 
-def _record(cfg: TrainConfig, out: Path, command: list[str]) -> None:
+def _record(cfg: TrainConfig, out: Path, command: list[str], train_set: ImageSet) -> None:
+    """config.json (the settings, the command, the version, the images' channels, side and statistics,
+    which let ``sela export``/``embed`` run without the training folder) and files.json."""
     if dist.is_main():
         record = {**to_dict(cfg), "_command": command, "_version": sela.__version__}
-        rundir.write_json(out / rundir.CONFIG, {**record, "_world_size": dist.world_size()})
+        images = {"channels": train_set.channels, "side": image_side(cfg, train_set),
+                  "mean": list(train_set.mean), "std": list(train_set.std)}  # fmt: skip
+        rundir.write_json(out / rundir.CONFIG, {**record, "_world_size": dist.world_size(), "_data": images})
+        rundir.write_file_list(out, rundir.FileList.of(train_set.paths, len(train_set), cfg.data.data_dir))
 
 
 def train(
@@ -354,6 +402,7 @@ def train(
     toml: str | Path | None = None,
     overrides: list[str] | dict[str, Any] | None = None,
     resume: bool = False,
+    force: bool = False,
     log: Log | None = print,
     command: list[str] | None = None,
 ) -> dict:
@@ -362,41 +411,58 @@ def train(
     Args:
         settings, toml, overrides: the user's settings (:func:`user_settings`), e.g.
             ``{"optim.epochs": 5, "runtime.out": "runs/py"}``.
-        resume: continue the run in ``runtime.out`` from its checkpoint.
+        resume: continue the run in ``runtime.out`` from its checkpoint (its training images must be the
+            ones it recorded in files.json).
+        force: write into a non-empty ``runtime.out`` that is not a sela run (files of the run's names
+            are replaced); without it such a directory is refused.
         log: called with each line the run reports (rank 0); None: silent.
         command: recorded in config.json (the CLI's argv; default ``sys.argv``).
 
     Returns the summary (summary.json's content; {} on ranks other than 0).
-    Raises ValueError for bad settings (before anything is written), and :class:`sela.train.TrainingDiverged`
-    when the loss or the outputs become NaN (the last good checkpoint is kept).
+    Raises ValueError for bad settings (before anything is written), :class:`sela.train.TrainingDiverged`
+    when the loss or the outputs become NaN (the last good checkpoint is kept), and
+    :class:`sela.distributed.PeerFailed` when another process of a distributed run stops.
     """
     say = (lambda line: log(line) if dist.is_main() else None) if log else None
     user = user_settings(settings, toml=toml, overrides=overrides)
     first = settings_before_data(user)
     out = Path(first.runtime.out)
     device = device_for(first.runtime.device)
-    check_out_dir(out, resume=resume)
+    check_out_dir(out, resume=resume, force=force)
     train_set, test_set = load_splits(first)
     resolved = resolve(user, train_set, device, start=_recorded_start(out) if resume else None)
     cfg = resolved.config
-    if resume:
-        check_resume(cfg, out)
-    if say:
-        say(resolved.recipe_line())
+    notes = check_resume(cfg, out, train_set) if resume else []
+    for line in [resolved.recipe_line(), *(f"note: {n}" for n in notes)] if say else ():
+        say(line)
     trainer = build_trainer(cfg, train_set, device, test_set=test_set, log=say, init=not resume)
+    command = sys.argv if command is None else command
+    summary = _fit(trainer, cfg, test_set, resume=resume, command=command, say=say)
+    for line in summary_lines(summary, out) if say else ():
+        say(line)
+    return summary
+
+
+def _fit(
+    trainer: Trainer, cfg: TrainConfig, test_set: ImageSet | None, *, resume: bool, command: list[str], say
+) -> dict:
+    """Hold the run directory's lock; record the run (or load its checkpoint), fit (``--epochs 0``: label
+    only), finish."""
+    out = Path(cfg.runtime.out)
     created = not out.exists()
     lock = rundir.RunLock(out).acquire() if dist.is_main() else None
     try:
-        if resume:
-            trainer.load_checkpoint(out / rundir.CHECKPOINT)
-        else:
-            _record(cfg, out, sys.argv if command is None else command)
-        if say:
-            say(banner(cfg, trainer, train_set, device))
-        trainer.fit() if cfg.optim.epochs else label_only(trainer)
-        summary = finish_run(
-            trainer, test_set, knn_k=cfg.eval.knn_k, knn_temperature=cfg.eval.knn_temperature
-        )
+        with dist.peer_failures("this sela train"):
+            if resume:
+                trainer.load_checkpoint(out / rundir.CHECKPOINT)
+            else:
+                _record(cfg, out, command, trainer.train_set)
+            if say:
+                say(banner(cfg, trainer, trainer.train_set, trainer.device))
+            trainer.fit() if cfg.optim.epochs else label_only(trainer)
+            return finish_run(
+                trainer, test_set, knn_k=cfg.eval.knn_k, knn_temperature=cfg.eval.knn_temperature
+            )
     except (KeyboardInterrupt, ValueError):
         if created and trainer.epoch == 0 and dist.is_main():
             shutil.rmtree(out, ignore_errors=True)  # nothing worth keeping
@@ -404,9 +470,6 @@ def train(
     finally:
         if lock is not None:
             lock.release()
-    for line in summary_lines(summary, out) if say else ():
-        say(line)
-    return summary
 
 
 def summary_lines(summary: dict, out: Path) -> list[str]:

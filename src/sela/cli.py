@@ -9,10 +9,10 @@ which imports no torch).
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -62,6 +62,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="dotted override of any setting, e.g. --set augment.grayscale_p=0.1 (repeatable)")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--force", action="store_true", help="train into a non-empty --out that is not a sela run")
     p.set_defaults(func=cmd_train)
 
 
@@ -72,12 +73,12 @@ def train_flags(args: argparse.Namespace) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """parse -> sela.build.train (which reports the run and its summary)."""
-    from sela.build import train
-    from sela.train import TrainingDiverged
+    from sela.build import TRAIN_FAILURES, train
 
     try:
-        train(train_flags(args), toml=args.config, overrides=args.set, resume=args.resume, log=_say)
-    except TrainingDiverged as e:
+        train(train_flags(args), toml=args.config, overrides=args.set, resume=args.resume, force=args.force,
+              log=_say)  # fmt: skip
+    except TRAIN_FAILURES as e:
         print(f"sela: error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -132,7 +133,7 @@ def _device(name: str):
     return resolve_device(name)
 
 
-def _open_run(args: argparse.Namespace, *, test_split: bool = True):
+def _open_run(args: argparse.Namespace, **splits: bool):
     from sela.runs import load_run
 
     clusters = None
@@ -145,7 +146,7 @@ def _open_run(args: argparse.Namespace, *, test_split: bool = True):
         raise UsageError(f"need --batch-size >= 1 and --workers >= 0; got {args.batch_size}, {args.workers}")
     run = load_run(
         args.source, dataset=args.dataset, data_dir=args.data_dir, image_size=args.image_size,
-        arch=args.arch, clusters=clusters, device=_device(args.device), test_split=test_split,
+        arch=args.arch, clusters=clusters, device=_device(args.device), **splits,
     )  # fmt: skip
     for note in run.notes:
         print(f"sela: note: {note}", file=sys.stderr)
@@ -173,6 +174,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from sela.eval.evaluate import evaluate, format_report
+    from sela.rundir import write_json
 
     if args.knn_k < 1 or args.knn_t <= 0:
         raise UsageError(f"--knn-k must be >= 1 and --knn-t > 0, got {args.knn_k} and {args.knn_t}")
@@ -190,8 +192,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else (run.run_dir or Path(".")) / "eval.json"
     record = {"source": str(args.source), "arch": run.arch, "dataset": run.dataset, "image_size": run.image_size,
               **result, "_command": sys.argv, "_version": sela.__version__}  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2))
+    write_json(out, record)
     n_test = len(run.test_set) if run.test_set is not None else 0
     print(
         f"{run.arch} on {run.dataset}: {len(run.train_set)} train / {n_test} test images, {run.image_size} px"
@@ -225,7 +226,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
         raise UsageError(
             "--balanced applies to new images; add --images PATH (a run's own labels are balanced)"
         )
-    run = _open_run(args, test_split=False)
+    run = _open_run(args, test_split=False, train_split=not args.images)
     if args.images:
         path, plots, labels = label_images(
             run, args.images, args.output, balanced=args.balanced, lam=args.lam, batch_size=args.batch_size
@@ -350,11 +351,10 @@ def _add_embed(sub: argparse._SubParsersAction) -> None:
 def cmd_embed(args: argparse.Namespace) -> int:
     from sela.export import check_embedding_path, embed_images, list_images, write_embedding
 
-    check_embedding_path(args.output)
     if not Path(args.images).exists():
         raise UsageError(f"{args.images} does not exist; pass a folder of images or a text file of paths")
-    list_images(args.images)  # an empty IMAGES fails before the run is opened
-    run = _open_run(args, test_split=False)
+    check_embedding_path(args.output, list_images(args.images))  # before the run is opened
+    run = _open_run(args, test_split=False, train_split=False)
     features, paths = embed_images(run, args.images, layer=args.layer, batch_size=args.batch_size,
                                    progress=False if args.no_progress else None)  # fmt: skip
     written = write_embedding(args.output, features, paths)
@@ -384,7 +384,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir() or out.suffix.lower() not in WEIGHT_FORMATS:
         raise UsageError(f"-o {out}: give a file name ending in .pt, .pth or .onnx, like weights.pt")
-    run = _open_run(args, test_split=False)
+    run = _open_run(args, test_split=False, train_split=False)
     weights, info = export_backbone(run, out, extra={"_command": sys.argv, "_version": sela.__version__})
     layout = LAYOUTS[json.loads(info.read_text())["layout"]]
     print(f"wrote {weights}: {run.arch} backbone, D = {run.model.feature_dim}, {layout}; how to load: {info}")
@@ -428,15 +428,18 @@ def _run(argv: list[str] | None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    for key in {"source", "data_dir", "output", "images", "features", "config"} & set(vars(args)):  # ~/x
+        setattr(args, key, getattr(args, key) and os.path.expanduser(getattr(args, key)))
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except ValueError as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"sela: error: {msg}", file=sys.stderr)
         return 2
-    except OSError as e:  # a write that failed outside the run directory's atomic writes (plots, reports)
-        what = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or type(e).__name__)
-        print(f"sela: error: {what}: could not write {e.filename or 'a file'}", file=sys.stderr)
+    except OSError as e:  # sela's writes are atomic (a RunWriteError), so mostly a read: it says which
+        from sela.rundir import describe_os_error
+
+        print(f"sela: error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sela: interrupted", file=sys.stderr)

@@ -9,6 +9,7 @@ Every collective here must be called by all ranks in the same order; none is cal
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 
@@ -142,6 +143,43 @@ def average_buffers(module: nn.Module) -> None:
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
+
+
+class PeerFailed(RuntimeError):
+    """Another process of a distributed run stopped (killed, crashed, or timed out): this one stops too."""
+
+
+# how torch's backends word a collective that lost a peer (gloo: a closed or reset connection; NCCL:
+# a remote error or the watchdog's timeout)
+_PEER_LOST = (
+    "Connection closed",
+    "Connection reset",
+    "Broken pipe",
+    "peer",
+    "NCCL",
+    "Gloo",
+    "gloo",
+    "timed out",
+)
+
+
+@contextlib.contextmanager
+def peer_failures(what: str = "the run"):
+    """Turn the error a collective raises when another rank has died into one :class:`PeerFailed` line
+    (rank, what happened, the backend's first line) instead of a traceback; single-process errors pass."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, PeerFailed) or world_size() < 2:
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lost = isinstance(e, getattr(dist, "DistBackendError", ())) or any(s in str(e) for s in _PEER_LOST)
+        if not lost:
+            raise
+        raise PeerFailed(
+            f"rank {rank()} of {world_size()}: another process of {what} stopped ({first[:200]}); "
+            "the last checkpoint is kept: start all processes again with --resume"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from sela.models.export import (
     torchvision_recipe,
 )
 from sela.models.resnet import ResNet
-from sela.rundir import atomic_write, load_file, write_json, write_labels_csv
+from sela.rundir import atomic_write, atomic_write_all, load_file, write_json, write_labels_csv
 from sela.runs import Run
 from sela.sinkhorn import DEFAULT_LAM, assign
 
@@ -225,16 +225,14 @@ def size_histograms(labels: Tensor, n_clusters: list[int], csv_path: str | os.Pa
     from sela.plots import plot_cluster_sizes
 
     csv_path = Path(csv_path)
-    return [
-        plot_cluster_sizes(
-            labels[h : h + 1],
-            [k],
-            csv_path.with_name(f"{csv_path.stem}_sizes_head{h}.png"),
-            histogram=True,
-            heads=[h],
-        )
-        for h, k in enumerate(n_clusters)
-    ]
+    written = []
+    for h, k in enumerate(n_clusters):
+
+        def write(tmp: Path, h: int = h, k: int = k) -> None:
+            plot_cluster_sizes(labels[h : h + 1], [k], tmp, histogram=True, heads=[h])
+
+        written.append(atomic_write(csv_path.with_name(f"{csv_path.stem}_sizes_head{h}.png"), write))
+    return written
 
 
 def export_run_labels(
@@ -284,7 +282,7 @@ def label_images(
     """
     if run.untrained_heads:
         raise ValueError(f"heads {run.untrained_heads} of {run.source} are untrained; label with a sela run")
-    x, paths, failed = read_images(list_images(images), run.image_size, channels=run.train_set.channels)
+    x, paths, failed = read_images(list_images(images), run.image_size, channels=run.channels)
     if not paths:
         raise _none_read(failed)
     report_unreadable(failed, strict=False)  # (M, C, S, S): the files that were read
@@ -312,9 +310,17 @@ def _output_file(out: str | os.PathLike, suffixes: tuple[str, ...], what: str) -
     return out
 
 
-def check_embedding_path(out: str | os.PathLike) -> Path:
-    """The embedding file ``out`` (``.npy``, ``.pt`` or ``.csv``), checked before any work is done."""
-    return _output_file(out, EMBEDDING_FORMATS, "features")
+def check_embedding_path(out: str | os.PathLike, paths: list[str] | None = None) -> Path:
+    """The embedding file ``out`` (``.npy``, ``.pt`` or ``.csv``), checked before any work is done; with
+    ``paths``, also that ``.npy``'s one-path-a-line ``.paths.txt`` can hold them (no newline in a name)."""
+    out = _output_file(out, EMBEDDING_FORMATS, "features")
+    odd = next((p for p in paths or () if "\n" in p or "\r" in p), None)
+    if odd is not None and out.suffix.lower() == ".npy":
+        raise ValueError(
+            f"the image path {odd!r} holds a line break, which {out.with_suffix('.paths.txt').name} (one path "
+            "a line) cannot hold; write -o with .pt or .csv, or rename the file"
+        )
+    return out
 
 
 def embed_images(
@@ -343,7 +349,7 @@ def embed_images(
     ) as bar:
         for start in range(0, len(listed), batch_size):
             batch = listed[start : start + batch_size]
-            x, read, unread = read_images(batch, run.image_size, channels=run.train_set.channels)
+            x, read, unread = read_images(batch, run.image_size, channels=run.channels)
             paths += read
             failed += unread
             if read:
@@ -363,7 +369,7 @@ def write_embedding(out: str | os.PathLike, features: Tensor, paths: list[str]) 
 
     Returns the files written (for ``.npy``: the array and ``<stem>.paths.txt``).
     """
-    out = check_embedding_path(out)
+    out = check_embedding_path(out, paths)
     if features.ndim != 2 or features.shape[0] != len(paths):
         raise ValueError(f"need (N, D) features for {len(paths)} paths, got {tuple(features.shape)}")
     x = features.detach().float().cpu().contiguous()  # (N, D)
@@ -379,13 +385,12 @@ def write_embedding(out: str | os.PathLike, features: Tensor, paths: list[str]) 
             with open(tmp, "wb") as f:  # a file object: np.save would append .npy to tmp's name
                 np.save(f, array, allow_pickle=False)
 
-        return [
-            atomic_write(out, save_array),
-            atomic_write(
-                listing,
-                lambda tmp: tmp.write_text("".join(f"{p}\n" for p in paths), errors="surrogateescape"),
-            ),
-        ]
+        text = "".join(
+            f"{p}\n" for p in paths
+        )  # both written, then both renamed: never one without the other
+        return atomic_write_all(
+            {out: save_array, listing: lambda tmp: tmp.write_text(text, errors="surrogateescape")}
+        )
 
     def save_csv(tmp: Path) -> None:
         with open(tmp, "w", newline="", errors="surrogateescape") as f:
@@ -433,15 +438,15 @@ def export_backbone(run: Run, out: str | os.PathLike, *, extra: dict | None = No
 
 def _preprocess(run: Run) -> dict:
     """How an image becomes the backbone's input: the JSON's ``preprocess``."""
-    mean, std = run.train_set.mean, run.train_set.std
+    mean, std = run.mean, run.std
     return {
         "image_size": run.image_size,
-        "channels": run.train_set.channels,
+        "channels": run.channels,
         "resize": "shorter side to image_size (bilinear, antialiased), then a central square crop",
         "scale": "pixel / 255, then (x - mean) / std per channel",
         "mean": None if mean is None else list(mean),
         "std": None if std is None else list(std),
-        **({"gray": "0.299 R + 0.587 G + 0.114 B, rounded"} if run.train_set.channels == 1 else {}),
+        **({"gray": "0.299 R + 0.587 G + 0.114 B, rounded"} if run.channels == 1 else {}),
     }
 
 
@@ -449,7 +454,7 @@ def _export_onnx(run: Run, out: Path, extra: dict | None) -> tuple[Path, Path]:
     """The ONNX export of :func:`export_backbone`: the graph, checked by onnxruntime on random normalised
     images (another batch size than the traced one), and its JSON."""
     check_onnx_packages()
-    c, side, d = run.train_set.channels, run.image_size, run.model.feature_dim
+    c, side, d = run.channels, run.image_size, run.model.feature_dim
     graph = atomic_write(out, lambda tmp: export_onnx(run.model, tmp, channels=c, side=side))
     x = torch.randn(3, c, side, side, generator=torch.Generator().manual_seed(0))  # (B, C, S, S)
     difference = onnx_difference(graph, run.model, x)

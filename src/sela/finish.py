@@ -73,9 +73,12 @@ def finish_run(
 def _plot_run(trainer: Trainer, metrics: list[dict]) -> None:
     """curves.png, cluster_sizes.png and (in-memory images) clusters.png of the run's largest clusters."""
     out, labels, train_set = trainer.out_dir, trainer.state.labels, trainer.train_set
-    plot_curves(metrics, out / "curves.png")
-    plot_cluster_sizes(labels, list(trainer.model.n_clusters), out / "cluster_sizes.png")
+    rundir.atomic_write(out / "curves.png", lambda tmp: plot_curves(metrics, tmp))
+    n_clusters = list(trainer.model.n_clusters)
+    rundir.atomic_write(out / "cluster_sizes.png", lambda tmp: plot_cluster_sizes(labels, n_clusters, tmp))
     if train_set.in_memory:
         sizes = torch.bincount(labels[0], minlength=trainer.model.n_clusters[0])
         top = sizes.argsort(descending=True)[:12].tolist()  # the dozen largest clusters of head 0
-        cluster_grid(train_set.images, labels[0], top, out / "clusters.png")
+        rundir.atomic_write(
+            out / "clusters.png", lambda tmp: cluster_grid(train_set.images, labels[0], top, tmp)
+        )

@@ -27,7 +27,7 @@ Data-dependent parts of the fast recipes: the training views are half the image 
 evaluation see whole images, at the scale the views showed them: ``sela.data.view_scale_size``);
 greyscale images (one channel, or three equal ones) get no colour jitter, grayscale conversion or flips, and
 milder crops (their class lives in the shape); the number of clusters is at most N / 20 so that every cluster
-can hold a few dozen images.
+can hold a few dozen images; the batch is at most the largest power of two <= N / 2 (:func:`batch_cap`).
 
 A pretrained start (``--init``, :attr:`DataFacts.pretrained`) changes every recipe (:func:`_from_pretrained`):
 the network is the one the weights fit, the learning rate is a tenth, a warm-up of at least one epoch lets the
@@ -141,8 +141,15 @@ def _recipe(name: str, facts: DataFacts) -> dict[str, Any]:
     if sela:
         out.update(_sela_v2())
     out["model.clusters"] = [min(out["model.clusters"][0], max(10, facts.n // 20))]
+    out["optim.batch_size"] = min(out["optim.batch_size"], batch_cap(facts.n))
     out.update(_augment(facts, sela))
     return out
+
+
+def batch_cap(n: int) -> int:
+    """The largest batch a fast recipe uses on N images: the largest power of two <= N / 2 (at least 8),
+    so that a small folder gets two or more steps an epoch instead of a batch larger than the data."""
+    return max(8, 2 ** int(math.log2(max(n // 2, 1))))
 
 
 def _cpu_fast(facts: DataFacts) -> dict[str, Any]:

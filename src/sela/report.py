@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from sela.data import ImageSet
 from sela.plots import cluster_grid, plot_cluster_sizes  # matplotlib with the Agg backend
+from sela.rundir import atomic_write
 
 STRIP_HEIGHT = 64  # px: small images are enlarged (nearest neighbour) to at least this height
 
@@ -87,7 +89,7 @@ def _save_strip(images: Tensor, path: Path, pad: int = 2) -> None:
     for i in range(n):
         strip[:, :, i * (sw + pad) : i * (sw + pad) + sw] = x[i]
     array = strip.permute(1, 2, 0).numpy()  # (sh, W, C)
-    Image.fromarray(array[..., 0] if c == 1 else array).save(path)
+    atomic_write(path, Image.fromarray(array[..., 0] if c == 1 else array).save)
 
 
 def _class_name(info: ClusterInfo, classes: list[str] | None) -> str:
@@ -111,9 +113,24 @@ _KEYS = """<script>document.addEventListener('keydown',function(e){var a=documen
 e.key==='ArrowLeft'?'prev':e.key==='ArrowRight'?'next':'');if(a)location.href=a.href;});</script>"""
 
 
+_GENERATOR = '<meta name="generator" content="sela">'  # marks the pages sela wrote (and may remove)
+
+
+def _remove_old_pages(out: Path) -> None:
+    """Remove the page_*.html that an earlier report wrote into ``out`` (by sela's mark or its page
+    navigation), so that a report with fewer pages leaves none of the old ones; other files stay."""
+    for page in out.glob("page_*.html"):
+        try:
+            head = page.read_text(errors="replace")[:100_000]
+        except OSError:
+            continue
+        if _GENERATOR in head or re.search(r"page \d+ of \d+</nav>", head):
+            page.unlink(missing_ok=True)
+
+
 def _page(title: str, body: str) -> str:
     return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{_GENERATOR}<title>{html.escape(title)}</title>'
         f"<style>{_STYLE}</style></head>\n<body>\n{body}\n{_KEYS}\n</body></html>\n"
     )
 
@@ -184,7 +201,8 @@ def _write_pages(
         body = (
             f"{nav_html}\n<h2>{html.escape(title)}: head {head}</h2>\n" + "\n".join(blocks) + f"\n{nav_html}"
         )
-        (out / name).write_text(_page(f"{title}, page {i + 1}", body))
+        text = _page(f"{title}, page {i + 1}", body)
+        atomic_write(out / name, lambda tmp, text=text: tmp.write_text(text))
     return names
 
 
@@ -289,14 +307,15 @@ def render_report(
     by_purity = any(c.purity is not None for c in table)
 
     # figures: sizes of every head, the top clusters, one strip per cluster
-    plot_cluster_sizes(labels, list(n_clusters), out / "sizes.png")
+    atomic_write(out / "sizes.png", lambda tmp: plot_cluster_sizes(labels, list(n_clusters), tmp))
     gen = torch.Generator().manual_seed(seed)
     picks = {c.cluster: _members(labels[head], c.cluster, samples, gen) for c in shown}  # cluster -> rows
-    _plot_top_clusters(images, shown[:top], picks, out / "top_clusters.png", samples=samples, seed=seed)
+    atomic_write(out / "top_clusters.png",
+                 lambda tmp: _plot_top_clusters(images, shown[:top], picks, tmp, samples=samples, seed=seed))  # fmt: skip
     for c in shown:
         _save_strip(gather_images(images, picks[c.cluster]), out / "clusters" / f"c{c.cluster:05d}.png")
 
-    # pages of clusters with prev / next links
+    _remove_old_pages(out)  # pages of clusters with prev / next links (an earlier report's pages go first)
     names = _write_pages(shown, out, images.classes, title=title, head=head, per_page=per_page)
 
     # the index
@@ -305,5 +324,6 @@ def render_report(
         title, facts, shown, empty, names, images.classes, per_page=per_page, by_purity=by_purity
     )
     index = out / "index.html"
-    index.write_text(_page(title, body))
+    text = _page(title, body)
+    atomic_write(index, lambda tmp: tmp.write_text(text))
     return index

@@ -5,6 +5,8 @@ A run directory holds::
     config.json     the resolved configuration, the command line and sela's version (written once)
     checkpoint.pt   the state after the last finished epoch (replaced atomically every epoch)
     metrics.jsonl   one JSON line per finished epoch
+    files.json      the training images as the run started: their paths (relative to data_dir), sizes and
+                    mtimes, or only their number for data without files (written once; :func:`write_file_list`)
     labels.csv      the final self-labels: path (or index) and one column per head
     summary.json    the final evaluation and the run's totals
     curves.png, cluster_sizes.png, clusters.png   plots
@@ -30,6 +32,7 @@ or a full disk never leaves half a file: the previous version stays.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import fcntl
@@ -52,6 +55,7 @@ CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 LABELS = "labels.csv"
+FILES = "files.json"
 SUMMARY = "summary.json"
 LOCK = ".lock"
 FORMAT_VERSION = 2
@@ -88,25 +92,58 @@ def _describe_write_error(e: OSError, path: Path) -> str:
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Write a file through ``write(tmp_path)`` and rename it into place; on an OSError remove the
-    temporary file and raise :class:`RunWriteError` naming the file (the old file stays as it was)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    temporary file and raise :class:`RunWriteError` naming the file (the old file stays as it was).
+    Whatever the failure (an interrupt too), no temporary file is left behind."""
+    return atomic_write_all({path: write})[0]
+
+
+def atomic_write_all(writers: dict[str | os.PathLike, Callable[[Path], None]]) -> list[Path]:
+    """Write several files that belong together (an array and its paths): each through ``write(tmp)``;
+    only when all of them are written are they renamed into place. A failure removes every temporary
+    file and leaves the old files as they were; it raises :class:`RunWriteError` naming the file."""
+    # the temporary name keeps the suffix, so that writers which pick the format by it (savefig, PIL) work
+    tmps = {Path(p): Path(p).with_name(f"{Path(p).stem}.tmp{Path(p).suffix}") for p in writers}
+    current = next(iter(tmps))
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write(tmp)
-        os.replace(tmp, path)
+        for (path, tmp), write in zip(tmps.items(), writers.values(), strict=True):
+            current = path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+        for path, tmp in tmps.items():
+            current = path
+            os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise RunWriteError(_describe_write_error(e, path)) from None
+        raise RunWriteError(_describe_write_error(e, current)) from None
     except RuntimeError as e:  # torch.save reports a failed write as a RuntimeError, by its text only
-        tmp.unlink(missing_ok=True)
         text = str(e)
         if any(s in text for s in ("not permitted", "Permission denied", "Read-only")):
-            raise RunWriteError(_describe_write_error(OSError(errno.EACCES, "read-only"), path)) from None
+            raise RunWriteError(_describe_write_error(OSError(errno.EACCES, "read-only"), current)) from None
         if any(s in text for s in ("No space", "unexpected pos", "write", "failed")):
-            raise RunWriteError(_describe_write_error(OSError(errno.ENOSPC, "no space"), path)) from None
+            raise RunWriteError(_describe_write_error(OSError(errno.ENOSPC, "no space"), current)) from None
         raise
-    return path
+    finally:
+        for tmp in tmps.values():
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+    return list(tmps)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for an OSError that reached the command line: whether a read or a write failed, and the
+    file. sela's own writes go through :func:`atomic_write` (a :class:`RunWriteError`), so another error
+    is a read unless its errno is one only writes give, or the file it names does not exist."""
+    name = e.filename or e.filename2
+    what = e.strerror or type(e).__name__
+    if e.errno is None and str(e).strip():  # raised by sela with its own message
+        return str(e).strip().splitlines()[0]
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"the disk is full: could not write {name or 'a file'}"
+    if name is None:
+        return f"{what} (reading or writing a file)"
+    writing = e.errno in (errno.EROFS, errno.EFBIG) or (
+        e.errno in (errno.EACCES, errno.EPERM) and not os.path.lexists(name)
+    )
+    return f"could not {'write' if writing else 'read'} {name}: {what}"
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -371,3 +408,127 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+# ------------------------------------------------------------------------------------------ the file list
+
+
+@dataclass
+class FileList:
+    """The training images of a run: N, the data folder, and each file's path (relative to ``data_dir``
+    when it lies below it, else absolute), size (bytes) and mtime (ns); ``files`` is None for data
+    without files (the embedded digits, CIFAR pickles), which are known by index and N only."""
+
+    n: int
+    data_dir: str | None = None
+    files: list[tuple[str, int, int]] | None = None
+
+    @classmethod
+    def of(cls, paths: list[str] | None, n: int, data_dir: str | None) -> FileList:
+        """The file list of ``paths`` (one per image, in the images' order) as the disk holds them now."""
+        if paths is None:
+            return cls(n, data_dir)
+        return cls(n, data_dir, [(_relative(p, data_dir), *_stat(p)) for p in paths])
+
+
+def _relative(path: str, root: str | None) -> str:
+    full = os.path.abspath(path)
+    if root:
+        base = os.path.abspath(root)
+        if full == base or full.startswith(base.rstrip(os.sep) + os.sep):
+            return os.path.relpath(full, base)
+    return full
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1  # gone since the scan: matched by path, reported as modified
+    return st.st_size, st.st_mtime_ns
+
+
+def write_file_list(out_dir: str | os.PathLike, record: FileList) -> Path:
+    """Write ``out_dir/files.json`` (one JSON object, atomically): ``{"format": 1, "n", "data_dir",
+    "files": [[path, size, mtime_ns], ...] or null}``."""
+    data = {"format": 1, "n": record.n, "data_dir": record.data_dir, "files": record.files}
+    text = json.dumps(data, separators=(",", ":"))  # ASCII: undecodable names stay \\udcXX escapes
+    return atomic_write(Path(out_dir) / FILES, lambda tmp: tmp.write_text(text))
+
+
+def read_file_list(out_dir: str | os.PathLike) -> FileList | None:
+    """The run's recorded file list, or None when it has none (a run of sela before files.json)."""
+    path = Path(out_dir) / FILES
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    files = data.get("files")
+    if not isinstance(data.get("n"), int) or not (files is None or isinstance(files, list)):
+        raise ValueError(f"{path} is not a sela file list; it was not written by sela, or was damaged")
+    return FileList(data["n"], data.get("data_dir"), None if files is None else [tuple(f) for f in files])
+
+
+@dataclass
+class FileMatch:
+    """How the training images as they are now map to a run's recorded ones.
+
+    Attributes:
+        rows: (N_now,) int64: for each image now, its index in the recorded list, or -1 for a file added
+            since; None when the two cannot be matched (no paths, and N differs).
+        added, removed, modified: paths (as recorded) of files added, removed, and present in both with
+            another size or mtime.
+        n_then, n_now: the two numbers of images.
+    """
+
+    rows: Tensor | None
+    added: list[str]
+    removed: list[str]
+    modified: list[str]
+    n_then: int
+    n_now: int
+
+    @property
+    def same(self) -> bool:
+        """The same files in the same order (modified contents aside)."""
+        return self.rows is not None and bool(torch.equal(self.rows, torch.arange(self.n_now)))
+
+    def describe(self) -> str:
+        """What changed, in one clause: counts and a first example of each."""
+        if self.rows is None:
+            return f"{self.n_then} images when the run was trained, {self.n_now} now"
+        parts = [
+            f"{len(names)} {what}" + (f" (e.g. {names[0]})" if names else "")
+            for names, what in ((self.added, "added"), (self.removed, "removed"), (self.modified, "modified"))
+            if names
+        ]
+        if not parts:
+            parts = ["the same files in another order"]
+        return ", ".join(parts)
+
+
+def match_files(recorded: FileList, now: FileList) -> FileMatch:
+    """Match the images as they are now to a run's recorded ones by path (by index without paths)."""
+    if recorded.files is None or now.files is None:
+        rows = torch.arange(now.n) if recorded.n == now.n else None
+        return FileMatch(rows, [], [], [], recorded.n, now.n)
+    then = {f[0]: i for i, f in enumerate(recorded.files)}
+    rows = torch.tensor([then.get(f[0], -1) for f in now.files], dtype=torch.int64)  # (N_now,)
+    present = {f[0] for f in now.files}
+    added = [f[0] for f in now.files if f[0] not in then]
+    removed = [f[0] for f in recorded.files if f[0] not in present]
+    modified = [
+        f[0] for f in now.files if f[0] in then and tuple(recorded.files[then[f[0]]][1:]) != tuple(f[1:])
+    ]
+    return FileMatch(rows, added, removed, modified, recorded.n, now.n)
+
+
+def is_run_dir(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a sela run (its checkpoint, or a config.json that sela wrote: a run
+    stopped before its first epoch)."""
+    out_dir = Path(out_dir)
+    if (out_dir / CHECKPOINT).exists():
+        return True
+    try:
+        return "_version" in read_json(out_dir / CONFIG)
+    except (ValueError, OSError):
+        return False

@@ -14,6 +14,7 @@ Letters: N training images, H heads, K_h clusters.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from torch import Tensor, nn
 from sela import rundir
 from sela.config import data_settings, legacy_model_spec, recorded_arch, upgrade
 from sela.data import SPLITS, EvalTransform, ImageSet, dataset_info, load_dataset
+from sela.data.errors import DatasetNotFoundError
+from sela.eval.features import extract
 from sela.models import SelaModel, check_arch, create_model, load_pretrained, spec_from_state_dict
 
 
@@ -34,8 +37,11 @@ class Run:
 
     Attributes:
         model: the network in eval mode on its device.
-        labels: (H, N) int64 self-labels of ``train_set`` stored with the model, or None.
-        train_set: the training split (its targets are only used for evaluation).
+        labels: (H, N) int64 self-labels of ``train_set`` stored with the model, or None. They follow the
+            images as they are now: a run's recorded file list (files.json) realigns them by path when
+            files were added (labelled by the model's argmax) or removed (dropped), with a note.
+        train_set: the training split (its targets are only used for evaluation); None when it was not
+            asked for (``train_split=False``) and the run records what is needed without it.
         test_set: the test (or val) split, or None when the dataset has none.
         transform: the un-augmented evaluation transform (uint8 -> normalised float, ``image_size`` px).
         image_size: the side (px) the model sees: the ``image_size`` asked for, else the run's recorded
@@ -46,11 +52,12 @@ class Run:
         summary: the run's summary.json ({} when absent).
         untrained_heads: heads whose weights were not in the checkpoint (their outputs mean nothing).
         notes: things the caller should tell the user (labels dropped, heads missing, ...).
+        channels, mean, std: the images' channels and per-channel statistics (normalisation) as trained.
     """
 
     model: SelaModel
     labels: Tensor | None
-    train_set: ImageSet
+    train_set: ImageSet | None
     test_set: ImageSet | None
     transform: EvalTransform
     image_size: int
@@ -62,6 +69,9 @@ class Run:
     summary: dict = field(default_factory=dict)
     untrained_heads: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    channels: int = 3
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -82,6 +92,18 @@ def _as_label_matrix(labels: Any) -> Tensor | None:
     return (t[None] if t.ndim == 1 else t).long()
 
 
+def load_split(
+    dataset: str, data_dir: str | None, split: str, size: int | None, *, strict: bool = False
+) -> ImageSet:
+    """``load_dataset`` with its not-found message in the command line's words (``--data-dir``, not the
+    API's ``root=``)."""
+    try:
+        return load_dataset(dataset, data_dir, split, image_size=size, strict=strict)
+    except DatasetNotFoundError as e:
+        text = re.sub(r"\b(check|pass) root=", r"\1 --data-dir", str(e).strip().splitlines()[0])
+        raise DatasetNotFoundError(text.replace("download=True", "a --data-dir that holds them")) from None
+
+
 def load_test_split(
     dataset: str, data_dir: str | None, size: int | None, *, strict: bool = False
 ) -> ImageSet | None:
@@ -89,7 +111,7 @@ def load_test_split(
     for split in ("test", "val"):
         if split in SPLITS.get(dataset, ()):
             try:
-                return load_dataset(dataset, data_dir, split, image_size=size, strict=strict)
+                return load_split(dataset, data_dir, split, size, strict=strict)
             except FileNotFoundError:
                 continue
     return None
@@ -101,15 +123,69 @@ def _recorded_config(ckpt: dict, run_dir: Path | None) -> dict:
     return upgrade(ckpt.get("config") or (rundir.read_json(run_dir / rundir.CONFIG) if run_dir else {}))
 
 
-def _stored_labels(ckpt: Any, n_heads: int, train_set: ImageSet, notes: list[str]) -> Tensor | None:
-    """The (H, N) self-labels stored with the model, or None (with a note when they do not fit)."""
+def _stored_labels(
+    ckpt: Any, n_heads: int, train_set: ImageSet, notes: list[str], match: rundir.FileMatch | str | None
+) -> Tensor | None:
+    """The (H, N) self-labels stored with the model for the images as they are now, or None (with a note
+    when they do not fit). ``match``: the run's recorded file list against the images now; labels of
+    files added since are -1 here (:func:`_label_new_files` fills them); a str: the note of a run
+    without a file list (:func:`_file_match`), given when its labels fit."""
     labels = _as_label_matrix(ckpt.get("labels")) if isinstance(ckpt, dict) else None
-    if labels is not None and tuple(labels.shape) != (n_heads, len(train_set)):
+    if labels is None:
+        return None
+    unknown, match = (match, None) if isinstance(match, str) else (None, match)
+    if match is not None and match.rows is not None and match.n_then == labels.shape[1] and not match.same:
+        rows = match.rows  # (N_now,): the recorded index of each image now, -1 for a new file
+        labels = torch.where(rows[None] >= 0, labels[:, rows.clamp_min(0)], -1)  # (H, N_now)
+        notes.append(
+            f"the training images changed since the run was trained ({match.describe()}): its labels are "
+            f"realigned by path; {int((rows < 0).sum())} new file(s) get the model's argmax, removed ones are dropped"
+        )
+    if tuple(labels.shape) != (n_heads, len(train_set)):
         notes.append(
             f"the checkpoint's labels {tuple(labels.shape)} do not match {n_heads} heads x "
             f"{len(train_set)} {train_set.name or 'training'} images; they are not evaluated"
         )
         return None
+    if unknown:
+        notes.append(unknown)
+    if match is not None and match.modified:
+        notes.append(f"{len(match.modified)} training file(s) changed since the run was trained (e.g. "
+                     f"{match.modified[0]}); each keeps its label")  # fmt: skip
+    return labels
+
+
+def _file_match(
+    run_dir: Path | None, train_set: ImageSet, data_dir: str | None
+) -> rundir.FileMatch | str | None:
+    """The run's recorded file list matched to the images now; None without a run directory; for a run
+    of files without a file list (sela before files.json), the note to give when its labels are used."""
+    if run_dir is None:
+        return None
+    recorded = rundir.read_file_list(run_dir)
+    if recorded is None:
+        return None if train_set.paths is None else (
+            f"{run_dir} records no file list (a run of sela before {rundir.FILES}): its labels are matched "
+            "to the images by position, checked by their number only"
+        )  # fmt: skip
+    return rundir.match_files(recorded, rundir.FileList.of(train_set.paths, len(train_set), data_dir))
+
+
+@torch.no_grad()
+def _label_new_files(
+    model: SelaModel, train_set: ImageSet, transform: EvalTransform, labels: Tensor, chunk: int = 256
+) -> Tensor:
+    """``labels`` (H, N) with the columns of new files (-1) set to each head's argmax on those images."""
+    new = (labels[0] < 0).nonzero().flatten()  # (M,)
+    for start in range(0, len(new), chunk):
+        rows = new[start : start + chunk]
+        if train_set.in_memory:
+            x = train_set.images[rows]  # (B, C, H, W) uint8
+        else:
+            x = torch.stack([train_set[int(i)][0] for i in rows])
+        logits = extract(model, x, transform=transform, batch_size=chunk, progress=False).logits
+        for h, lg in enumerate(logits):
+            labels[h, rows] = lg.argmax(dim=1).cpu()
     return labels
 
 
@@ -124,7 +200,7 @@ def _check_source_flags(path: Path, sela: bool, config: dict, arch: str | None, 
 
 
 def _train_split(dataset: str, data_dir: str | None, size: int | None) -> ImageSet:
-    train_set = load_dataset(dataset, data_dir, "train", image_size=size)
+    train_set = load_split(dataset, data_dir, "train", size)
     if len(train_set) == 0:
         raise ValueError(f"the {dataset} training split is empty; check --data-dir")
     return train_set
@@ -177,6 +253,7 @@ def load_run(
     clusters: list[int] | None = None,
     device: torch.device | str = "cpu",
     test_split: bool = True,
+    train_split: bool = True,
 ) -> Run:
     """Open ``source`` (see the module docstring) with the data it is to be evaluated on.
 
@@ -188,11 +265,11 @@ def load_run(
         arch: the architecture; required for foreign checkpoints, must match for sela runs.
         clusters: K per head for foreign checkpoints without heads (default: the heads found in the
             checkpoint; with none, one placeholder head that is reported as untrained).
-        device: where the model runs.
-        test_split: also load the test (or val) split when the dataset has one.
+        device: where the model runs. test_split: also load the test (or val) split, if any.
+        train_split: False: a run that records its images' statistics (config.json's ``_data``) opens
+            without its training folder, ``train_set`` and ``labels`` None (export, embed, labels --images).
 
-    Raises:
-        ValueError (FileNotFoundError for missing paths): with a message that names the fix.
+    Raises ValueError (FileNotFoundError for missing paths) with a message that names the fix.
     """
     path, run_dir = _locate(source)
     ckpt = rundir.load_file(path)
@@ -204,38 +281,75 @@ def load_run(
     dataset = dataset or recorded["dataset"]
     data_dir = data_dir if data_dir is not None else recorded["data_dir"]
     size = image_size or recorded["image_size"] or dataset_info(dataset).default_image_size
-    train_set = _train_split(dataset, data_dir, size)
-    side = train_set.side(size)
+    facts = None if train_split or not sela else _recorded_images(run_dir)
+    train_set, (channels, mean, std, side) = _images(facts, dataset, data_dir, size)
     if sela:
-        model, untrained = _sela_model(ckpt, config, train_set.channels, side, path), []
+        model, untrained = _sela_model(ckpt, config, channels, side, path), []
     else:
         model, untrained = _foreign_model(ckpt, arch, clusters, side)
-    notes = (
-        [f"heads {untrained} are not in the checkpoint; their cluster metrics are skipped"]
-        if untrained
-        else []
+    notes = [f"heads {untrained} are not in the checkpoint; their cluster metrics are skipped"] * bool(
+        untrained
     )
     model = model.to(device).eval()
     shown = side if image_size else recorded["eval_size"] or side  # what the run's evaluation saw
-    transform = EvalTransform(shown, mean=train_set.mean, std=train_set.std).to(device)
-    check_fits(model, train_set, transform, arch=arch, image_size=shown)
-    labels = _stored_labels(ckpt, len(model.n_clusters), train_set, notes)
+    transform = EvalTransform(shown, mean=mean, std=std).to(device)
+    sample = train_set if train_set is not None else torch.zeros((2, channels, side, side), dtype=torch.uint8)
+    check_fits(model, sample, transform, arch=arch, image_size=shown)
+    labels = _labels_now(ckpt, model, train_set, transform, notes, run_dir if sela else None, data_dir)
     test_set = load_test_split(dataset, data_dir, size) if test_split else None
-    summary = rundir.read_json(run_dir / rundir.SUMMARY) if run_dir else {}
     return Run(
         model=model, labels=labels, train_set=train_set, test_set=test_set, transform=transform,
         image_size=shown, dataset=dataset, arch=arch, config=config, source=Path(source), run_dir=run_dir,
-        summary=summary, untrained_heads=untrained, notes=notes,
+        summary=rundir.read_json(run_dir / rundir.SUMMARY) if run_dir else {}, untrained_heads=untrained,
+        notes=notes, channels=channels, mean=mean, std=std,
     )  # fmt: skip
+
+
+def _labels_now(
+    ckpt: Any, model: SelaModel, train_set: ImageSet | None, transform: EvalTransform, notes: list[str],
+    run_dir: Path | None, data_dir: str | None,
+) -> Tensor | None:  # fmt: skip
+    """The stored labels of the training images as they are now (:func:`_stored_labels`), new files
+    labelled by the model's argmax; None without a training split."""
+    if train_set is None:
+        return None
+    labels = _stored_labels(
+        ckpt, len(model.n_clusters), train_set, notes, _file_match(run_dir, train_set, data_dir)
+    )
+    if labels is not None and bool((labels < 0).any()):
+        labels = _label_new_files(model, train_set, transform, labels)
+    return labels
+
+
+def _images(facts: tuple | None, dataset: str, data_dir: str | None, size: int | None):
+    """The training split (None when ``facts``, the recorded ones, stand in for it) and the images'
+    (channels, mean, std, side)."""
+    if facts is not None:
+        return None, (*facts[:3], int(size or facts[3]))
+    train_set = _train_split(dataset, data_dir, size)
+    return train_set, (train_set.channels, train_set.mean, train_set.std, train_set.side(size))
+
+
+def _recorded_images(run_dir: Path | None) -> tuple[int, tuple, tuple, int] | None:
+    """(channels, mean, std, side) of the training images as config.json records them (sela runs since
+    files.json), or None."""
+    images = rundir.read_json(run_dir / rundir.CONFIG).get("_data") if run_dir else None
+    if not isinstance(images, dict) or not all(k in images for k in ("channels", "mean", "std", "side")):
+        return None
+    return int(images["channels"]), tuple(images["mean"]), tuple(images["std"]), int(images["side"])
 
 
 @torch.no_grad()
 def check_fits(
-    model: nn.Module, images: ImageSet, transform: EvalTransform, *, arch: str, image_size: int
+    model: nn.Module, images: ImageSet | Tensor, transform: EvalTransform, *, arch: str, image_size: int
 ) -> None:
-    """Run two images through the model; a ValueError says what to change when they do not fit."""
-    n = min(2, len(images))
-    sample = images.images[:n] if images.in_memory else torch.stack([images[i][0] for i in range(n)])
+    """Run two images (of ``images``, or the uint8 batch ``images``) through the model; a ValueError says
+    what to change when they do not fit."""
+    if isinstance(images, Tensor):
+        sample = images  # (n, C, S, S) uint8
+    else:
+        n = min(2, len(images))
+        sample = images.images[:n] if images.in_memory else torch.stack([images[i][0] for i in range(n)])
     c = int(sample.shape[1])
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if first is not None and first.in_channels != c:
