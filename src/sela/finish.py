@@ -71,9 +71,11 @@ def finish_run(
 
 
 def _plot_run(trainer: Trainer, metrics: list[dict]) -> None:
-    """curves.png, cluster_sizes.png and (in-memory images) clusters.png of the run's largest clusters."""
+    """curves.png (when an epoch ran: not for ``--epochs 0``), cluster_sizes.png and (in-memory images)
+    clusters.png of the run's largest clusters."""
     out, labels, train_set = trainer.out_dir, trainer.state.labels, trainer.train_set
-    rundir.atomic_write(out / "curves.png", lambda tmp: plot_curves(metrics, tmp))
+    if metrics:
+        rundir.atomic_write(out / "curves.png", lambda tmp: plot_curves(metrics, tmp))
     n_clusters = list(trainer.model.n_clusters)
     rundir.atomic_write(out / "cluster_sizes.png", lambda tmp: plot_cluster_sizes(labels, n_clusters, tmp))
     if train_set.in_memory:
