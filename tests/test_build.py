@@ -80,3 +80,30 @@ def test_an_old_flat_run_directory_still_resumes_and_evaluates(tmp_path, capsys)
     assert main(["train", "--out", str(out), *TINY_FLAGS, "--epochs", "2", "--resume"]) == 0
     assert main(["train", "--out", str(out), *TINY_FLAGS, "--epochs", "3", "--resume"]) == 2
     assert "optim.epochs: 2 -> 3" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_the_run_directory_lists_the_images_it_left_out(tmp_path, capsys):
+    """The skip-and-warn policy: a count and names on the console, the full list in RUN/skipped.txt."""
+    from PIL import Image
+
+    for split, n in (("train", 40), ("test", 10)):
+        for c in range(2):
+            (tmp_path / "data" / split / str(c)).mkdir(parents=True)
+            for i in range(n // 2):
+                Image.new("RGB", (12, 12), (255 * c, 20 * (i % 5), 90)).save(
+                    tmp_path / "data" / split / str(c) / f"{i}.png"
+                )
+    (tmp_path / "data" / "train" / "0" / "broken.png").write_bytes(b"\x89PNG not really")
+    out = tmp_path / "run"
+    args = ["--dataset", "folder", "--data-dir", str(tmp_path / "data"), "--heads", "1", "--batch-size", "16"]
+    assert main(["train", "--out", str(out), "--epochs", "1", "--no-progress", "--device", "cpu", *args]) == 0
+    skipped = (out / "skipped.txt").read_text().splitlines()
+    assert len(skipped) == 1 and "broken.png" in skipped[0]
+    assert "broken.png" in capsys.readouterr().err
+    clean = tmp_path / "clean"
+    (tmp_path / "data" / "train" / "0" / "broken.png").unlink()
+    assert (
+        main(["train", "--out", str(clean), "--epochs", "1", "--no-progress", "--device", "cpu", *args]) == 0
+    )
+    assert not (clean / "skipped.txt").exists()

@@ -387,13 +387,15 @@ def label_only(trainer: Trainer) -> None:
 
 def _record(cfg: TrainConfig, out: Path, command: list[str], train_set: ImageSet) -> None:
     """config.json (the settings, the command, the version, the images' channels, side and statistics,
-    which let ``sela export``/``embed`` run without the training folder) and files.json."""
+    which let ``sela export``/``embed`` run without the training folder), files.json, and skipped.txt when
+    the reader left unreadable images out."""
     if dist.is_main():
         record = {**to_dict(cfg), "_command": command, "_version": sela.__version__}
         images = {"channels": train_set.channels, "side": image_side(cfg, train_set),
                   "mean": list(train_set.mean), "std": list(train_set.std)}  # fmt: skip
         rundir.write_json(out / rundir.CONFIG, {**record, "_world_size": dist.world_size(), "_data": images})
         rundir.write_file_list(out, rundir.FileList.of(train_set.paths, len(train_set), cfg.data.data_dir))
+        rundir.write_skipped(out, train_set.skipped)
 
 
 def train(

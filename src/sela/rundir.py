@@ -56,6 +56,7 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 LABELS = "labels.csv"
 FILES = "files.json"
+SKIPPED = "skipped.txt"  # the training images left out as unreadable, one "PATH (reason)" a line
 SUMMARY = "summary.json"
 LOCK = ".lock"
 FORMAT_VERSION = 2
@@ -454,6 +455,15 @@ def write_file_list(out_dir: str | os.PathLike, record: FileList) -> Path:
     data = {"format": 1, "n": record.n, "data_dir": record.data_dir, "files": record.files}
     text = json.dumps(data, separators=(",", ":"))  # ASCII: undecodable names stay \\udcXX escapes
     return atomic_write(Path(out_dir) / FILES, lambda tmp: tmp.write_text(text))
+
+
+def write_skipped(out_dir: str | os.PathLike, skipped: list[str]) -> Path | None:
+    """Write ``out_dir/skipped.txt``: every file the run's reader left out as unreadable, one "PATH
+    (reason)" a line (a newline inside a name is written as ``\\n``); None (and no file) when none was."""
+    if not skipped:
+        return None
+    text = "".join(entry.replace("\n", "\\n") + "\n" for entry in skipped)
+    return atomic_write(Path(out_dir) / SKIPPED, lambda tmp: tmp.write_text(text, errors="surrogateescape"))
 
 
 def read_file_list(out_dir: str | os.PathLike) -> FileList | None:
