@@ -67,10 +67,10 @@ def user_settings(
     ``overrides`` (``["augment.flip_p=0.5"]`` strings or a dict). Legacy flat keys are translated; ``~``
     in a path (``PATH_KEYS``) is expanded."""
     merged = read_toml(toml) if toml else {}
-    merged.update(flatten(upgrade_keys(settings or {})))
+    merged.update(upgrade_keys(settings or {}))
     if isinstance(overrides, list):
         overrides = parse_overrides(overrides)
-    merged.update(flatten(upgrade_keys(overrides or {})))
+    merged.update(upgrade_keys(overrides or {}))
     for key in PATH_KEYS:  # the shell leaves `--out=~/x` as it is
         if isinstance(merged.get(key), str):
             merged[key] = os.path.expanduser(merged[key])
@@ -145,7 +145,7 @@ def resolve(
     if cfg.data.image_size is None and info.default_image_size is not None:
         fixed["data.image_size"] = info.default_image_size
     if cfg.eval.size is None:
-        side = train_set.side(cfg.data.image_size or info.default_image_size)
+        side = train_set.side(cfg.data.image_size or fixed.get("data.image_size"))
         fixed["eval.size"] = view_scale_size(side, cfg.augment.crop_size or side, cfg.augment.crop_scale)
     cfg = apply_overrides(cfg, fixed)
     validate(cfg)
@@ -154,11 +154,12 @@ def resolve(
 
 
 def _check_objective_options(cfg: TrainConfig, user: dict[str, Any]) -> None:
-    """A user setting of an objective's section (``sela.*``, ``swapped.*``) that the run's objective does
-    not read is a mistake: say so instead of ignoring it."""
+    """A user setting of an objective's section (``sela.*``, ``swapped.*``: a section named like a
+    registered objective) that the run's objective does not read is a mistake: say so instead of ignoring
+    it."""
     for key in user:
         section = key.partition(".")[0]
-        if section in ("sela", "swapped") and section != cfg.objective:
+        if section in OBJECTIVES and section != cfg.objective:
             raise ValueError(f"{key} needs the {section} objective: add --objective {section} or drop it")
 
 

@@ -571,7 +571,8 @@ def data_settings(config: dict) -> dict[str, Any]:
     """What a run's recorded configuration (either form) says about its data: ``dataset``, ``data_dir``,
     ``image_size`` (the side images were resized to) and ``eval_size`` (the side the evaluation showed
     them at); None where it does not say."""
-    data, ev = upgrade(config).get("data", {}), upgrade(config).get("eval", {})
+    config = upgrade(config)
+    data, ev = config.get("data", {}), config.get("eval", {})
     return {
         "dataset": data.get("dataset"),
         "data_dir": data.get("data_dir"),
