@@ -25,6 +25,7 @@ RANKS = {
     "sela.plots": 0,
     "sela.eval": 1,
     "sela.labeller": 2,
+    "sela.clusters": 2,  # OT k-means, the K scan and the balance line (sela labels --k)
     "sela.schedule": 2,
     "sela.rundir": 2,
     "sela.objectives": 3,

@@ -29,6 +29,7 @@ INSPECT_DEFAULTS = {
     "samples": (10, "sela.report:render_report.samples"),
     "top": (12, "sela.report:render_report.top"),
     "cluster_epochs": (200, "sela.labeller:SelfLabeller.epochs"),
+    "relax": (1.0, "sela.clusters:DEFAULT_RELAX"),
 }
 KNN_K, KNN_T = BY_KEY["eval.knn_k"].default, BY_KEY["eval.knn_temperature"].default
 LAM, WORKERS = BY_KEY["labels.lam"].default, BY_KEY["runtime.workers"].default
@@ -205,38 +206,43 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _add_labels(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "labels",
-        help="export a run's self-labels, or label new images with its heads",
-        description="Write the training set's self-labels (path or index, one column per head, each "
-        "head's softmax confidence) and a cluster-size histogram per head; with --images, label new "
-        "images with the trained heads instead (argmax, or balanced over the set with --balanced).",
+        help="export a run's clusters (its heads' own, or N groups with --k), lay them out as folders",
+        description="Write a labels CSV (path or index, a label and a confidence column per head) and size histograms "
+        "of the run's self-labels, of new images (--images), or of N groups of the features (--k). docs/export.md",
     )
     p.add_argument("source", metavar="RUN_DIR")
-    p.add_argument("-o", "--output", default="labels.csv", help="CSV path (default ./labels.csv)")
+    p.add_argument("-o", "--output", help="CSV path (./labels.csv); with --k-scan the plot (./k_scan.png)")
     p.add_argument("--images", metavar="PATH", help="a folder of images or a text file with one path a line")
     p.add_argument("--balanced", action="store_true", help="with --images: equal-sized clusters (Sinkhorn)")
     p.add_argument("--lam", type=float, default=LAM, help=f"lambda of the balanced assignment ({LAM:g})")
+    p.add_argument("--k", type=int, metavar="N", help="cluster the features into N groups (OT k-means)")
+    p.add_argument("--k-scan", metavar="KS", help="score K without labels, pick one: 2,5,10 / 2-20 / 5-50:5")
+    p.add_argument("--marginal", choices=("uniform", "relaxed"), help="--k's sizes: equal (default) or free")
+    relax = INSPECT_DEFAULTS["relax"][0]
+    p.add_argument("--relax", type=float, metavar="RHO", help=f"relaxed marginal's size penalty ({relax:g})")
+    p.add_argument("--seed", type=int, default=0, help="seed of --k and --k-scan (0)")
+    p.add_argument("--into", metavar="DIR", help="also lay the images out as DIR/<cluster>/, contact sheets")
+    p.add_argument("--copy", action="store_true", help="with --into: copy the files instead of linking them")
+    p.add_argument("--head", type=int, help="with --into: the head to lay out (default: the run's best)")
     _add_source_flags(p)
     p.set_defaults(func=cmd_labels)
 
 
 def cmd_labels(args: argparse.Namespace) -> int:
-    from sela.export import export_run_labels, label_images
+    from sela.export import check_labels_request, export_labels, scan_run, write_layout
 
-    if args.balanced and not args.images:
-        raise UsageError(
-            "--balanced applies to new images; add --images PATH (a run's own labels are balanced)"
-        )
+    ks, args.relax = check_labels_request(k=args.k, k_scan=args.k_scan, balanced=args.balanced, images=args.images,
+        into=args.into, copy=args.copy, head=args.head, marginal=args.marginal, relax=args.relax)  # fmt: skip
     run = _open_run(args, test_split=False, train_split=not args.images)
-    if args.images:
-        path, plots, labels = label_images(
-            run, args.images, args.output, balanced=args.balanced, lam=args.lam, batch_size=args.batch_size
-        )
-        what = f"{labels.shape[1]} new images ({'balanced' if args.balanced else 'argmax'})"
+    kw = {key: getattr(args, key) for key in ("images", "relax", "seed", "batch_size", "workers")}
+    out = args.output or ("k_scan.png" if ks else "labels.csv")
+    if ks:
+        lines = scan_run(run, ks, out, **kw)
     else:
-        path, plots = export_run_labels(run, args.output, batch_size=args.batch_size, workers=args.workers)
-        what = f"{len(run.train_set)} training images (self-labels)"
-    print(f"wrote {path}: {what} x {len(run.model.n_clusters)} heads, with confidences")
-    print(f"wrote {len(plots)} cluster-size histograms: {', '.join(str(p) for p in plots)}")
+        found = export_labels(run, out, balanced=args.balanced, lam=args.lam, k=args.k, **kw)
+        layout = [write_layout(found, args.into, head=args.head, copy=args.copy)] if args.into else []
+        lines = found.report() + layout
+    print("\n".join(lines))
     return 0
 
 
@@ -302,7 +308,7 @@ def _add_cluster(sub: argparse._SubParsersAction) -> None:
 def cmd_cluster(args: argparse.Namespace) -> int:
     import time
 
-    from sela.eval.metrics import cluster_sizes
+    from sela.clusters import balance_lines
     from sela.export import cluster_features, load_features, write_labels_csv
 
     if args.k < 2 or args.heads < 1 or args.epochs < 1 or not (math.isfinite(args.lam) and args.lam > 0):
@@ -313,15 +319,9 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     labels, conf, best = cluster_features(x, n_clusters=args.k, n_heads=args.heads, lam=args.lam,
                                           epochs=args.epochs, seed=args.seed, device=device)  # fmt: skip
     path = write_labels_csv(args.output, labels, confidence=conf)
-    print(
-        f"clustered {x.shape[0]} x {x.shape[1]} features into {args.heads} x {args.k} clusters "
-        f"in {time.perf_counter() - start:.1f} s; best head {best}"
-    )
-    for h, row in enumerate(labels):
-        s = cluster_sizes(row, args.k)
-        print(
-            f"  head {h}: sizes {s['min']}..{s['max']}, {s['n_empty']} empty, mean confidence {float(conf[h].mean()):.3f}"
-        )
+    took = time.perf_counter() - start
+    print(f"clustered {x.shape[0]} x {x.shape[1]} features into {args.heads} x {args.k} clusters in {took:.1f} s; "
+          f"best head {best}", *balance_lines(labels, [args.k] * args.heads, confidence=conf), sep="\n")  # fmt: skip
     print(f"wrote {path}")
     return 0
 

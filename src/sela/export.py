@@ -1,5 +1,6 @@
 """Labels and features out of sela: a run's self-labels with confidences, labelling new images, clustering
-a feature file, embedding images with a run's backbone, and exporting the backbone's weights.
+a run's embedding into N groups (``sela labels --k``, ``--k-scan``), clustering a feature file, embedding
+images with a run's backbone, and exporting the backbone's weights.
 
 The labels CSV format is :mod:`sela.rundir`'s (``path`` or ``index``, ``head0`` .., ``confidence0`` ..);
 a confidence is the largest softmax probability of that head's logits on the un-augmented image, in
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sela.data import EvalTransform, make_loader
+from sela.clusters import (
+    DEFAULT_RELAX,
+    KScan,
+    OTKMeans,
+    balance_lines,
+    check_relax,
+    format_scan,
+    parse_k_list,
+    scan_k,
+)
+from sela.data import EvalTransform, ImageSet, make_loader
 from sela.data.reader import IMAGE_EXTENSIONS, decode_images, printable, report_unreadable, walk_images
 from sela.eval.features import extract
 from sela.labeller import SelfLabeller, feature_matrix
@@ -66,6 +78,26 @@ def head_outputs(
     return extract(
         model, source, transform=transform, device=device, batch_size=batch_size, progress=progress
     ).logits
+
+
+def train_features(
+    run: Run,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    layer: str | None = None,
+    progress: bool | None = None,
+) -> Tensor:
+    """(N, D) float32 backbone features of a run's training images, un-augmented: what ``sela embed``
+    computes for them (the run's input size and normalisation; ``layer`` as there)."""
+    if run.train_set is None:
+        raise ValueError(f"{run.source} was opened without its training images; pass its run directory")
+    images = run.train_set.source()
+    source = images if isinstance(images, Tensor) else make_loader(images, batch_size, num_workers=workers)
+    return extract(
+        run.model, source, transform=run.transform, batch_size=batch_size, layer=layer, heads=False,
+        progress=progress,
+    ).features  # fmt: skip
 
 
 def confidences(logits: list[Tensor]) -> Tensor:
@@ -235,18 +267,8 @@ def size_histograms(labels: Tensor, n_clusters: list[int], csv_path: str | os.Pa
     return written
 
 
-def export_run_labels(
-    run: Run,
-    out: str | os.PathLike,
-    *,
-    batch_size: int = 256,
-    workers: int = 0,
-    progress: bool | None = None,
-) -> tuple[Path, list[Path]]:
-    """Write a run's training self-labels with each head's confidence, and the size histograms.
-
-    Returns the CSV path and the PNG paths.
-    """
+def _run_labels(run: Run, *, batch_size: int, workers: int, progress: bool | None) -> tuple[Tensor, Tensor]:
+    """A run's (H, N) training self-labels and the (H, N) confidences of its heads on those images."""
     if run.labels is None:
         raise ValueError(
             f"{run.source} holds no self-labels of these {len(run.train_set)} training images; "
@@ -260,8 +282,38 @@ def export_run_labels(
         workers=workers,
         progress=progress,
     )
-    path = write_labels_csv(out, run.labels, paths=run.train_set.paths, confidence=confidences(logits))
-    return path, size_histograms(run.labels, list(run.model.n_clusters), path)
+    return run.labels, confidences(logits)
+
+
+def export_run_labels(
+    run: Run,
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool | None = None,
+) -> tuple[Path, list[Path]]:
+    """Write a run's training self-labels with each head's confidence, and the size histograms.
+
+    Returns the CSV path and the PNG paths.
+    """
+    labels, conf = _run_labels(run, batch_size=batch_size, workers=workers, progress=progress)
+    path = write_labels_csv(out, labels, paths=run.train_set.paths, confidence=conf)
+    return path, size_histograms(labels, list(run.model.n_clusters), path)
+
+
+def _new_image_labels(
+    run: Run, images: str | os.PathLike, *, balanced: bool, lam: float, batch_size: int, progress: bool | None
+) -> tuple[Tensor, Tensor, list[str]]:
+    """(H, M) labels and confidences of the heads on the M new images that could be read, and their paths."""
+    if run.untrained_heads:
+        raise ValueError(f"heads {run.untrained_heads} of {run.source} are untrained; label with a sela run")
+    x, paths, failed = read_images(list_images(images), run.image_size, channels=run.channels)
+    if not paths:
+        raise _none_read(failed)
+    report_unreadable(failed, strict=False)  # (M, C, S, S): the files that were read
+    logits = head_outputs(run.model, x, transform=run.transform, batch_size=batch_size, progress=progress)
+    return assign_labels(logits, balanced=balanced, lam=lam), confidences(logits), paths  # (H, M) each
 
 
 def label_images(
@@ -280,16 +332,224 @@ def label_images(
     be read is left out with one warning. Returns the CSV path, the size-histogram PNGs and the (H, M)
     labels of the M images read.
     """
-    if run.untrained_heads:
-        raise ValueError(f"heads {run.untrained_heads} of {run.source} are untrained; label with a sela run")
-    x, paths, failed = read_images(list_images(images), run.image_size, channels=run.channels)
-    if not paths:
-        raise _none_read(failed)
-    report_unreadable(failed, strict=False)  # (M, C, S, S): the files that were read
-    logits = head_outputs(run.model, x, transform=run.transform, batch_size=batch_size, progress=progress)
-    labels = assign_labels(logits, balanced=balanced, lam=lam)  # (H, M)
-    path = write_labels_csv(out, labels, paths=paths, confidence=confidences(logits))
+    labels, conf, paths = _new_image_labels(
+        run, images, balanced=balanced, lam=lam, batch_size=batch_size, progress=progress
+    )
+    path = write_labels_csv(out, labels, paths=paths, confidence=conf)
     return path, size_histograms(labels, list(run.model.n_clusters), path), labels
+
+
+# ------------------------------------------------------------------------ sela labels: one entry point
+
+
+def check_labels_request(
+    *,
+    k: int | None = None,
+    k_scan: str | None = None,
+    balanced: bool = False,
+    images: str | None = None,
+    into: str | None = None,
+    copy: bool = False,
+    head: int | None = None,
+    marginal: str | None = None,
+    relax: float | None = None,
+) -> tuple[list[int], float | None]:
+    """Check how ``sela labels``'s options combine, before any work: returns the K of ``k_scan`` ([]
+    without one) and the relaxed marginal's rho (None: equal cluster sizes). ``ValueError`` naming the fix.
+    """
+    clustering = k is not None or bool(k_scan)
+    rules = [
+        (balanced and not images, "--balanced applies to new images; add --images PATH (a run's own labels are balanced)"),
+        (balanced and clustering, "--balanced is for the heads' labels; --k's clusters are balanced already"),
+        (k is not None and k < 2, f"--k must be 2 or more, got {k}"),
+        (k is not None and bool(k_scan), "--k-scan measures which K to take; run it first, then --k N"),
+        (bool(k_scan) and bool(into), "--into lays out one clustering; drop --k-scan, or use --k N"),
+        (copy and not into, "--copy applies to --into DIR; add --into"),
+        (head is not None and (not into or k is not None), "--head picks the heads' clustering for --into"),
+        ((marginal or relax is not None) and not clustering, "--marginal and --relax apply to --k or --k-scan"),
+        (marginal == "uniform" and relax is not None, "--relax weighs the relaxed marginal; drop --marginal uniform"),
+    ]  # fmt: skip
+    for broken, message in rules:
+        if broken:
+            raise ValueError(message)
+    if into:
+        from sela.report import check_layout_dir
+
+        check_layout_dir(into)
+    rho = relax if relax is not None else DEFAULT_RELAX if marginal == "relaxed" else None
+    check_relax(rho)
+    return (parse_k_list(k_scan) if k_scan else []), rho
+
+
+@dataclass
+class LabelExport:
+    """What :func:`export_labels` wrote and the clusterings in it.
+
+    Attributes:
+        csv, plots: the labels CSV and its size histograms (one per clustering).
+        labels, confidence: (H, N) clusters and confidences (0..1), one row per head or the one k-means.
+        n_clusters, names: K and a name ("head 0", "k-means") of each row.
+        what: the images and how they were labelled, for the line that reports the export.
+        paths: the N images' files, or None when they have none; then ``images`` holds their pixels.
+        uniform: whether equal cluster sizes were asked for (the balance check's yardstick).
+    """
+
+    csv: Path
+    plots: list[Path]
+    labels: Tensor
+    confidence: Tensor
+    n_clusters: list[int]
+    names: list[str]
+    what: str
+    paths: list[str] | None = None
+    images: ImageSet | None = None
+    uniform: bool = True
+    best: int = 0  # the clustering --into lays out by default (the run's best head)
+    source: str = ""
+
+    def report(self) -> list[str]:
+        """Lines for the user: what was written, then the balance of each clustering (which warns where
+        it is far from what was asked: :func:`sela.clusters.balance_lines`)."""
+        plots = ", ".join(str(p) for p in self.plots)
+        balance = balance_lines(
+            self.labels, self.n_clusters, names=self.names, confidence=self.confidence, uniform=self.uniform
+        )
+        return [
+            f"wrote {self.csv}: {self.what}, with confidences",
+            f"wrote size histograms: {plots}",
+            *balance,
+        ]
+
+
+def _embedding(
+    run: Run, images: str | os.PathLike | None, *, batch_size: int, workers: int, progress: bool | None
+) -> tuple[Tensor, list[str] | None, ImageSet | None, str]:
+    """(N, D) backbone features of new images (``images``) or of the run's training images, their paths
+    (None without files), the training set when it has no files (its pixels), and what they are."""
+    if images is not None:
+        x, paths = embed_images(run, images, batch_size=batch_size, progress=progress)
+        return x, paths, None, f"{len(paths)} new images"
+    x = train_features(run, batch_size=batch_size, workers=workers, progress=progress)
+    paths = run.train_set.paths
+    return x, paths, None if paths is not None else run.train_set, f"{len(x)} training images"
+
+
+def export_labels(
+    run: Run,
+    out: str | os.PathLike,
+    *,
+    images: str | os.PathLike | None = None,
+    balanced: bool = False,
+    lam: float = DEFAULT_LAM,
+    k: int | None = None,
+    relax: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool | None = None,
+) -> LabelExport:
+    """``sela labels``: write a labels CSV (and its size histograms) of one of three clusterings.
+
+    * ``k``: the backbone features (:func:`train_features`, or of ``images``) clustered into K groups by
+      :class:`sela.clusters.OTKMeans` (``relax``: rho of the relaxed marginal; None: equal sizes), the
+      confidence the plan's row maximum; one label column.
+    * ``images`` without ``k``: the heads' labels of new images (argmax, or equal sizes with ``balanced``).
+    * neither: the run's own training self-labels, with each head's confidence.
+    """
+    n_clusters = list(run.model.n_clusters)
+    names = [f"head {h}" for h in range(len(n_clusters))]
+    more = {"batch_size": batch_size, "progress": progress}
+    if k is not None:
+        x, paths, pixels, what = _embedding(run, images, workers=workers, **more)
+        fit = OTKMeans(k, relax=relax, seed=seed, device=run.device).fit(x)
+        labels, conf = torch.from_numpy(fit.labels_)[None], torch.from_numpy(fit.confidence_)[None]  # (1, N)
+        marginal = "equal sizes" if relax is None else f"relaxed sizes, rho {relax:g}"
+        n_clusters, names, what = [k], ["k-means"], f"{what} clustered into {k} ({marginal}) x 1 column"
+    elif images is not None:
+        labels, conf, paths = _new_image_labels(run, images, balanced=balanced, lam=lam, **more)
+        pixels, how = None, "balanced" if balanced else "argmax"
+        what = f"{len(paths)} new images ({how}) x {len(names)} heads"
+    else:
+        labels, conf = _run_labels(run, workers=workers, **more)
+        paths, pixels = run.train_set.paths, None if run.train_set.paths is not None else run.train_set
+        what = f"{labels.shape[1]} training images (self-labels) x {len(names)} heads"
+    path = write_labels_csv(out, labels, paths=paths, confidence=conf)
+    plots = size_histograms(labels, n_clusters, path)
+    best = 0 if k is not None else int(run.summary.get("best_head", 0))
+    return LabelExport(path, plots, labels, conf, n_clusters, names, what, paths, pixels, relax is None, best,
+                       str(run.source))  # fmt: skip
+
+
+def write_layout(
+    exported: LabelExport, into: str | os.PathLike, *, head: int | None = None, copy: bool = False
+) -> str:
+    """Lay an export's images out as one folder per cluster (:func:`sela.report.write_cluster_folders`)
+    of its clustering ``head`` (default: the run's best head); returns the line that says what was written."""
+    from sela.report import SHEET_NAME, write_cluster_folders
+
+    h = exported.best if head is None else head
+    if not 0 <= h < len(exported.n_clusters):
+        raise ValueError(f"--head {h} does not exist; the run has heads 0..{len(exported.n_clusters) - 1}")
+    layout = write_cluster_folders(
+        into, exported.labels[h], exported.n_clusters[h], confidence=exported.confidence[h], paths=exported.paths,
+        images=exported.images, copy=copy, title=f"sela clusters: {exported.names[h]}",
+        info={"source": exported.source, "clustering": exported.names[h], "labels": str(exported.csv)},
+    )  # fmt: skip
+    why = " (the images have no files)" if exported.paths is None else ""
+    return (
+        f"wrote {layout.folders} cluster folders under {into} ({exported.names[h]}, {layout.mode}{why}), each "
+        f"with {SHEET_NAME}; index: {layout.index}"
+    )
+
+
+def scan_run(
+    run: Run,
+    ks: list[int],
+    out: str | os.PathLike,
+    *,
+    images: str | os.PathLike | None = None,
+    relax: float | None = None,
+    seed: int = 0,
+    batch_size: int = 256,
+    workers: int = 0,
+    progress: bool | None = None,
+) -> list[str]:
+    """``sela labels --k-scan``: score clusterings of the run's embedding at every K of ``ks``
+    (:func:`sela.clusters.scan_k`), plot the signals to ``out`` (.png) and write the table next to it
+    (.csv). Returns the lines to print: the table and the recommended K with its reason."""
+    out = _output_file(out, (".png",), "the K scan's plot")
+    x, _, _, what = _embedding(run, images, batch_size=batch_size, workers=workers, progress=progress)
+    scan = scan_k(x, ks, seed=seed, relax=relax, device=run.device, progress=progress)
+    written = write_k_scan(scan, out, title=f"{run.arch} on {run.dataset}: {scan.n} of {what}")
+    return [f"scanned K = {', '.join(map(str, ks))} on {scan.n} of {what}", *format_scan(scan),
+            f"wrote {written[0]} and {written[1]}"]  # fmt: skip
+
+
+def write_k_scan(scan: KScan, out: str | os.PathLike, *, title: str = "") -> list[Path]:
+    """The scan's plot at ``out`` (.png; :func:`sela.plots.plot_k_scan`) and its table at ``<stem>.csv``."""
+    from sela.plots import plot_k_scan
+
+    ks = [s.k for s in scan.scores]
+    signals = {
+        "stability (NMI of two halves)": [s.stability for s in scan.scores],
+        "silhouette (cosine)": [s.silhouette for s in scan.scores],
+        "silhouette x stability": [s.silhouette * s.stability for s in scan.scores],
+    }
+    out = Path(out)
+    rows = [["k", "stability", "silhouette", "largest", "smallest", "cost", "recommended"]]
+    rows += [[s.k, f"{s.stability:.4f}", f"{s.silhouette:.4f}", f"{s.largest:.3f}", f"{s.smallest:.3f}",
+              f"{s.cost:.4f}", int(s.k == scan.best)] for s in scan.scores]  # fmt: skip
+
+    def table(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
+
+    return atomic_write_all(
+        {
+            out: lambda tmp: plot_k_scan(ks, signals, scan.best, tmp, title=title),
+            out.with_suffix(".csv"): table,
+        }
+    )
 
 
 # ------------------------------------------------------------------------------- features and weights out

@@ -136,3 +136,31 @@ def cluster_grid(
     fig.subplots_adjust(left=0.18, right=0.99, top=0.99, bottom=0.01, wspace=0.05, hspace=0.05)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_k_scan(
+    ks: list[int], signals: dict[str, list[float]], best: int, path: str | os.PathLike, *, title: str = ""
+) -> Path:
+    """Label-free signals against K (``sela labels --k-scan``): one line per signal, the recommended K
+    marked.
+
+    Args:
+        ks: the K scanned, in order.
+        signals: name -> one value per K (e.g. stability, silhouette, their product; any scale near 0..1).
+        best: the recommended K (a dashed vertical line).
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, values in signals.items():
+        ax.plot(ks, values, marker="o", ms=4, label=name)
+    ax.axvline(best, color="k", ls="--", lw=1, label=f"recommended K = {best}")
+    ax.set_xscale("log" if max(ks) / min(ks) > 20 else "linear")
+    ax.set_xticks(ks, [str(k) for k in ks], fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("K (clusters)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)

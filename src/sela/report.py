@@ -1,6 +1,6 @@
-"""A browsable report of a run's clusters: PNG grids of sample images, size histograms, static HTML.
+"""A browsable report of a run's clusters, and its images laid out as one folder per cluster.
 
-``render_report`` writes into one folder::
+``render_report`` (``sela show``) writes into one folder::
 
     index.html            summary, the size histograms, the top clusters, links to every page
     sizes.png             cluster sizes of every head (sorted, against the equal share N / K)
@@ -11,24 +11,42 @@
 Clusters are sorted by purity (the share of their majority class) when the images have ground truth, by
 size otherwise. Plain HTML with a few lines of inline JavaScript (arrow keys turn the pages).
 
+``write_cluster_folders`` (``sela labels --into DIR``) writes::
+
+    007/                  the members of cluster 7: links to the original files (copies with ``copy``;
+                          PNGs for images without files), named ``<row>_<file name>`` (row: the labels CSV's)
+    007/_contact_sheet.jpg   up to 64 members, the most confident first, 8 a row
+    index.html            every cluster with its size, mean confidence and contact sheet
+    top_clusters.png      the most confident members of the largest clusters, one row each
+    clusters.json         what sela wrote there (so that it may rewrite the folder, and nothing else)
+
+A folder holding ``index.html`` and ``top_clusters.png`` is sela's output to the image reader, so
+``sela train`` on a folder above it never sees the links as images a second time.
+
 Letters: N images, H heads, K clusters of the shown head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import html
+import math
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
+import sela
 from sela.data import ImageSet
+from sela.data.reader import decode_images
 from sela.plots import cluster_grid, plot_cluster_sizes  # matplotlib with the Agg backend
-from sela.rundir import atomic_write
+from sela.rundir import RunWriteError, atomic_write, read_json, write_json
 
 STRIP_HEIGHT = 64  # px: small images are enlarged (nearest neighbour) to at least this height
 
@@ -327,3 +345,212 @@ def render_report(
     text = _page(title, body)
     atomic_write(index, lambda tmp: tmp.write_text(text))
     return index
+
+
+# ------------------------------------------------------------------------------------ one folder per cluster
+
+LAYOUT_RECORD = "clusters.json"
+SHEET_NAME = "_contact_sheet.jpg"
+_LAYOUT_MARK = "sela labels --into"
+
+
+def _layout_record(out: Path) -> dict | None:
+    """The record of an earlier ``sela labels --into`` in ``out``, or None."""
+    try:
+        record = read_json(out / LAYOUT_RECORD)
+    except (ValueError, OSError):
+        return None
+    return record if record.get("_written_by") == _LAYOUT_MARK else None
+
+
+def check_layout_dir(out_dir: str | os.PathLike) -> Path:
+    """``out_dir`` for :func:`write_cluster_folders`: absent, empty, or sela's earlier layout; else a
+    ``ValueError`` that says what to do (checked before any work)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--into {out} is a file; give the name of a folder for the clusters")
+    if out.is_dir() and any(out.iterdir()) and _layout_record(out) is None:
+        raise ValueError(
+            f"--into {out} is not empty and sela did not write it (no {LAYOUT_RECORD}); give a new or empty "
+            "folder, so that none of your files are mixed with the clusters"
+        )
+    return out
+
+
+def _clear_layout(out: Path) -> None:
+    """Remove what an earlier layout wrote into ``out`` (the files its record lists, then the folders
+    they leave empty); anything else stays."""
+    record = _layout_record(out)
+    for name in (record or {}).get("files", []):
+        path = out / name
+        if path.parent.resolve().is_relative_to(out.resolve()) and (path.is_symlink() or path.is_file()):
+            path.unlink()
+    for folder in (record or {}).get("folders", []):
+        with contextlib.suppress(OSError):
+            (out / folder).rmdir()  # only when empty: a file the user put there keeps its folder
+
+
+def _place(source: str, dest: Path, copy: bool) -> None:
+    """A link at ``dest`` to ``source`` (absolute), or a copy of it; renamed into place."""
+    if copy:
+        atomic_write(dest, lambda tmp: shutil.copyfile(source, tmp))
+        return
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(os.path.abspath(source), tmp)
+        os.replace(tmp, dest)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise RunWriteError(f"could not link {dest} to {source} ({e.strerror or e}); add --copy") from None
+
+
+def _member_files(
+    labels: Tensor, order: Tensor, k: int, *, paths: list[str] | None, width: int
+) -> dict[int, list[tuple[int, str]]]:
+    """cluster -> [(row, file name in its folder)], the most confident first (``order``: rows sorted)."""
+    digits = len(str(max(len(labels) - 1, 0)))
+    members: dict[int, list[tuple[int, str]]] = {c: [] for c in range(k)}
+    for row in order.tolist():
+        base = os.path.basename(paths[row]) if paths is not None else ".png"
+        name = f"{row:0{digits}d}_{base}" if paths is not None else f"{row:0{digits}d}.png"
+        members[int(labels[row])].append((row, f"{int(labels[row]):0{width}d}/{name}"))
+    return members
+
+
+def _thumbnails(
+    rows: list[int], *, paths: list[str] | None, images: ImageSet | None, cell: int
+) -> np.ndarray:
+    """uint8 (n, s, s, 3) squares of the given images: files decoded by sela's reader at ``cell`` px
+    (unreadable ones left out), in-memory images enlarged to at least 64 px (nearest neighbour)."""
+    if paths is not None:
+        return decode_images([paths[r] for r in rows], (cell, cell), None)[0]
+    x = gather_images(images, torch.tensor(rows))  # (n, C, h, w)
+    scale = max(1, math.ceil(STRIP_HEIGHT / x.shape[-1]))
+    x = x.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3).expand(-1, 3, -1, -1)
+    return x.permute(0, 2, 3, 1).contiguous().numpy()  # (n, s, s, 3)
+
+
+def contact_sheet(thumbs: np.ndarray, path: Path, *, columns: int = 8, pad: int = 2) -> Path:
+    """Tile uint8 (n, s, s, 3) thumbnails ``columns`` a row on white, as a JPEG (or PNG) at ``path``."""
+    n, s = thumbs.shape[0], thumbs.shape[1]
+    cols, rows = min(columns, max(n, 1)), max(1, math.ceil(n / columns))
+    sheet = np.full((rows * (s + pad) - pad, cols * (s + pad) - pad, 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, columns)
+        sheet[r * (s + pad) : r * (s + pad) + s, c * (s + pad) : c * (s + pad) + s] = thumbs[i]
+    return atomic_write(path, lambda tmp: Image.fromarray(sheet).save(tmp, quality=90))
+
+
+@dataclass
+class Layout:
+    """What :func:`write_cluster_folders` wrote: the index page, the cluster folders and how the
+    members got there (``"links"``, ``"copies"`` or ``"PNGs"``)."""
+
+    index: Path
+    folders: int
+    mode: str
+
+
+def write_cluster_folders(
+    out_dir: str | os.PathLike,
+    labels: Tensor,
+    n_clusters: int,
+    *,
+    confidence: Tensor,
+    paths: list[str] | None = None,
+    images: ImageSet | None = None,
+    copy: bool = False,
+    title: str = "sela clusters",
+    info: dict | None = None,
+    per_sheet: int = 64,
+    cell: int = 96,
+) -> Layout:
+    """Lay N images out as one folder per cluster in ``out_dir`` (see the module docstring).
+
+    Args:
+        out_dir: absent, empty, or an earlier layout (replaced: the files it lists are removed first).
+        labels: (N,) cluster of each image, 0..K-1; ``n_clusters``: K.
+        confidence: (N,) confidence of each label (0..1): the members and sheets go most confident first.
+        paths: the N images' files (linked, or copied with ``copy``); None: ``images`` (in memory or
+            streamed without files) are written as PNGs.
+        title, info: the index page's title and key/value facts.
+        per_sheet: images on each contact sheet; ``cell``: their side in px (files; in-memory images are
+            enlarged to at least 64 px).
+    """
+    labels = torch.as_tensor(labels).long().cpu()
+    confidence = torch.as_tensor(confidence).float().cpu()
+    if labels.ndim != 1 or confidence.shape != labels.shape or (paths is None and images is None):
+        raise ValueError("need (N,) labels and confidences, and the N images' paths or pixels")
+    out = check_layout_dir(out_dir)
+    width = max(3, len(str(n_clusters - 1)))
+    order = torch.argsort(confidence, descending=True, stable=True)  # (N,) rows, most confident first
+    members = _member_files(labels, order, n_clusters, paths=paths, width=width)
+    folders = [f"{c:0{width}d}" for c in range(n_clusters) if members[c]]
+    files = [name for c in range(n_clusters) for _, name in members[c]] + [
+        f"{f}/{SHEET_NAME}" for f in folders
+    ]
+    mode = "PNGs" if paths is None else "copies" if copy else "links"
+    _clear_layout(out)
+    record = {"_written_by": _LAYOUT_MARK, "_version": sela.__version__, **(info or {}), "k": n_clusters,
+              "images": len(labels), "mode": mode, "sizes": {f: len(members[int(f)]) for f in folders},
+              "folders": folders, "files": files}  # fmt: skip
+    write_json(out / LAYOUT_RECORD, record)  # first: an interrupted layout is still sela's to replace
+    sheets = {}
+    for c in (c for c in range(n_clusters) if members[c]):
+        (out / folders[len(sheets)]).mkdir(parents=True, exist_ok=True)
+        for row, name in members[c]:
+            if paths is None:
+                _save_image(gather_images(images, torch.tensor([row]))[0], out / name)
+            else:
+                _place(paths[row], out / name, copy)
+        rows = [row for row, _ in members[c][:per_sheet]]
+        sheets[c] = _thumbnails(rows, paths=paths, images=images, cell=cell)
+        if len(sheets[c]):
+            contact_sheet(sheets[c], out / folders[len(sheets) - 1] / SHEET_NAME)
+    index = _layout_index(
+        out, members, sheets, confidence, labels, title=title, info=info, width=width, mode=mode
+    )
+    return Layout(index, len(folders), mode)
+
+
+def _save_image(image: Tensor, path: Path) -> None:
+    """uint8 (C, H, W) as a PNG."""
+    array = image.permute(1, 2, 0).numpy()  # (H, W, C)
+    atomic_write(path, Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save)
+
+
+def _layout_index(
+    out: Path, members: dict[int, list], sheets: dict[int, np.ndarray], confidence: Tensor, labels: Tensor,
+    *, title: str, info: dict | None, width: int, mode: str,
+) -> Path:  # fmt: skip
+    """``top_clusters.png`` (8 most confident members of each of the 12 largest clusters) and
+    ``index.html`` (facts, that figure, one row per cluster with its contact sheet)."""
+    largest = sorted((c for c in sheets if len(sheets[c])), key=lambda c: (-len(members[c]), c))[:12]
+    cells = [torch.from_numpy(sheets[c][:8]) for c in largest]  # each (<= 8, s, s, 3)
+    picked = torch.cat(cells).permute(0, 3, 1, 2)  # (n, 3, s, s)
+    owner = torch.repeat_interleave(torch.tensor(largest), torch.tensor([len(t) for t in cells]))  # (n,)
+    names = [f"{c:0{width}d} ({len(members[c])})" for c in largest]
+    atomic_write(out / "top_clusters.png",
+                 lambda tmp: cluster_grid(picked, owner, largest, tmp, per_cluster=8, titles=names))  # fmt: skip
+    k = len(members)
+    facts = {**(info or {}), "clusters": k, "images": len(labels), "members": mode}
+    rows = []
+    for c in sorted(members, key=lambda c: (-len(members[c]), c)):
+        folder = f"{c:0{width}d}"
+        mean = float(confidence[labels == c].mean()) if members[c] else float("nan")
+        sheet = f'<a href="{folder}/"><img src="{folder}/{SHEET_NAME}" width="260" alt="cluster {c}"></a>'
+        rows.append(f'<tr><td><a href="{folder}/">{folder}</a></td><td>{len(members[c])}</td><td>{mean:.3f}</td>'
+                    f"<td>{sheet if c in sheets and len(sheets[c]) else ''}</td></tr>")  # fmt: skip
+    facts_html = "".join(
+        f"<tr><th>{html.escape(str(a))}</th><td>{html.escape(str(b))}</td></tr>" for a, b in facts.items()
+    )
+    body = (
+        f"<h1>{html.escape(title)}</h1>\n<table>{facts_html}</table>\n"
+        '<h2>Largest clusters</h2>\n<img src="top_clusters.png" alt="largest clusters">\n<h2>Clusters</h2>\n'
+        f"<table><tr><th>folder</th><th>images</th><th>mean confidence</th><th>most confident</th></tr>{''.join(rows)}</table>"
+    )
+    index = out / "index.html"
+    text = _page(title, body)
+    return atomic_write(index, lambda tmp: tmp.write_text(text))
