@@ -169,10 +169,98 @@ def test_cluster_recovers_blobs_and_rejects_bad_files(tmp_path, capsys):
     table = read_labels_csv(tmp_path / "c.csv")
     assert table.labels.shape == (2, 300) and table.confidence is not None
     assert normalized_mutual_info_score(y, table.labels[0].numpy()) > 0.95
-    assert "best head" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "best head" in printed and re.search(
+        r"head 1: K = 3, sizes 100 / 100 / 100 .* mean confidence", printed
+    )
     np.save(tmp_path / "empty.npy", np.zeros((0, 5), np.float32))
     np.save(tmp_path / "cube.npy", np.zeros((4, 5, 2), np.float32))
     assert "is empty" in _error(capsys, ["cluster", str(tmp_path / "empty.npy")])
     assert "must be (N, D)" in _error(capsys, ["cluster", str(tmp_path / "cube.npy")])
     assert "exceeds the 300 rows" in _error(capsys, ["cluster", str(tmp_path / "emb.npy"), "--k", "301"])
     assert "--k >= 2" in _error(capsys, ["cluster", str(tmp_path / "emb.npy"), "--k", "1"])
+
+
+def test_labels_k_clusters_the_embedding_and_lays_it_out(run_dir, tmp_path, capsys):
+    out, into = tmp_path / "k.csv", tmp_path / "groups"
+    assert (
+        main(["labels", str(run_dir), "--k", "10", "-o", str(out), "--into", str(into), "--seed", "1"]) == 0
+    )
+    printed = capsys.readouterr().out
+    table = read_labels_csv(out)
+    assert (
+        table.labels.shape == (1, 1437) and table.id_column == "index" and table.confidence.shape == (1, 1437)
+    )
+    sizes = torch.bincount(table.labels[0], minlength=10)
+    assert sizes.min() >= 140 and sizes.max() <= 148  # equal shares of 143.7
+    assert "1437 training images clustered into 10 (equal sizes)" in printed
+    assert re.search(r"k-means: K = 10, sizes 14\d / 14\d / 14\d .* 0 empty", printed)
+    # the digits have no files: PNGs, one folder per cluster, the most confident first
+    assert "10 cluster folders" in printed and "PNGs" in printed
+    members = sorted((into / "000").glob("*.png"))
+    assert len(members) == int(sizes[0]) and (into / "000" / "_contact_sheet.jpg").is_file()
+    assert (into / "index.html").is_file() and (into / "top_clusters.png").is_file()
+    assert (tmp_path / "k_sizes_head0.png").is_file()
+
+
+def test_labels_print_the_balance_of_every_head(run_dir, tmp_path, capsys):
+    assert main(["labels", str(run_dir), "-o", str(tmp_path / "l.csv")]) == 0
+    printed = capsys.readouterr().out
+    for h in (0, 1):
+        assert re.search(
+            rf"head {h}: K = 10, sizes \d+ / [\d.]+ / \d+ \(min / median / max\), largest", printed
+        )
+
+
+def test_labels_k_scan_prints_a_table_and_a_recommendation(run_dir, tmp_path, capsys):
+    argv = ["labels", str(run_dir), "--k-scan", "5,10", "-o", str(tmp_path / "scan.png")]
+    assert main([*argv, "--batch-size", "512"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["K", "stability"])
+    assert [lines[header + 1].split()[0], lines[header + 2].split()[0]] == ["5", "10"]
+    assert re.match(r"recommended K = (5|10): the highest silhouette x stability", lines[header + 3])
+    assert (tmp_path / "scan.png").is_file()
+    assert (tmp_path / "scan.csv").read_text().startswith("k,stability,silhouette,largest,smallest,cost")
+
+
+def test_labels_into_links_or_copies_new_images(run_dir, tmp_path, capsys):
+    test = load_dataset("digits", split="test")
+    folder = tmp_path / "new"
+    folder.mkdir()
+    for i in range(30):
+        Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
+    argv = ["labels", str(run_dir), "--images", str(folder), "-o", str(tmp_path / "n.csv")]
+    assert main([*argv, "--k", "3", "--into", str(tmp_path / "linked")]) == 0
+    linked = [p for p in (tmp_path / "linked").glob("*/*.png")]
+    assert len(linked) == 30 and all(p.is_symlink() for p in linked)
+    assert main([*argv, "--into", str(tmp_path / "copied"), "--copy", "--head", "1"]) == 0
+    printed = capsys.readouterr().out
+    copied = list((tmp_path / "copied").glob("*/*.png"))
+    assert len(copied) == 30 and not any(p.is_symlink() for p in copied) and "(head 1, copies)" in printed
+    by_csv = read_labels_csv(tmp_path / "n.csv")
+    row = by_csv.ids.index(str(folder / "07.png"))
+    assert (tmp_path / "copied" / f"{int(by_csv.labels[1, row]):03d}" / "07_07.png").is_file()
+
+
+def test_labels_refuse_a_folder_sela_did_not_write(run_dir, tmp_path, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "holiday.jpg").write_bytes(b"not mine to overwrite")
+    argv = [
+        "labels",
+        str(run_dir),
+        "--k",
+        "4",
+        "--into",
+        str(tmp_path / "mine"),
+        "-o",
+        str(tmp_path / "r.csv"),
+    ]
+    assert "is not empty and sela did not write it" in _error(capsys, argv)
+    assert not (tmp_path / "r.csv").exists()  # refused before any work
+    assert "--copy applies to --into" in _error(capsys, ["labels", str(run_dir), "--copy"])
+    assert "run it first" in _error(capsys, ["labels", str(run_dir), "--k", "3", "--k-scan", "2,3"])
+    assert "--k-scan takes K like" in _error(capsys, ["labels", str(run_dir), "--k-scan", "many"])
+    assert "--head 5 does not exist" in _error(
+        capsys,
+        ["labels", str(run_dir), "--into", str(tmp_path / "h"), "--head", "5", "-o", str(tmp_path / "h.csv")],
+    )

@@ -1,5 +1,7 @@
 """Tests for sela.export: labelling images, feature files, clustering."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,78 @@ def test_cluster_features_recovers_blobs():
         assert normalized_mutual_info_score(y, row.numpy()) > 0.95
     with pytest.raises(ValueError, match="exceeds the 400 rows"):
         cluster_features(torch.zeros(400, 2), n_clusters=500)
+
+
+def _layout_inputs(tmp_path, n=24, k=3):
+    """n image files in two folders (with repeated names), their (N,) labels and confidences."""
+    _write_images(tmp_path / "imgs" / "a", n // 2)
+    _write_images(tmp_path / "imgs" / "b", n - n // 2)
+    paths = list_images(tmp_path / "imgs")
+    labels = torch.arange(n) % k
+    conf = torch.linspace(0.2, 0.9, n)
+    return paths, labels, conf
+
+
+def test_cluster_folders_link_or_copy_the_files_with_contact_sheets(tmp_path):
+    from sela.data.reader import walk_images
+    from sela.report import SHEET_NAME, write_cluster_folders
+
+    paths, labels, conf = _layout_inputs(tmp_path)
+    out = tmp_path / "imgs" / "clusters"  # inside the image folder: the reader must not list it
+    layout = write_cluster_folders(out, labels, 3, confidence=conf, paths=paths, per_sheet=5, cell=16)
+    assert layout.mode == "links" and layout.folders == 3 and layout.index == out / "index.html"
+    members = sorted(p.name for p in (out / "001").iterdir() if p.name != SHEET_NAME)
+    assert len(members) == 8 and members[0].startswith("01_") and members[0].endswith(".png")
+    link = out / "001" / members[0]
+    assert link.is_symlink() and os.path.samefile(link, paths[1])  # row 1: cluster 1
+    sheet = Image.open(out / "001" / SHEET_NAME)
+    assert sheet.size == (5 * 16 + 4 * 2, 16)  # 5 most confident, one row
+    assert (out / "top_clusters.png").is_file() and "001/" in (out / "index.html").read_text()
+    assert sorted(walk_images(str(tmp_path / "imgs")).paths) == sorted(paths)  # not the links a second time
+    # sela's own layout is replaced: old members go, a file the user added stays
+    (out / "002" / "mine.txt").write_text("keep")
+    write_cluster_folders(out, torch.zeros(24, dtype=torch.long), 2, confidence=conf, paths=paths, copy=True)
+    assert len([p for p in (out / "000").iterdir() if p.name != SHEET_NAME]) == 24
+    assert not (out / "001").exists() and (out / "002" / "mine.txt").read_text() == "keep"
+    copied = next(p for p in (out / "000").iterdir() if p.name != SHEET_NAME)
+    assert not copied.is_symlink() and copied.stat().st_size > 0
+
+
+def test_cluster_folders_of_images_without_files_and_a_foreign_folder(tmp_path):
+    from sela.data import ImageSet
+    from sela.report import check_layout_dir, write_cluster_folders
+
+    images = ImageSet(images=torch.randint(0, 255, (12, 1, 8, 8), dtype=torch.uint8))
+    labels, conf = torch.arange(12) % 4, torch.rand(12)
+    layout = write_cluster_folders(tmp_path / "out", labels, 4, confidence=conf, images=images)
+    assert layout.mode == "PNGs"
+    png = Image.open(tmp_path / "out" / "003" / "03.png")
+    assert png.size == (8, 8) and np.array_equal(np.asarray(png), images.images[3, 0].numpy())
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("my file")
+    for target in (tmp_path / "mine", tmp_path / "mine" / "notes.txt"):
+        with pytest.raises(ValueError, match="--into"):
+            write_cluster_folders(target, labels, 4, confidence=conf, images=images)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "my file"
+    assert check_layout_dir(tmp_path / "out") == tmp_path / "out"  # sela's own: may be rewritten
+
+
+def test_labels_request_rules(tmp_path):
+    from sela.export import check_labels_request
+
+    assert check_labels_request() == ([], None)
+    assert check_labels_request(k_scan="2-4") == ([2, 3, 4], None)
+    cases = {
+        "add --images": {"balanced": True},
+        "already": {"balanced": True, "images": "x", "k": 5},
+        "run it first": {"k": 5, "k_scan": "2,3"},
+        "drop --k-scan": {"k_scan": "2,3", "into": str(tmp_path / "o")},
+        "add --into": {"copy": True},
+        "--head picks": {"head": 1, "k": 4, "into": str(tmp_path / "o")},
+        "apply to --k": {"marginal": "relaxed"},
+        "drop --marginal uniform": {"k": 4, "marginal": "uniform", "relax": 1.0},
+        "--k must be 2": {"k": 1},
+    }
+    for message, request in cases.items():
+        with pytest.raises(ValueError, match=message):
+            check_labels_request(**request)

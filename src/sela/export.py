@@ -517,7 +517,7 @@ def scan_run(
     """``sela labels --k-scan``: score clusterings of the run's embedding at every K of ``ks``
     (:func:`sela.clusters.scan_k`), plot the signals to ``out`` (.png) and write the table next to it
     (.csv). Returns the lines to print: the table and the recommended K with its reason."""
-    out = _output_file(out, (".png",), "the K scan's plot")
+    out = _output_file(out, (".png",), "K scans")
     x, _, _, what = _embedding(run, images, batch_size=batch_size, workers=workers, progress=progress)
     scan = scan_k(x, ks, seed=seed, relax=relax, device=run.device, progress=progress)
     written = write_k_scan(scan, out, title=f"{run.arch} on {run.dataset}: {scan.n} of {what}")
