@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 import sela
 from sela.data import ImageSet
@@ -487,32 +488,41 @@ def write_cluster_folders(
     width = max(3, len(str(n_clusters - 1)))
     order = torch.argsort(confidence, descending=True, stable=True)  # (N,) rows, most confident first
     members = _member_files(labels, order, n_clusters, paths=paths, width=width)
-    folders = [f"{c:0{width}d}" for c in range(n_clusters) if members[c]]
-    files = [name for c in range(n_clusters) for _, name in members[c]] + [
-        f"{f}/{SHEET_NAME}" for f in folders
-    ]
+    filled = [c for c in range(n_clusters) if members[c]]
+    folders = [f"{c:0{width}d}" for c in filled]
     mode = "PNGs" if paths is None else "copies" if copy else "links"
-    _clear_layout(out)
-    record = {"_written_by": _LAYOUT_MARK, "_version": sela.__version__, **(info or {}), "k": n_clusters,
-              "images": len(labels), "mode": mode, "sizes": {f: len(members[int(f)]) for f in folders},
-              "folders": folders, "files": files}  # fmt: skip
-    write_json(out / LAYOUT_RECORD, record)  # first: an interrupted layout is still sela's to replace
-    sheets = {}
-    for c in (c for c in range(n_clusters) if members[c]):
-        (out / folders[len(sheets)]).mkdir(parents=True, exist_ok=True)
+    _start_layout(
+        out, members, folders, info={**(info or {}), "k": n_clusters, "images": len(labels), "mode": mode}
+    )
+    tops = {}  # cluster -> its 8 most confident thumbnails, for top_clusters.png
+    for c, folder in zip(tqdm(filled, desc="clusters", unit="cluster", disable=None), folders, strict=True):
+        (out / folder).mkdir(parents=True, exist_ok=True)
         for row, name in members[c]:
             if paths is None:
                 _save_image(gather_images(images, torch.tensor([row]))[0], out / name)
             else:
                 _place(paths[row], out / name, copy)
-        rows = [row for row, _ in members[c][:per_sheet]]
-        sheets[c] = _thumbnails(rows, paths=paths, images=images, cell=cell)
-        if len(sheets[c]):
-            contact_sheet(sheets[c], out / folders[len(sheets) - 1] / SHEET_NAME)
+        thumbs = _thumbnails(
+            [row for row, _ in members[c][:per_sheet]], paths=paths, images=images, cell=cell
+        )
+        if len(thumbs):
+            contact_sheet(thumbs, out / folder / SHEET_NAME)
+            tops[c] = thumbs[:8]
     index = _layout_index(
-        out, members, sheets, confidence, labels, title=title, info=info, width=width, mode=mode
+        out, members, tops, confidence, labels, title=title, info=info, width=width, mode=mode
     )
     return Layout(index, len(folders), mode)
+
+
+def _start_layout(out: Path, members: dict[int, list], folders: list[str], *, info: dict) -> None:
+    """Remove an earlier layout from ``out``, then record the one about to be written (first: an
+    interrupted layout is still sela's to replace)."""
+    files = [name for c in sorted(members) for _, name in members[c]] + [f"{f}/{SHEET_NAME}" for f in folders]
+    _clear_layout(out)
+    sizes = {f: len(members[int(f)]) for f in folders}
+    record = {"_written_by": _LAYOUT_MARK, "_version": sela.__version__, **info, "sizes": sizes,
+              "folders": folders, "files": files}  # fmt: skip
+    write_json(out / LAYOUT_RECORD, record)
 
 
 def _save_image(image: Tensor, path: Path) -> None:
@@ -522,18 +532,19 @@ def _save_image(image: Tensor, path: Path) -> None:
 
 
 def _layout_index(
-    out: Path, members: dict[int, list], sheets: dict[int, np.ndarray], confidence: Tensor, labels: Tensor,
+    out: Path, members: dict[int, list], tops: dict[int, np.ndarray], confidence: Tensor, labels: Tensor,
     *, title: str, info: dict | None, width: int, mode: str,
 ) -> Path:  # fmt: skip
     """``top_clusters.png`` (8 most confident members of each of the 12 largest clusters) and
     ``index.html`` (facts, that figure, one row per cluster with its contact sheet)."""
-    largest = sorted((c for c in sheets if len(sheets[c])), key=lambda c: (-len(members[c]), c))[:12]
-    cells = [torch.from_numpy(sheets[c][:8]) for c in largest]  # each (<= 8, s, s, 3)
-    picked = torch.cat(cells).permute(0, 3, 1, 2)  # (n, 3, s, s)
+    largest = sorted(tops, key=lambda c: (-len(members[c]), c))[:12]
+    cells = [torch.from_numpy(tops[c]) for c in largest]  # each (<= 8, s, s, 3)
+    picked = torch.cat(cells).permute(0, 3, 1, 2) if cells else None  # (n, 3, s, s)
     owner = torch.repeat_interleave(torch.tensor(largest), torch.tensor([len(t) for t in cells]))  # (n,)
     names = [f"{c:0{width}d} ({len(members[c])})" for c in largest]
-    atomic_write(out / "top_clusters.png",
-                 lambda tmp: cluster_grid(picked, owner, largest, tmp, per_cluster=8, titles=names))  # fmt: skip
+    if largest:  # (with index.html the reader's mark of sela's output)
+        atomic_write(out / "top_clusters.png",
+                     lambda tmp: cluster_grid(picked, owner, largest, tmp, per_cluster=8, titles=names))  # fmt: skip
     k = len(members)
     facts = {**(info or {}), "clusters": k, "images": len(labels), "members": mode}
     rows = []
@@ -541,8 +552,9 @@ def _layout_index(
         folder = f"{c:0{width}d}"
         mean = float(confidence[labels == c].mean()) if members[c] else float("nan")
         sheet = f'<a href="{folder}/"><img src="{folder}/{SHEET_NAME}" width="260" alt="cluster {c}"></a>'
-        rows.append(f'<tr><td><a href="{folder}/">{folder}</a></td><td>{len(members[c])}</td><td>{mean:.3f}</td>'
-                    f"<td>{sheet if c in sheets and len(sheets[c]) else ''}</td></tr>")  # fmt: skip
+        name = f'<a href="{folder}/">{folder}</a>' if members[c] else f"{folder} (empty)"
+        rows.append(f"<tr><td>{name}</td><td>{len(members[c])}</td><td>{mean:.3f}</td>"
+                    f"<td>{sheet if c in tops else ''}</td></tr>")  # fmt: skip
     facts_html = "".join(
         f"<tr><th>{html.escape(str(a))}</th><td>{html.escape(str(b))}</td></tr>" for a, b in facts.items()
     )
