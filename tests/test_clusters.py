@@ -138,3 +138,12 @@ def test_balance_line_and_its_warning():
         assert len(caught) == warned
     assert not balance(np.array([0] * 30 + [1] * 16 + [2] * 14), 3).far()  # 1.8x: not far
     assert balance(np.array([0] * 59 + [1] * 30 + [2] * 1), 3).far()  # smallest under a quarter
+
+
+def test_empty_clusters_move_to_the_farthest_samples():
+    x = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0.9, 0.1], [0, 1.0], [-1.0, 0.1]]), dim=1)
+    labels = torch.tensor([0, 0, 0, 0])  # clusters 1 and 2 empty
+    centroids = clusters._centroids(x, labels, torch.zeros(3, 2))
+    own = x @ centroids[0]
+    far = own.argsort()[:2]  # the two samples least like cluster 0's mean
+    assert torch.allclose(centroids[1:], x[far], atol=1e-6)  # one each, in order of distance

@@ -27,8 +27,8 @@ from torch import Tensor
 from sela.labeller import feature_matrix
 from sela.sinkhorn import DEFAULT_LAM, Assignment, assign
 
-# measured on make_blobs and the digits pixels against sklearn's KMeans (benchmarks/ot_kmeans.py,
-# docs/experiments.md): see OTKMeans
+# measured against sklearn's KMeans on make_blobs, the digits' pixels and run features
+# (benchmarks/ot_kmeans.py, docs/experiments.md): see OTKMeans
 DEFAULT_TEMPERATURE = 0.1
 DEFAULT_N_INIT = 4
 DEFAULT_MAX_ITER = 100
@@ -100,14 +100,13 @@ def kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
 
 
 def _centroids(x: Tensor, labels: Tensor, old: Tensor) -> Tensor:
-    """(K, D) unit means of each cluster's members; an empty cluster (possible only with a relaxed
-    marginal) moves to the sample farthest from its own centroid."""
-    k = old.shape[0]
+    """(K, D) unit means of each cluster's members; empty clusters (possible only with a relaxed
+    marginal) move to the samples farthest from their own centroids, one each."""
     sums = torch.zeros_like(old).index_add_(0, labels, x)  # (K, D)
-    counts = torch.bincount(labels, minlength=k)  # (K,)
-    for c in (counts == 0).nonzero().flatten().tolist():
-        far = int((x * sums[labels].div(counts[labels, None].clamp_min(1))).sum(1).argmin())
-        sums[c] = x[far]
+    empty = (torch.bincount(labels, minlength=old.shape[0]) == 0).nonzero().flatten()
+    if len(empty):
+        own = (x * _unit(sums)[labels]).sum(dim=1)  # (N,) cos to their own centroid
+        sums[empty] = x[own.argsort()[: len(empty)]]
     return _unit(sums)
 
 
@@ -145,7 +144,8 @@ def lloyd(
 class OTKMeans(ClusterMixin, BaseEstimator):
     """k-means of L2-normalised features whose assignment step is optimal transport (sela's solver).
 
-    ``fit`` normalises each row to unit length, then for each of ``n_init`` restarts: seeded k-means++
+    ``fit`` centres the features (``center``: subtracts their mean) and normalises each row to unit length,
+    then for each of ``n_init`` restarts: seeded k-means++
     centroids, then the iteration: scores = cos(features, centroids) / ``temperature`` (N, K); labels
     from :func:`sela.sinkhorn.assign` (``lam``; the column marginal exact and uniform, or ``prior``, or
     KL-penalised with weight ``relax`` so that sizes can follow the data); each centroid the unit mean of
@@ -153,8 +153,12 @@ class OTKMeans(ClusterMixin, BaseEstimator):
     1 - cos between each sample and its centroid) is kept. A scikit-learn estimator, like ``KMeans``.
 
     The plan depends on ``lam / temperature`` only (the solver raises softmax(cos / T) to the power lam):
-    250 by default, a nearly hard assignment, so the labels are those of balanced k-means. Measured
-    against ``sklearn.cluster.KMeans(n_init=10)`` on the same normalised features (docs/experiments.md).
+    250 by default, a nearly hard assignment, so the labels are those of balanced k-means (above T = 0.5
+    the plan gets soft and its argmax unbalanced). Against ``sklearn.cluster.KMeans(n_init=10)`` on the
+    same rows (docs/experiments.md): NMI 0.9736 against 0.9728 on equal blobs, 0.9951 / 0.9846 with 50
+    blobs, 0.8659 / 0.8519 on a trained digits run's features, 0.7346 / 0.7373 on the digits' pixels.
+    Centring matters for features with a large common part (a barely trained network: all cosines ~1,
+    so the plan would be flat and its argmax labels unbalanced).
 
     Args:
         n_clusters: K.
@@ -164,6 +168,7 @@ class OTKMeans(ClusterMixin, BaseEstimator):
         relax: rho > 0 for the semi-relaxed marginal (None: exact).
         n_init: restarts, each from its own k-means++ draw.
         max_iter: the most assignment steps per restart.
+        center: subtract the features' mean before normalising (``assign`` subtracts the same mean).
         seed: seed of the k-means++ draws; a fit is deterministic given it.
         device: where to compute.
 
@@ -172,6 +177,7 @@ class OTKMeans(ClusterMixin, BaseEstimator):
         confidence_: (N,) float32 numpy, the largest entry of the sample's row of the plan (0..1).
         cluster_centers_: (K, D) float32 numpy unit centroids.
         inertia_: the kept restart's cost, sum over samples of 1 - cos (0..2N).
+        mean_: (D,) the mean subtracted (zeros without ``center``), a tensor on ``device``.
         n_iter_: assignment steps of the kept restart; converged_: whether its labels stopped changing.
     """
 
