@@ -90,8 +90,9 @@ def kmeans_plus_plus(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
     for _ in range(1, k):
         if float(closest.sum()) <= 0:  # every sample sits on a centroid: any other row will do
             cand = torch.randint(n, (trials,), generator=gen)
-        else:
-            cand = torch.multinomial(closest, trials, replacement=True, generator=gen)  # (L,)
+        else:  # drawn on the CPU (the generator's device), so a GPU fit draws the same rows
+            cand = torch.multinomial(closest.cpu(), trials, replacement=True, generator=gen)  # (L,)
+        cand = cand.to(x.device)
         d = torch.minimum(closest[:, None], (2 - 2 * x @ x[cand].T).clamp_min(0))  # (N, L)
         best = int(d.sum(dim=0).argmin())
         closest = d[:, best]
