@@ -679,3 +679,17 @@ def test_relaxed_marginal_warm_start_and_bad_values():
     for bad in (0.0, -1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="relax"):
             assign(logits.clone(), relax=bad)
+
+
+def test_soft_codes_relaxed_columns_follow_the_batch():
+    """Relaxed per-batch codes: columns that most rows prefer keep more mass; a huge rho is the equal split."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(256, 8, generator=gen) * 0.1
+    scores[:200, 0] += 0.5  # most of the batch prefers cluster 0
+    equal = soft_codes(scores)
+    relaxed = soft_codes(scores, relax=0.01)
+    assert float(relaxed.sum(0)[0]) > 2 * float(equal.sum(0)[0])
+    torch.testing.assert_close(soft_codes(scores, relax=1e9), equal, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(relaxed.sum(1), torch.ones(256))
+    with pytest.raises(ValueError, match="relax"):
+        soft_codes(scores, relax=-1.0)

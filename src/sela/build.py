@@ -192,6 +192,8 @@ def build_objective(cfg: TrainConfig, train_set: ImageSet, device: torch.device)
     small_side = cfg.augment.small_crop_size or max(view // 2, 1)
     small = batch_augment(cfg, small_side, cfg.augment.small_crop_scale, train_set).to(device)
     options = to_dict(getattr(cfg, cfg.objective)) if hasattr(cfg, cfg.objective) else {}
+    if OBJECTIVES[cfg.objective].online_labels and cfg.labels.marginal == "relaxed":
+        options["relax"] = cfg.labels.relax  # the per-batch codes relaxed like the label steps
     return make_objective(
         cfg.objective, augment, small_crops=cfg.augment.small_crops, small_augment=small, **options
     )
@@ -256,6 +258,7 @@ def build_trainer(
         device=device, time_limit_s=None if o.time_limit is None else o.time_limit * 60,
         metadata=to_dict(cfg), log=log, epochs=max(o.epochs, 1), batch_size=o.batch_size, lr=o.lr, momentum=o.momentum,
         weight_decay=o.weight_decay, lr_schedule=o.lr_schedule, warmup_epochs=o.warmup_epochs, lam=lab.lam,
+        marginal=lab.marginal, relax=lab.relax,
         label_updates=lab.updates, label_spacing=lab.spacing, label_share=lab.share, label_heads=lab.heads,
         label_inputs=lab.inputs, seed=r.seed, workers=r.workers, progress=r.progress, sync_bn=r.sync_bn,
         precision=r.precision,

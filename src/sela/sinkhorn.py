@@ -834,7 +834,12 @@ def _repair(pass_fn, beta: Tensor, labels: Tensor, c: Tensor, n_total: int, use_
 
 @torch.no_grad()
 def soft_codes(
-    scores: Tensor, *, epsilon: float = 0.05, n_iter: int = 3, distributed: bool | None = None
+    scores: Tensor,
+    *,
+    epsilon: float = 0.05,
+    n_iter: int = 3,
+    distributed: bool | None = None,
+    relax: float | None = None,
 ) -> Tensor:
     """Soft balanced assignments of a batch: a few Sinkhorn-Knopp iterations on exp(scores / epsilon).
 
@@ -848,6 +853,9 @@ def soft_codes(
         n_iter: column/row scaling rounds.
         distributed: balance over the global batch of all ranks (default: whenever torch.distributed
             runs more than one process); the column sums are all-reduced.
+        relax: None: equal columns. rho > 0: the semi-relaxed marginal of :func:`assign` (the equal share
+            KL-penalised with weight rho on the scores' scale): each column scaling is the equal one raised
+            to rho / (rho + epsilon), so clusters that many images prefer keep more of them.
 
     Returns:
         (B, K) float32 codes, each row a probability vector.
@@ -856,6 +864,9 @@ def soft_codes(
         raise ValueError(f"scores must be (B, K) with K >= 2, got shape {tuple(scores.shape)}")
     if epsilon <= 0 or n_iter < 1:
         raise ValueError(f"epsilon must be > 0 and n_iter >= 1, got {epsilon}, {n_iter}")
+    if relax is not None and not (relax > 0 and math.isfinite(relax)):
+        raise ValueError(f"relax must be a positive finite KL weight (or None), got {relax}")
+    power = 1.0 if relax is None else relax / (relax + epsilon)
     use_dist = _use_distributed(distributed)
     z = scores.float() / epsilon
     z = (
@@ -863,6 +874,7 @@ def soft_codes(
     )  # a per-row shift (absorbed by the row scaling): every row keeps a 1
     q = z.exp_()  # (B, K)
     for _ in range(n_iter):
-        q /= _all_reduce(q.sum(0), use_dist).clamp_min_(1e-30)  # columns: 1 each (then x B / K)
+        col = _all_reduce(q.sum(0), use_dist).clamp_min_(1e-30)  # (K,)
+        q /= col if power == 1.0 else col.pow_(power)  # columns: 1 each (then x B / K), or relaxed
         q /= q.sum(1, keepdim=True).clamp_min_(1e-30)  # rows: 1 each
     return q
