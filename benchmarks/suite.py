@@ -281,7 +281,12 @@ def markdown(rows: list[dict], meta: dict, corr: dict) -> str:
     signals = numeric_signals(rows)
     head = ["set", "kind", "N train", "side", "colour", "raw", "random", "sela kNN", "margin", "+3",
             "NMI", "self-label NMI", "epochs", "balance", *signals]  # fmt: skip
-    lines = [f"# sela suite: {meta['minutes']:g} min per set", "", f"- command per set: `{meta['command']}`",
+    verdicts = any("verdict" in r for r in rows)
+    head += ["verdict"] if verdicts else []
+    title = "the floors" if meta.get("floors_only") else f"{meta['minutes']:g} min per set"
+    lines = [f"# sela suite: {title}", "",
+             f"- {meta.get('date', '')}, sela at {meta.get('commit') or 'an unknown commit'}",
+             f"- command per set: `{meta['command']}`",
              f"- extra args: `{meta['extra_args'] or '(none)'}`; {meta['parallel']} runs at a time, "
              f"{meta['threads']} thread(s) each; load average {meta['load_start']} at the start, "
              f"{meta['load_end']} at the end", "- floors and kNN: weighted kNN, k = 200, T = 0.1, train -> test, "
@@ -294,12 +299,21 @@ def markdown(rows: list[dict], meta: dict, corr: dict) -> str:
                  _fmt(r.get("passes")), _fmt(r.get("nmi"), ".3f"), _fmt(r.get("self_label_nmi"), ".3f"),
                  _fmt(r.get("epochs"), "d"), _fmt(r.get("balance"), ".3f"),
                  *(_fmt((r.get("signals") or {}).get(s), ".3f") for s in signals)]  # fmt: skip
+        cells += [_verdict(r.get("verdict"))] if verdicts else []
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     failed = [r for r in rows if r.get("error")]
     lines += ["", *(f"- {r['set']}: {r['error']}" for r in failed)] if failed else []
     lines += _correlation_lines(corr)
     recipes = [f"- {r['set']}: {r['recipe_line']}" for r in rows if r.get("recipe_line")]
     return "\n".join([*lines, *(["", "## Recipe lines", "", *recipes] if recipes else [])]) + "\n"
+
+
+def _verdict(v) -> str:
+    """A run's verdict for a table cell: a string as it is, anything else as compact JSON (60 characters)."""
+    if v is None:
+        return "-"
+    text = v if isinstance(v, str) else json.dumps(v, separators=(",", ":"))
+    return text.replace("|", "/")[:60]
 
 
 def _correlation_lines(corr: dict) -> list[str]:
@@ -328,10 +342,17 @@ def plot(rows: list[dict], path: Path, minutes: float) -> None:
             (f"sela, {minutes:g} min", [r.get("knn_top1") for r in rows], "#1f77b4")]  # fmt: skip
     fig, ax = plt.subplots(figsize=(max(6.0, 1.0 * len(rows) + 2), 4.5))
     for i, (label, values, colour) in enumerate(bars):
+        if all(v is None for v in values):
+            continue  # no runs (--floors-only)
         heights = [np.nan if v is None else v for v in values]
-        ax.bar(x + (i - 1) * 0.27, heights, 0.27, label=label, color=colour)
+        drawn = ax.bar(x + (i - 1) * 0.27, heights, 0.27, label=label, color=colour)
+        if i == 2:
+            ax.bar_label(drawn, labels=[_fmt(v, ".1f") if v is not None else "" for v in values], fontsize=7)
+    target = [np.nan if r.get("better_floor") is None else r["better_floor"] + MARGIN for r in rows]
+    ax.scatter(x, target, marker="_", s=400, color="black", label=f"better floor + {MARGIN:g}", zorder=3)
     ax.set_xticks(x, [r["set"] for r in rows], rotation=35, ha="right")
     ax.set_ylabel("kNN top-1, test split (%)")
+    ax.set_title(f"sela's default command, {minutes:g} min per set, against its floors", fontsize="medium")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="upper right", fontsize="small")
@@ -341,6 +362,19 @@ def plot(rows: list[dict], path: Path, minutes: float) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- main
+
+
+def sela_commit() -> str | None:
+    """The commit of the sela tree the runs use (``+dirty`` with uncommitted changes), None outside git."""
+    import sela
+
+    src = Path(sela.__file__).resolve().parent
+    git = ["git", "-C", str(src)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    if head.returncode:
+        return None
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "."], capture_output=True, text=True, check=False)
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -395,7 +429,7 @@ def main(argv: list[str] | None = None) -> None:
         runs = run_all([s.name for s in specs], dirs, args.out / "runs", parallel=args.parallel, **opts)
     rows = [table_row({"set": s.name, **records[s.name], **runs.get(s.name, {})}) for s in specs]
     template = " ".join(["python", *sela_command(Path("SETS/<set>"), args.minutes, Path("RUNS/<set>"), extra)[1:]])
-    meta = {"minutes": args.minutes, "extra_args": args.extra_args, "parallel": args.parallel,
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "commit": sela_commit(), "minutes": args.minutes, "extra_args": args.extra_args, "parallel": args.parallel,
             "threads": args.threads, "command": template, "argv": sys.argv, "sets_dir": str(args.sets_dir),
             "machine": f"{platform.node()}, {os.cpu_count()} CPUs", "load_start": load_start,
             "load_end": [round(v, 2) for v in os.getloadavg()], "floors_only": args.floors_only}  # fmt: skip

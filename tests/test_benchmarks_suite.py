@@ -97,7 +97,8 @@ def test_report_rows_margin_check_and_correlations(tmp_path):
     rows = [
         suite.table_row({"set": f"s{i}", "kind": "objects", "n_train": 10, "side": 8, "colour": "grey",
                          "floors": {"raw": 40.0, "random": 42.0 + i}, "knn_top1": 44.0 + 2 * i,
-                         "signals": {"rankme": float(i), "label_agreement": 5.0 - i, "note": "x"}})
+                         "signals": {"rankme": float(i), "label_agreement": 5.0 - i, "note": "x"},
+                         "verdict": {"status": "learning"} if i else "fine|ok"})
         for i in range(4)
     ]  # fmt: skip
     assert [r["margin"] for r in rows] == [2.0, 3.0, 4.0, 5.0]
@@ -111,6 +112,7 @@ def test_report_rows_margin_check_and_correlations(tmp_path):
     text = suite.markdown(rows, meta, corr)
     assert "| s0 | objects | 10 | 8 | grey | 40.00 | 42.00 | 44.00 | +2.00 | FAIL |" in text
     assert "| rankme | +1.000 |" in text
+    assert text.count(' | {"status":"learning"} |') == 3 and " | fine/ok |" in text  # a cell holds no "|"
 
 
 def test_collect_reads_summary_and_recipe_line(tmp_path):
@@ -128,3 +130,17 @@ def test_collect_reads_summary_and_recipe_line(tmp_path):
     assert "signals" not in row
     missing = suite.collect(tmp_path / "none", log)
     assert "epoch 1/7" in missing["error"]
+
+
+def test_ensure_source_extracts_a_missing_folder(source, tmp_path):
+    import tarfile
+
+    archives = tmp_path / "shared"
+    archives.mkdir()
+    with tarfile.open(archives / suite_sets.ARCHIVES["mnist"], "w:gz") as tar:
+        tar.add(source / "fake", arcname="mnist")  # the MNIST archive holds mnist/{train,test}
+    data = tmp_path / "data"
+    folder = suite_sets.ensure_source("mnist", data, archives)
+    assert folder == data / "mnist" and _names(folder / "test") == _names(source / "fake" / "test")
+    with pytest.raises(ValueError, match="is missing and so is"):
+        suite_sets.ensure_source("cifar10", data, archives)
