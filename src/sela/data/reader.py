@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_PIXELS = 2**26  # 67 Mpx (8192 x 8192) per decoded image; 201 MB as RGB
@@ -346,20 +347,36 @@ def _decode_chunk(
     return out
 
 
+def decode_workers() -> int:
+    """The threads :func:`decode_images` uses by default: twice the CPUs, at most 16 (PIL lets go of the
+    GIL while it decodes, so threads overlap file reads and decoding)."""
+    return min(16, 2 * (os.cpu_count() or 1))
+
+
 def decode_images(
-    paths: list[str], size: tuple[int, int] | None, max_size: int | None, workers: int | None = None
+    paths: list[str],
+    size: tuple[int, int] | None,
+    max_size: int | None,
+    workers: int | None = None,
+    *,
+    progress: bool | None = None,
 ) -> tuple[np.ndarray, list[int], list[str]]:
     """Decode ``paths`` in a thread pool into (N_ok, H, W, 3) uint8 at one common size.
 
     Returns the images, the positions in ``paths`` that decoded, and "PATH (reason)" for each failure.
-    Images whose size differs from the most common one are fitted to it.
+    Images whose size differs from the most common one are fitted to it. ``workers``: threads (default
+    :func:`decode_workers`). ``progress``: a tqdm bar on stderr ("decode", images done and images/s);
+    None shows it only when stderr is a terminal, False never.
     """
-    workers = workers or min(16, 2 * (os.cpu_count() or 1))
+    workers = workers or decode_workers()
     chunk = max(1, min(512, len(paths) // (4 * workers) + 1))
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    with quiet_bomb_warnings(), ThreadPoolExecutor(workers) as pool:
-        parts = pool.map(_decode_chunk, chunks, [size] * len(chunks), [max_size] * len(chunks))
-        results = [a for part in parts for a in part]
+    bar = tqdm(total=len(paths), desc="decode", unit="img", disable=None if progress is None else not progress)
+    results: list[np.ndarray | str] = []
+    with quiet_bomb_warnings(), ThreadPoolExecutor(workers) as pool, bar:
+        for part in pool.map(_decode_chunk, chunks, [size] * len(chunks), [max_size] * len(chunks)):
+            results += part
+            bar.update(len(part))
     ok = [i for i, a in enumerate(results) if isinstance(a, np.ndarray)]
     failed = [a for a in results if isinstance(a, str)]
     if not ok:
