@@ -78,6 +78,21 @@ def test_load_folder_bar_on_the_first_decode_only(tmp_path, capsys):
     assert torch.equal(first.images, second.images)
 
 
+def test_channels_first_decode_is_the_same_pixels(tmp_path):
+    root = _folder(tmp_path / "ds")
+    (root / "train" / "b" / "odd.png").parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (9, 31), (5, 6, 7)).save(root / "train" / "b" / "odd.png")  # fitted to the common size
+    (root / "train" / "b" / "bad.jpg").write_bytes(b"not a JPEG")
+    paths = walk_images(str(root / "train")).paths
+    hwc, ok, failed = decode_images(paths, None, 64)
+    chw, ok_first, failed_first = decode_images(paths, None, 64, channels_first=True)
+    assert hwc.shape == (8, 16, 20, 3) and chw.shape == (8, 3, 16, 20) and chw.flags.c_contiguous
+    assert np.array_equal(chw, hwc.transpose(0, 3, 1, 2)) and ok == ok_first and failed == failed_first
+    assert len(failed) == 1 and "bad.jpg" in failed[0]
+    none = decode_images([str(root / "train" / "b" / "bad.jpg")], None, 64, channels_first=True)[0]
+    assert none.shape == (0, 3, 1, 1)
+
+
 # ------------------------------------------------------------------------------------------ the budget
 
 

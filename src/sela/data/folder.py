@@ -289,11 +289,11 @@ def _decode_payload(
     """
     paths, targets = scan.listing.paths, scan.targets
     size = (image_size, image_size) if image_size else None
-    images, ok, failed = decode_images(paths, size, max_size, progress=progress)
+    images, ok, failed = decode_images(paths, size, max_size, progress=progress, channels_first=True)
     if not ok:
         shown = "; ".join(printable(f) for f in failed[:5])
         raise ValueError(f"could not read any of the {len(paths)} images under {printable(folder)}: {shown}")
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    images = torch.from_numpy(images)  # (N, 3, H, W)
     mean, std = channel_stats(images)
     return {
         "images": images,

@@ -360,8 +360,10 @@ def decode_images(
     workers: int | None = None,
     *,
     progress: bool | None = None,
+    channels_first: bool = False,
 ) -> tuple[np.ndarray, list[int], list[str]]:
-    """Decode ``paths`` in a thread pool into (N_ok, H, W, 3) uint8 at one common size.
+    """Decode ``paths`` in a thread pool into (N_ok, H, W, 3) uint8 at one common size, or (N_ok, 3, H, W)
+    with ``channels_first`` (what a tensor wants, without a second copy of the whole set to permute).
 
     Returns the images, the positions in ``paths`` that decoded, and "PATH (reason)" for each failure.
     Images whose size differs from the most common one are fitted to it. ``workers``: threads (default
@@ -380,14 +382,14 @@ def decode_images(
     ok = [i for i, a in enumerate(results) if isinstance(a, np.ndarray)]
     failed = [a for a in results if isinstance(a, str)]
     if not ok:
-        return np.zeros((0, 1, 1, 3), np.uint8), ok, failed
+        return np.zeros((0, 3, 1, 1) if channels_first else (0, 1, 1, 3), np.uint8), ok, failed
     height, width = Counter(results[i].shape[:2] for i in ok).most_common(1)[0][0]
-    images = np.empty((len(ok), height, width, 3), np.uint8)
+    images = np.empty((len(ok), 3, height, width) if channels_first else (len(ok), height, width, 3), np.uint8)
     for row, i in enumerate(ok):
-        a = results[i]
+        a, results[i] = results[i], None  # each decoded image is let go once it is copied
         if a.shape[:2] != (height, width):
             a = np.asarray(fit_image(Image.fromarray(a), height, width))
-        images[row] = a
+        images[row] = a.transpose(2, 0, 1) if channels_first else a  # (3, H, W) or (H, W, 3)
     return images, ok, failed
 
 
