@@ -22,6 +22,9 @@ written or listed); a cold disk would be slower for every reader alike.
     python benchmarks/large_folder.py --n 100000 --tmp /tmp/large   # about 5 minutes on 2 busy cores
     python benchmarks/large_folder.py --n 2000 --tmp /tmp/large     # a smoke test
 
+``--alternate R`` instead times the plain loop and ``decode_images`` (one thread) taking turns R times on the
+first 10,000 files of the folder: the fairest comparison on a loaded machine.
+
 ``--photos M`` instead builds ``TMP/photos-M``: M full-size photos (3000 x 4000 px JPEGs, about 3 MB each:
 Imagewoof64 upscaled, with grain; a quarter of them stored sideways with an EXIF orientation tag) in
 ``train/`` and M / 4 in ``test/``, and reads the train split each way: a plain PIL loop (no reduced JPEG decoding), sela's stream
@@ -262,6 +265,24 @@ def measure_photos(root: Path) -> list[tuple]:
     return [(name, w, *in_child(job)) for name, w, job in cases]
 
 
+def alternate(paths: list[str], rounds: int) -> None:
+    """The plain loop and ``decode_images``, one thread each, taking turns ``rounds`` times on the same
+    files (so both see the same machine load); prints each one's best files/s and the ratio."""
+    jobs = {
+        "plain PIL loop": lambda: plain_decode(paths, 1),
+        "sela decode_images": lambda: decode_images(paths, None, 64, 1, progress=False),
+    }
+    best = dict.fromkeys(jobs, float("inf"))
+    for _ in range(rounds):
+        for name, job in jobs.items():
+            t0 = time.perf_counter()
+            job()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    for name, seconds in best.items():
+        print(f"{name:<20} 1 thread, best of {rounds} alternated: {len(paths) / seconds:,.0f} files/s")
+    print(f"ratio sela / plain: {best['plain PIL loop'] / best['sela decode_images']:.2f}")
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -299,6 +320,7 @@ def main() -> None:
     parser.add_argument("--tmp", type=Path, required=True, help="where the folder is built (and reused)")
     parser.add_argument("--source", type=Path, help="images to copy (CIFAR-10 / Imagewoof64 JPEG copies)")
     parser.add_argument("--repeat", type=int, default=3, help="listing runs, the best counts (3)")
+    parser.add_argument("--alternate", type=int, help="only: plain and sela decode on 10,000 files, R turns each")
     parser.add_argument("--photos", type=int, help="full-size photos instead: build M (once), read them each way")
     args = parser.parse_args()
     if args.photos:
@@ -307,6 +329,9 @@ def main() -> None:
         return
     root = args.tmp / f"folder-{args.n}"
     train = build_small(root, args.n, args.source or Path("/tmp/data/cifar10"))
+    if args.alternate:
+        alternate(walk_images(str(train)).paths[:10_000], args.alternate)
+        return
     workers = decode_workers()  # decode_images' default
     listing = measure_listing(root, train, args.repeat)
     paths = walk_images(str(train)).paths
