@@ -353,10 +353,11 @@ def load_splits(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
     """The training split and the test (or val) split of the data section."""
     d = cfg.data
     size = d.image_size or dataset_info(d.dataset).default_image_size
-    train_set = load_split(d.dataset, d.data_dir, "train", size, strict=d.strict)
+    progress = None if cfg.runtime.progress else False  # --no-progress: no decode bar either
+    train_set = load_split(d.dataset, d.data_dir, "train", size, strict=d.strict, progress=progress)
     if len(train_set) == 0:
         raise ValueError(f"the {d.dataset} training split is empty; check --data-dir")
-    return train_set, load_test_split(d.dataset, d.data_dir, size, strict=d.strict)
+    return train_set, load_test_split(d.dataset, d.data_dir, size, strict=d.strict, progress=progress)
 
 
 def banner(cfg: TrainConfig, trainer: Trainer, train_set: ImageSet, device: torch.device) -> str:

@@ -78,6 +78,25 @@ def test_load_folder_bar_on_the_first_decode_only(tmp_path, capsys):
     assert torch.equal(first.images, second.images)
 
 
+def test_no_progress_switches_the_decode_bar_off_in_sela_train(tmp_path, monkeypatch):
+    """``--no-progress`` (runtime.progress False) reaches the folder's decoder; the default leaves it to
+    the terminal (None)."""
+    from sela.build import load_splits
+    from sela.config import TrainConfig
+
+    root = _folder(tmp_path / "ds")
+    monkeypatch.setenv("SELA_NO_CACHE", "1")
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    cfg = TrainConfig()
+    cfg.data.dataset, cfg.data.data_dir, cfg.runtime.progress = "folder", str(root), False
+    load_splits(cfg)
+    assert "decode" not in terminal.getvalue()
+    cfg.runtime.progress = True
+    load_splits(cfg)
+    assert "decode" in terminal.getvalue()
+
+
 def test_channels_first_decode_is_the_same_pixels(tmp_path):
     root = _folder(tmp_path / "ds")
     (root / "train" / "b" / "odd.png").parent.mkdir(parents=True, exist_ok=True)
