@@ -480,7 +480,8 @@ def _fit(
 
 
 def summary_lines(summary: dict, out: Path) -> list[str]:
-    """The run's summary as the lines ``sela train`` ends with (the first names the run directory)."""
+    """The run's summary as the lines ``sela train`` ends with (the first names the run directory; the
+    verdict of the label-free signals comes last, before the notes)."""
     keys = ["knn_top1", "knn_top5", "nmi", "ami", "many_to_one", "best_head", "train_time_s", "label_share"]
     keys.append("eval_time_s")
     width = max(len(k) for k in keys)
@@ -495,4 +496,5 @@ def summary_lines(summary: dict, out: Path) -> list[str]:
                 f"  head {h['head']} (K={h['k']}) self-labels: nmi {s['nmi']:.4f}  ami {s['ami']:.4f}  "
                 f"ari {s['ari']:.4f}  many-to-one {s['many_to_one']:.2f}"
             )
+    lines += [summary["verdict"]] if "verdict" in summary else []  # from the label-free signals
     return lines + [f"note: {note}" for note in summary.get("notes", [])]

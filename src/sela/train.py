@@ -219,6 +219,7 @@ class Trainer:
             note = self.plan.fit_budget(self.epoch, stats)
             if self.plan.final_pass(self.epoch - 1):  # this epoch became the last: the final labels
                 stats = _with_label_time(stats, self.update_labels(), self.state, self.model.n_clusters)
+                stats.update(self.label_pass.agreement_stats())
         if dist.is_main():
             if self.monitor.due(self.epoch, self.epochs):
                 stats = {**stats, **self.monitor(self.model)}
@@ -303,6 +304,7 @@ class Trainer:
             "label_time_s": round(label_time, 3),
             "label_share": round(label_time / total, 4) if total > 0 else 0.0,
             **self.label_pass.memory_stats(),
+            **self.label_pass.agreement_stats(),
             "images_per_s": round(seen * dist.world_size() / total, 1),
             "label_updates": self.state.n_updates,
             "heads": _cluster_sizes(self.state, self.model.n_clusters),
