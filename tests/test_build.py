@@ -22,9 +22,16 @@ def _record(run) -> tuple[dict, dict]:
     return config, {k: v for k, v in metrics.items() if k not in timing}
 
 
-def test_the_cli_and_python_give_the_same_run(tmp_path):
+@pytest.mark.filterwarnings("ignore:the run")  # one epoch: the verdict may well be "learned little"
+def test_the_cli_and_python_give_the_same_run(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path / "cli"), *TINY_FLAGS]) == 0
+    printed = capsys.readouterr().out.splitlines()
     summary = train({**TINY, "runtime.out": str(tmp_path / "py")}, log=None)
+    # the run ends with the verdict of its label-free signals (summary.json's "signals" and "verdict")
+    verdict = [line for line in printed if line.startswith("verdict: ")]
+    assert verdict == [summary["verdict"]] and printed.index(verdict[0]) == len(printed) - 1
+    assert "view neighbours" in verdict[0] and "effective rank" in verdict[0] and "heads agree" in verdict[0]
+    assert {"rankme", "head_nmi", "view_knn_overlap", "raw_view_knn_overlap"} <= set(summary["signals"])
     cli, py = _record(tmp_path / "cli"), _record(tmp_path / "py")
     cli[0]["runtime"].pop("out"), py[0]["runtime"].pop("out")
     assert cli == py

@@ -8,6 +8,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.metrics import adjusted_rand_score
 
 from sela.labeller import LabelState, SelfLabeller
+from sela.sinkhorn import assign
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,16 +139,60 @@ def test_tiny_input():
     assert labels[0] == labels[1] != labels[2] == labels[3]
 
 
-def test_unbalanced_labels_warn_only_after_the_first_label_step():
-    """Equal logits (an untrained network): the solve converges but every argmax is cluster 0. The first
-    label step is expected to see that and stays quiet; a later one warns."""
+def test_unbalanced_labels_warn_at_every_label_step_including_the_first():
+    """Equal logits (a collapsed network): the solve converges but every argmax is cluster 0, whatever
+    lambda; the first label step warns too (the swapped objective has only that one global step)."""
     state = LabelState(1, 200)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(UserWarning, match="label step 1, head 0 .*first labels.*3.9x its share"):
         assert state.relabel(0, torch.zeros(200, 4)).imbalance > 3.5  # nearly all in one of 4
     state.n_updates = 1
     with pytest.warns(UserWarning, match="label step 2, head 0: the largest cluster holds 3.9x"):
         state.relabel(0, torch.zeros(200, 4))
+    assert state.balance == [pytest.approx(3.94, abs=0.01)]  # 197 of 200 in one of 4 (3 repaired)
+
+
+def test_a_soft_plan_is_hardened_until_its_labels_are_balanced():
+    """Near-equal logits varying along few directions (an untrained network): at lambda 25 the plan is
+    balanced but too soft for its argmax to be; a larger lambda makes the hard labels follow the marginal,
+    without a warning."""
+    gen = torch.Generator().manual_seed(0)
+    logits = 0.01 * torch.randn(2000, 2, generator=gen) @ torch.randn(2, 20, generator=gen)  # rank 2
+    assert assign(logits.clone()).imbalance > 2.0  # the plain solve: unbalanced argmax
+    state = LabelState(1, 2000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state.relabel(0, logits.clone())
+    sizes = torch.bincount(state.labels[0], minlength=20)
+    assert state.balance[0] <= 2.0 and int(sizes.max()) <= 2 * 100
+    assert state.scalings[0] is not None and torch.isfinite(state.scalings[0]).all()
+
+
+def _skewed(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    centers = 3 * torch.randn(5, 8, generator=gen)
+    sizes = [800, 400, 200, 100, 50]
+    x = torch.cat([c + torch.randn(s, 8, generator=gen) for c, s in zip(centers, sizes, strict=True)])
+    truth = torch.cat([torch.full((s,), i) for i, s in enumerate(sizes)])
+    return torch.log_softmax(x @ centers.T / 4, dim=1), truth
+
+
+def test_relaxed_and_estimated_marginals_let_cluster_sizes_follow_the_data():
+    logits, truth = _skewed()
+    n = len(truth)
+    sizes = {}
+    for marginal in ("uniform", "relaxed", "estimated"):
+        state = LabelState(1, n, marginal=marginal, relax=0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            state.relabel(0, logits.clone())
+        sizes[marginal] = torch.bincount(state.labels[0], minlength=5)
+    assert int(sizes["uniform"].max() - sizes["uniform"].min()) <= 0.05 * n / 5  # 305 ... 312 of 310
+    assert int(sizes["relaxed"].max()) > 600 and int(sizes["relaxed"].min()) < 100  # near 800 ... 50
+    assert int(sizes["uniform"].max()) < int(sizes["estimated"].max()) < int(sizes["relaxed"].max())
+    with pytest.raises(ValueError, match="marginal"):
+        LabelState(1, n, marginal="balanced")
+    with pytest.raises(ValueError, match="relax"):
+        LabelState(1, n, marginal="relaxed", relax=0.0)
 
 
 def test_set_labels_writes_every_heads_labels_of_the_given_rows():

@@ -8,8 +8,9 @@ import torch
 from PIL import Image
 
 from sela.cli import main
+from sela.config import BY_KEY
 from sela.data import ImageSet
-from sela.recipes import RECIPES, DataFacts, choose, data_facts, settings
+from sela.recipes import MIXED_GRAYSCALE_P, RECIPES, DataFacts, choose, data_facts, settings
 from sela.runs import load_run
 
 
@@ -120,6 +121,20 @@ def test_greyscale_is_detected_from_equal_channels():
     cpu = torch.device("cpu")
     assert not data_facts(ImageSet(rgb), 8, cpu).grey and data_facts(ImageSet(grey), 8, cpu).grey
     assert data_facts(ImageSet(rgb[:, :1]), 8, cpu).grey
+
+
+def test_a_folder_mixing_colour_and_greyscale_gets_more_grey_views():
+    """30 % of the images grey: the share is measured on the sample, said in the recipe line, and the
+    colour recipes turn more views grey so that colourfulness stops separating the images."""
+    rgb = torch.randint(0, 256, (100, 3, 8, 8), dtype=torch.uint8)
+    rgb[:30] = rgb[:30, :1]  # 30 grey images (R = G = B)
+    facts = data_facts(ImageSet(rgb), 8, torch.device("cpu"))
+    assert not facts.grey and facts.grey_share == pytest.approx(0.3) and facts.mixed
+    assert "(30% greyscale)" in facts.describe()
+    mixed = settings("cpu-fast", facts)
+    assert mixed["augment.grayscale_p"] == MIXED_GRAYSCALE_P > BY_KEY["augment.grayscale_p"].default
+    plain = settings("cpu-fast", DataFacts(8, 3, False, 100, "cpu", grey_share=0.01))
+    assert "augment.grayscale_p" not in plain
 
 
 @pytest.mark.filterwarnings("ignore")

@@ -600,3 +600,96 @@ def test_soft_codes_reject_bad_settings(kw):
         soft_codes(torch.randn(4, 3), **kw)
     with pytest.raises(ValueError, match="K >= 2"):
         soft_codes(torch.randn(4, 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# the semi-relaxed marginal (relax=rho)
+
+
+def _skewed_logits(seed: int = 0, k: int = 8) -> Tensor:
+    """(N, K) log-probabilities of samples drawn from K Gaussian clusters of very unequal sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    centers = torch.randn(k, 16, generator=gen)
+    sizes = [int(500 * 0.6**i) + 20 for i in range(k)]
+    x = torch.cat([centers[i] + 0.8 * torch.randn(s, 16, generator=gen) for i, s in enumerate(sizes)])
+    return torch.log_softmax(x @ centers.T / 2, dim=1)
+
+
+def _relaxed_objective(plan: np.ndarray, cost: np.ndarray, lam: float, rho: float) -> float:
+    plan = plan / plan.sum()
+    col = plan.sum(0)
+    prior = np.full(plan.shape[1], 1 / plan.shape[1])
+    return float(
+        (plan * cost).sum()
+        + (plan * np.log(plan + 1e-300)).sum() / lam
+        + rho * (col * np.log(col / prior)).sum()
+    )
+
+
+@pytest.mark.parametrize("rho", [0.05, 0.3, 1.0, 10.0])
+def test_relaxed_marginal_matches_pot_semi_relaxed_solver(rho):
+    """POT's unbalanced Sinkhorn with an exact row marginal (reg_m = (inf, rho)) and the entropy as
+    regulariser solves the same problem: the same column marginal, plan, objective and labels."""
+    logits = _skewed_logits()
+    n, k = logits.shape
+    lam = 25.0
+    res = assign(logits.clone(), lam=lam, relax=rho, tol=1e-8)
+    assert res.converged
+    cost = (-logits).double().numpy()
+    with pytest.warns(UserWarning):  # POT: "the matrix c is overwritten by the one matrix" (entropy)
+        ref = ot.unbalanced.sinkhorn_unbalanced(
+            np.full(n, 1 / n), np.full(k, 1 / k), cost, 1 / lam, (math.inf, rho),
+            reg_type="entropy", method="sinkhorn", stopThr=1e-13, numItermax=200_000,
+        )  # fmt: skip
+    np.testing.assert_allclose(res.marginal.numpy(), ref.sum(0) / ref.sum(), atol=2e-6)
+    log_q = lam * logits.double() + res.scaling.log()
+    plan = (log_q - torch.logsumexp(log_q, dim=1, keepdim=True)).exp().numpy() / n  # rows 1 / N
+    np.testing.assert_allclose(plan, ref, atol=1e-6 / n, rtol=1e-4)
+    assert _relaxed_objective(plan, cost, lam, rho) == pytest.approx(
+        _relaxed_objective(ref, cost, lam, rho), abs=1e-9
+    )
+    assert (res.labels.numpy() == ref.argmax(1)).mean() > 0.999
+
+
+def test_relaxed_marginal_moves_between_argmax_and_equipartition():
+    """Small rho: cluster sizes follow the data (close to the argmax sizes); large rho: the equipartition."""
+    logits = _skewed_logits(1)
+    n, k = logits.shape
+    argmax_sizes = torch.bincount(logits.argmax(1), minlength=k).double()
+    sizes = {
+        rho: torch.bincount(assign(logits.clone(), relax=rho).labels, minlength=k).double()
+        for rho in (0.01, 1.0, 1000.0)
+    }
+    assert (sizes[0.01] - argmax_sizes).abs().sum() < 0.05 * n
+    assert float(sizes[1000.0].max()) < 1.1 * n / k
+    spread = [float(s.max() / s.min()) for s in sizes.values()]
+    assert spread[0] > spread[1] > spread[2]
+    balanced = assign(logits.clone())
+    assert balanced.marginal is not None and torch.allclose(
+        balanced.marginal, torch.full((k,), 1 / k, dtype=torch.float64)
+    )
+
+
+def test_relaxed_marginal_warm_start_and_bad_values():
+    logits = _skewed_logits(2)
+    cold = assign(logits.clone(), relax=0.5, tol=1e-4)
+    warm = assign(logits.clone(), relax=0.5, tol=1e-4, init=cold.scaling)
+    assert warm.n_iter < cold.n_iter / 2
+    assert torch.equal(warm.labels, cold.labels) or (warm.labels != cold.labels).float().mean() < 1e-3
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="relax"):
+            assign(logits.clone(), relax=bad)
+
+
+def test_soft_codes_relaxed_columns_follow_the_batch():
+    """Relaxed per-batch codes: columns that most rows prefer keep more mass; a huge rho is the equal split."""
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(256, 8, generator=gen) * 0.1
+    scores[:200, 0] += 0.5  # most of the batch prefers cluster 0
+    equal = soft_codes(scores)
+    relaxed = soft_codes(scores, relax=0.01)
+    assert float(relaxed.sum(0)[0]) > 2 * float(equal.sum(0)[0])
+    torch.testing.assert_close(soft_codes(scores, relax=1e9), equal, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(relaxed.sum(1), torch.ones(256))
+    with pytest.raises(ValueError, match="relax"):
+        soft_codes(scores, relax=-1.0)

@@ -79,6 +79,7 @@ def assert_resumes_exactly(imageset, tmp_path, **kw) -> None:
         assert torch.equal(full.state.weights, again.state.weights)
 
 
+@pytest.mark.filterwarnings("ignore:the run collapsed")  # 2 epochs of 240 tiny digits: one cluster holds 96 %
 def test_end_to_end_writes_the_run(tiny_set, tmp_path):
     from sela.train import finish_run
 
@@ -108,6 +109,20 @@ def test_end_to_end_writes_the_run(tiny_set, tmp_path):
     assert "accuracy" not in summary  # 6 and 8 clusters for 10 classes: no one-to-one matching
     csv = (tmp_path / "labels.csv").read_text().splitlines()
     assert csv[0] == "index,head0,head1" and len(csv) == 241
+    # the label-free signals (docs/training.md, "Did it learn? The verdict"): stable names, floats
+    assert set(summary["signals"]) == {
+        "rankme",
+        "rankme_fraction",
+        "head_nmi",
+        "label_agreement",
+        "view_knn_overlap",
+        "raw_view_knn_overlap",
+        "largest_cluster_share",
+    }
+    assert all(isinstance(v, float) for v in summary["signals"].values())
+    assert 1 <= summary["signals"]["rankme"] <= 16 and 0 < summary["signals"]["view_knn_overlap"] <= 1
+    assert summary["verdict"].startswith("verdict: ") and "raw pixels" in summary["verdict"]
+    assert json.loads((tmp_path / "summary.json").read_text())["signals"] == summary["signals"]
 
 
 RECORDED = {"label_inputs": "recorded", "label_updates": 3, "label_spacing": "linear"}
@@ -210,6 +225,7 @@ def test_recorded_label_steps_use_the_training_pass(tiny_set, tmp_path, monkeypa
     lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert [m["label_updates"] for m in lines] == [2, 3, 3]
     assert "label_buffers_mb" in lines[1] and "label_buffers_mb" not in lines[2]
+    assert ["label_agreement" in m for m in lines] == [True, True, False]  # the recorded steps' NMI
     assert lines[1]["label_time_s"] > 0 and lines[2]["label_time_s"] == 0
 
 
@@ -231,6 +247,45 @@ def test_recorded_outputs_are_the_loss_outputs(tiny_set, tmp_path, monkeypatch):
     # epoch 1: 6 training batches (their head-0 outputs, in order) then one solve per head
     steps_1 = torch.cat([o[0].detach() for o in seen[:6]])  # (240, 6)
     assert torch.equal(solved[2], steps_1)  # solves 0-1: the first step's pass; 2-3: end of epoch 1
+
+
+def test_label_steps_record_how_much_they_changed_the_labels(tiny_set, tmp_path):
+    """Each label step after the first notes, per head it re-assigns, the NMI between the head's labels
+    before and after it; the epoch's metrics line holds their mean."""
+    from sela.eval.signals import label_nmi
+
+    t = make_trainer(tiny_set, tmp_path, epochs=2)
+    t.update_labels()  # the first step: nothing to compare with
+    assert t.label_pass.agreement == [None, None] and t.label_pass.agreement_stats() == {}
+    t.state.n_updates = 0  # let fit's own first step assign again
+    t.fit()
+    lines = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    # label steps 0 (both heads, the first), 3 (head 1) in epoch 1 and 6 (head 0) in epoch 2
+    assert [round(m["label_agreement"], 4) for m in lines] == [
+        round(t.label_pass.agreement[h], 4) for h in (1, 0)
+    ]
+    before = t.state.labels.clone()
+    t.update_labels()  # step 4, round-robin: head 1
+    assert t.label_pass.agreement[1] == label_nmi(before[1], t.state.labels[1])
+    assert t.label_pass.agreement_stats() == {"label_agreement": round(t.label_pass.agreement[1], 4)}
+    assert t.label_pass.agreement_stats() == {}  # read once per epoch
+
+
+def test_a_collapsed_network_gets_a_collapse_warning(tiny_set, tmp_path):
+    from sela.train import finish_run
+
+    t = make_trainer(tiny_set, tmp_path, epochs=1)
+    t.fit()
+    last = [m for m in t.model.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+    with torch.no_grad():  # every image's features become the same vector
+        last.weight.zero_()
+        last.bias.fill_(1.0)
+    with pytest.warns(UserWarning, match="the run collapsed .*effective rank 1/16.*--lr"):
+        summary = finish_run(t, tiny_set, knn_k=20, knn_temperature=0.1)
+    assert summary["verdict"].startswith("verdict: collapsed")
+    assert summary["signals"]["rankme"] == pytest.approx(1.0, abs=0.01)
+    assert summary["signals"]["largest_cluster_share"] == 1.0
+    assert summary["signals"]["view_knn_overlap"] < 0.2  # chance, 10 / 239 = 0.04, not a perfect score
 
 
 def test_label_step_goes_through_the_projector(tiny_set, tmp_path):

@@ -192,6 +192,8 @@ def build_objective(cfg: TrainConfig, train_set: ImageSet, device: torch.device)
     small_side = cfg.augment.small_crop_size or max(view // 2, 1)
     small = batch_augment(cfg, small_side, cfg.augment.small_crop_scale, train_set).to(device)
     options = to_dict(getattr(cfg, cfg.objective)) if hasattr(cfg, cfg.objective) else {}
+    if OBJECTIVES[cfg.objective].online_labels and cfg.labels.marginal == "relaxed":
+        options["relax"] = cfg.labels.relax  # the per-batch codes relaxed like the label steps
     return make_objective(
         cfg.objective, augment, small_crops=cfg.augment.small_crops, small_augment=small, **options
     )
@@ -256,6 +258,7 @@ def build_trainer(
         device=device, time_limit_s=None if o.time_limit is None else o.time_limit * 60,
         metadata=to_dict(cfg), log=log, epochs=max(o.epochs, 1), batch_size=o.batch_size, lr=o.lr, momentum=o.momentum,
         weight_decay=o.weight_decay, lr_schedule=o.lr_schedule, warmup_epochs=o.warmup_epochs, lam=lab.lam,
+        marginal=lab.marginal, relax=lab.relax,
         label_updates=lab.updates, label_spacing=lab.spacing, label_share=lab.share, label_heads=lab.heads,
         label_inputs=lab.inputs, seed=r.seed, workers=r.workers, progress=r.progress, sync_bn=r.sync_bn,
         precision=r.precision,
@@ -350,10 +353,11 @@ def load_splits(cfg: TrainConfig) -> tuple[ImageSet, ImageSet | None]:
     """The training split and the test (or val) split of the data section."""
     d = cfg.data
     size = d.image_size or dataset_info(d.dataset).default_image_size
-    train_set = load_split(d.dataset, d.data_dir, "train", size, strict=d.strict)
+    progress = None if cfg.runtime.progress else False  # --no-progress: no decode bar either
+    train_set = load_split(d.dataset, d.data_dir, "train", size, strict=d.strict, progress=progress)
     if len(train_set) == 0:
         raise ValueError(f"the {d.dataset} training split is empty; check --data-dir")
-    return train_set, load_test_split(d.dataset, d.data_dir, size, strict=d.strict)
+    return train_set, load_test_split(d.dataset, d.data_dir, size, strict=d.strict, progress=progress)
 
 
 def banner(cfg: TrainConfig, trainer: Trainer, train_set: ImageSet, device: torch.device) -> str:
@@ -476,7 +480,8 @@ def _fit(
 
 
 def summary_lines(summary: dict, out: Path) -> list[str]:
-    """The run's summary as the lines ``sela train`` ends with (the first names the run directory)."""
+    """The run's summary as the lines ``sela train`` ends with (the first names the run directory; the
+    verdict of the label-free signals comes last, before the notes)."""
     keys = ["knn_top1", "knn_top5", "nmi", "ami", "many_to_one", "best_head", "train_time_s", "label_share"]
     keys.append("eval_time_s")
     width = max(len(k) for k in keys)
@@ -491,4 +496,5 @@ def summary_lines(summary: dict, out: Path) -> list[str]:
                 f"  head {h['head']} (K={h['k']}) self-labels: nmi {s['nmi']:.4f}  ami {s['ami']:.4f}  "
                 f"ari {s['ari']:.4f}  many-to-one {s['many_to_one']:.2f}"
             )
+    lines += [summary["verdict"]] if "verdict" in summary else []  # from the label-free signals
     return lines + [f"note: {note}" for note in summary.get("notes", [])]

@@ -164,6 +164,16 @@ class LabelConfig:
         choices=("eval", "train", "recorded"), legacy="label_inputs", feeds="sela.train:Trainer.label_inputs",
         when="see [Label inputs](#label-inputs)",
     )  # fmt: skip
+    marginal: str = option(
+        "uniform", "the clusters' share of the images: uniform (equal, the paper), relaxed (the equal share "
+        "KL-penalised with weight --relax, so sizes can follow the data) or estimated (a prior from the "
+        "heads' mean prediction)", flag="--marginal", resume=True, choices=("uniform", "relaxed", "estimated"),
+        feeds="sela.labeller:LabelState.marginal", when="long-tailed folders; see [Cluster sizes](#cluster-sizes)",
+    )  # fmt: skip
+    relax: float = option(
+        1.0, "rho, the KL weight of the relaxed marginal (larger: closer to equal clusters)", flag="--relax",
+        resume=True, check="positive", feeds="sela.labeller:DEFAULT_RELAX", when="with --marginal relaxed",
+    )  # fmt: skip
 
 
 @dataclass

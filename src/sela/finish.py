@@ -1,8 +1,10 @@
-"""The end of a training run: labels.csv, the plots, the evaluation and summary.json in its run directory."""
+"""The end of a training run: labels.csv, the plots, the evaluation, the label-free signals and verdict, and
+summary.json in its run directory."""
 
 from __future__ import annotations
 
 import time
+import warnings
 from typing import TYPE_CHECKING
 
 import torch
@@ -12,6 +14,17 @@ from sela import rundir
 from sela.data import ImageSet
 from sela.eval.evaluate import evaluate
 from sela.eval.knn import KNN_K, KNN_TEMPERATURE
+from sela.eval.signals import (
+    RANKME_ROWS,
+    RANKME_ROWS_PER_DIM,
+    VIEW_IMAGES,
+    VIEW_K,
+    embed,
+    head_agreement,
+    rankme,
+    verdict,
+    view_neighbour_agreement,
+)
 from sela.plots import cluster_grid, plot_cluster_sizes, plot_curves
 
 if TYPE_CHECKING:
@@ -33,7 +46,9 @@ def finish_run(
     ``nmi``, ``ami``, ``ari``, ``many_to_one`` (and ``accuracy`` only when the head has as many clusters as
     there are classes) of the best head's argmax predictions (``best_head``, chosen by NMI on the training
     split) on ``split``, the test split (the training split without a labelled one); and per head in
-    ``heads`` its train and test scores and its stored ``self_labels`` scores.
+    ``heads`` its train and test scores and its stored ``self_labels`` scores. Without any labels:
+    ``signals`` (:func:`label_free_signals`) and the one-line ``verdict`` drawn from them
+    (:func:`sela.eval.signals.verdict`), with a warning when the run probably learned nothing or collapsed.
     """
     if not dist.is_main():
         return {}  # the evaluation has no collectives: rank 0 alone does it while the others exit
@@ -66,8 +81,62 @@ def finish_run(
         "eval_time_s": round(time.perf_counter() - start, 2),
         **result,
     }
+    start = time.perf_counter()
+    summary["signals"] = label_free_signals(trainer, result.get("heads", []))
+    summary["verdict"], warning = verdict(summary["signals"])
+    summary["signals_time_s"] = round(time.perf_counter() - start, 2)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     rundir.write_json(out / rundir.SUMMARY, summary)
     return summary
+
+
+def label_free_signals(trainer: Trainer, heads: list[dict]) -> dict[str, float | None]:
+    """Signals of the trained run that need no labels (:mod:`sela.eval.signals`), a flat dict of floats (None
+    where a signal does not apply):
+
+    * ``rankme``, ``rankme_fraction``: the effective rank of the features (eval mode, un-augmented, as
+      evaluation sees them) of a random subsample of 25 D training images (at most 10,000), and its share
+      of D;
+    * ``head_nmi``: the mean NMI between the heads' stored labels (None for one head);
+    * ``label_agreement``: the mean over heads of the NMI between each head's labels before and after its
+      latest label step (None when no head had a second step; a resumed run counts from the resume);
+    * ``view_knn_overlap``, ``raw_view_knn_overlap``: :func:`sela.eval.signals.view_neighbour_agreement` of
+      2,000 random training images under the run's training augmentation (10 neighbours), and of their raw
+      pixels (None with fewer than 11 images);
+    * ``largest_cluster_share``: the largest share of the training images that one cluster of a head's
+      argmax predictions holds, over heads (from ``heads``, :func:`sela.eval.evaluate`'s entries).
+
+    The subsample and the views are drawn from the run's seed. Cost on one CPU thread: see
+    docs/training.md ("Did it learn? The verdict").
+    """
+    n, model = len(trainer.train_set), trainer.model
+    gen = torch.Generator().manual_seed(trainer.seed)
+    order = torch.randperm(n, generator=gen)  # (N,)
+    rank_rows = order[: min(RANKME_ROWS, RANKME_ROWS_PER_DIM * model.feature_dim)].sort().values
+    view_rows = order[:VIEW_IMAGES].sort().values  # sorted: streamed images are read in order
+    batches = (images for images, _ in trainer.images(rank_rows, 256))
+    rank = rankme(embed(model, batches, transform=trainer.eval_transform))
+    view = raw = None
+    if len(view_rows) > VIEW_K:  # k neighbours need k + 1 images
+        batches = (images for images, _ in trainer.images(view_rows, 256))
+        views = view_neighbour_agreement(model, batches, augment=trainer.objective.augment, generator=gen)
+        view, raw = views.embedding, views.raw_pixels
+    agreement = [a for a in trainer.label_pass.agreement if a is not None]
+    sized = [e["sizes"]["max"] / n for e in heads if "sizes" in e]
+    return {
+        "rankme": round(rank.rankme, 3),
+        "rankme_fraction": round(rank.fraction, 6),
+        "head_nmi": _rounded(head_agreement(trainer.state.labels)),
+        "label_agreement": _rounded(sum(agreement) / len(agreement) if agreement else None),
+        "view_knn_overlap": _rounded(view),
+        "raw_view_knn_overlap": _rounded(raw),
+        "largest_cluster_share": _rounded(max(sized) if sized else None),
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _plot_run(trainer: Trainer, metrics: list[dict]) -> None:

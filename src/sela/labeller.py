@@ -33,6 +33,10 @@ from sela.sinkhorn import DEFAULT_LAM, Assignment, assign
 ArrayLike = np.ndarray | Tensor
 
 _IMBALANCE_WARN = 2.0  # the largest cluster at twice its share: far from equipartition
+MARGINALS = ("uniform", "relaxed", "estimated")
+DEFAULT_RELAX = 1.0  # KL weight of the relaxed marginal (rho of sela.sinkhorn.assign)
+_ESTIMATE_MIX = 0.5  # the estimated prior: this much of the heads' mean prediction, the rest uniform
+_HARDEN = (4.0, 16.0, 64.0)  # lam factors tried when a converged plan's argmax is still unbalanced
 _INPLACE_BYTES = 2**30  # solve in place (no second n_r x K buffer) when one rank's kernel exceeds 1 GiB
 
 
@@ -54,6 +58,18 @@ class LabelState:
             row of the transport plan Q = diag(a) P^lambda diag(b), renormalised to sum to 1, as soft
             targets (SwAV trains on soft codes). Memory: H x N x k x 8 bytes; the solve then never runs
             in place (it needs the logits afterwards).
+        marginal: the clusters' share of the items: ``uniform`` (the paper's equipartition, N / K each),
+            ``relaxed`` (the semi-relaxed problem: the equal share KL-penalised with weight ``relax``,
+            so that cluster sizes can follow the data; :func:`sela.sinkhorn.assign`'s ``relax``), or
+            ``estimated`` (an exact marginal equal to a prior estimated at every step from the heads'
+            own mean prediction, half of it mixed with uniform so that no cluster can vanish).
+        relax: rho, the KL weight of the ``relaxed`` marginal (larger: closer to uniform).
+
+    Balance. A converged plan meets its marginal, but its hard argmax labels need not (a soft plan of
+    near-equal logits: an untrained network's first step, cosine scores). When the largest cluster holds
+    more than twice its share, the step is solved again at 4, 16 and 64 times lambda (a harder plan, whose
+    argmax follows the marginal closely) and the most balanced labels are kept; a warning names the step
+    when even those stay above twice the share (a collapsed network: rows that barely differ).
 
     Attributes:
         labels: (H, N) int64.
@@ -72,7 +88,13 @@ class LabelState:
         fill: int = 0,
         device: str | torch.device = "cpu",
         soft: int = 0,
+        marginal: str = "uniform",
+        relax: float = DEFAULT_RELAX,
     ) -> None:
+        if marginal not in MARGINALS:
+            raise ValueError(f"marginal must be one of {', '.join(MARGINALS)}, got {marginal!r}")
+        if not (relax > 0 and math.isfinite(relax)):
+            raise ValueError(f"relax must be a positive finite KL weight, got {relax}")
         if not lam > 0 or not math.isfinite(lam):
             raise ValueError(
                 f"lam must be a positive, finite number, got {lam}; the paper uses {DEFAULT_LAM:g}"
@@ -82,7 +104,8 @@ class LabelState:
         self.labels = torch.full((n_heads, n), fill, dtype=torch.int64, device=device)  # (H, N)
         self.scalings: list[Tensor | None] = [None] * n_heads
         self.n_updates = 0
-        self.lam, self.soft = lam, soft
+        self.lam, self.soft, self.marginal, self.relax = lam, soft, marginal, relax
+        self.balance: list[float | None] = [None] * n_heads  # each head's last hard sizes vs its marginal
         self.codes: Tensor | None = None  # (H, N, k) int32
         self.weights: Tensor | None = None  # (H, N, k) float32
 
@@ -97,32 +120,70 @@ class LabelState:
         if rows is None:
             rows = torch.arange(n)
         inplace = self.solves_in_place(logits.shape[1])
-        result = assign(logits, lam=self.lam, init=self.scalings[head], inplace=inplace)
+        prior = self._estimated_prior(logits) if self.marginal == "estimated" else None
+        relax = self.relax if self.marginal == "relaxed" else None
+        result = assign(
+            logits, lam=self.lam, init=self.scalings[head], inplace=inplace, prior=prior, relax=relax
+        )
+        scaling, balance = result.scaling, _balance(result)
+        if result.converged and balance > _IMBALANCE_WARN and not inplace:
+            result, scaling, balance = self._harden(logits, result, prior, relax)
         full = dist.scatter_rows(result.labels, rows, n).to(self.labels.device)  # (N,), -1: not seen
         seen = full >= 0
         self.labels[head, seen] = full[seen]
+        self.balance[head] = balance
         if self.soft:
-            self._keep_soft(head, logits, result.scaling, rows, seen)
+            self._keep_soft(head, logits, scaling, rows, seen)
         # an entry of the scaling can underflow to 0 on extreme logits: then solve cold next time
-        ok = bool(torch.isfinite(result.scaling).all() and (result.scaling > 0).all())
-        self.scalings[head] = result.scaling if ok else None
-        # the first step labels from an untrained network, whose near-equal logits are expected to leave
-        # an unbalanced argmax (cpu-sela: the largest cluster at 2-3x its share); warn when it persists
-        if self.n_updates and result.converged and result.imbalance > _IMBALANCE_WARN and dist.is_main():
-            warnings.warn(
-                f"label step {self.n_updates + 1}, head {head}: the largest cluster holds {result.imbalance:.1f}x "
-                "its equal share although the solve converged: the logits barely differ between images (a "
-                "collapsed or untrained network); if it persists lower the learning rate or use fewer clusters",
-                stacklevel=2,
-            )
-        if not result.converged and dist.is_main():
-            warnings.warn(
-                f"label step {self.n_updates + 1}, head {head}: the Sinkhorn solve did not converge (marginal "
-                f"error {result.error:.3g} after {result.n_iter} passes), so its labels may be unbalanced; "
-                f"lower lam (now {self.lam:g}; the paper uses {DEFAULT_LAM:g})",
-                stacklevel=2,
-            )
+        ok = bool(torch.isfinite(scaling).all() and (scaling > 0).all())
+        self.scalings[head] = scaling if ok else None
+        if dist.is_main():
+            self._warn(head, result, balance)
         return result
+
+    def _harden(self, logits: Tensor, result: Assignment, prior: Tensor | None, relax: float | None):
+        """Solve again at larger lambda (a harder plan) and keep the most balanced labels: (result, the
+        scaling at this lambda's scale, balance). The harder plan's scaling b^(1/f) is the warm start."""
+        best, best_scaling, best_balance = result, result.scaling, _balance(result)
+        for factor in _HARDEN:
+            harder = assign(logits, lam=self.lam * factor, prior=prior, relax=relax)
+            if harder.converged and _balance(harder) < best_balance:
+                best, best_balance = harder, _balance(harder)
+                best_scaling = harder.scaling.pow(1.0 / factor).clamp_min(1e-300)
+            if best_balance <= _IMBALANCE_WARN:
+                break
+        return best, best_scaling, best_balance
+
+    def _estimated_prior(self, logits: Tensor) -> Tensor:
+        """(K,) float64: the mean over all ranks' rows of softmax(logits), half mixed with uniform."""
+        k = logits.shape[1]
+        total = torch.zeros(k, dtype=torch.float64, device=logits.device)
+        for s in range(0, len(logits), 8192):
+            total += torch.softmax(logits[s : s + 8192].float(), dim=1).sum(0).double()
+        count = torch.tensor([float(len(logits))], dtype=torch.float64, device=logits.device)
+        total, count = dist.all_reduce_sum_(total), dist.all_reduce_sum_(count)
+        mean = total / count.clamp_min(1.0)
+        return _ESTIMATE_MIX * mean / mean.sum() + (1.0 - _ESTIMATE_MIX) / k
+
+    def _warn(self, head: int, result: Assignment, balance: float) -> None:
+        """Warn at any label step whose labels are far from the marginal asked for, or did not converge."""
+        step = f"label step {self.n_updates + 1}, head {head}"
+        if result.converged and balance > _IMBALANCE_WARN:
+            first = " (an untrained network's first labels)" if self.n_updates == 0 else ""
+            warnings.warn(
+                f"{step}{first}: the largest cluster holds {balance:.1f}x its share under the {self.marginal} "
+                "marginal although the solve converged, even at 64x lambda: the logits barely differ between "
+                "images (a collapsed or untrained network); if it persists lower the learning rate or use "
+                "fewer clusters",
+                stacklevel=3,
+            )
+        if not result.converged:
+            warnings.warn(
+                f"{step}: the Sinkhorn solve did not converge (marginal error {result.error:.3g} after "
+                f"{result.n_iter} passes), so its labels may be unbalanced; lower lam (now {self.lam:g}; the "
+                f"paper uses {DEFAULT_LAM:g})",
+                stacklevel=3,
+            )
 
     def set_labels(self, rows: Tensor, labels: Tensor) -> None:
         """Set the labels of ``rows`` (b,) under every head to ``labels`` (H, b), e.g. an online objective's
@@ -181,6 +242,15 @@ class LabelState:
         if self.soft and isinstance(codes, Tensor) and isinstance(weights, Tensor):
             self.codes = codes.to(self.labels.device, torch.int32)
             self.weights = weights.to(self.labels.device, torch.float32)
+
+
+def _balance(result: Assignment) -> float:
+    """The largest hard cluster's size over its share under the marginal the plan met (1: exact)."""
+    if result.marginal is None:
+        return result.imbalance
+    counts = torch.bincount(result.labels, minlength=result.marginal.numel()).double()
+    counts = dist.all_reduce_sum_(counts.to(result.marginal.device))
+    return float((counts / (counts.sum() * result.marginal)).max())
 
 
 def feature_matrix(x: ArrayLike, name: str = "X") -> Tensor:

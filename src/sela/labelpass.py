@@ -3,7 +3,8 @@
 :class:`LabelPass` re-assigns the scheduled heads' labels (the label layer, :class:`sela.labeller.LabelState`,
 solves) from a pass over all images (:meth:`LabelPass.run`), or from the head outputs recorded during
 an epoch (:meth:`LabelPass.recorder`, :meth:`LabelPass.from_records`); before the first eval-mode pass
-it calibrates BatchNorm from the data; it keeps account of the memory its steps hold. The heads' logits
+it calibrates BatchNorm from the data; it keeps account of the memory its steps hold and of how much
+each step changed every head's labels (:attr:`LabelPass.agreement`). The heads' logits
 are the model's (:meth:`sela.models.SelaModel.head_logits`). :class:`ImageRows` gives the images of
 given rows in batches, for this pass and the training loop alike.
 
@@ -22,6 +23,7 @@ from torch import Tensor, nn
 
 from sela import distributed as dist
 from sela.data import EvalTransform, ImageSet, make_loader
+from sela.eval.signals import step_agreement
 from sela.labeller import LabelState
 from sela.objectives import Objective
 
@@ -76,6 +78,11 @@ class LabelPass:
 
     Attributes:
         memory: (buffers, peak) bytes of this epoch's steps so far, or None; see :meth:`memory_stats`.
+        agreement: per head, the NMI between its labels just before and just after its latest label step
+            (:func:`sela.eval.signals.step_agreement`, over the rows the step re-assigned on this rank), or
+            None before its second step (the first has no labels to compare with; an online objective's
+            labels, set during training, count as labels). Computed on rank 0 only; see
+            :meth:`agreement_stats`.
     """
 
     def __init__(
@@ -98,6 +105,8 @@ class LabelPass:
         self.calibrate, self.batch_size, self.autocast, self.advice = calibrate, batch_size, autocast, advice
         self.device = images.device
         self.memory: tuple[int, int | None] | None = None
+        self.agreement: list[float | None] = [None] * len(model.n_clusters)
+        self._fresh: set[int] = set()  # heads whose agreement changed since agreement_stats
 
     def heads(self, n_done: int) -> list[int]:
         """The heads that label step ``n_done + 1`` re-assigns: all, or one in turn (round-robin); the first
@@ -132,7 +141,7 @@ class LabelPass:
             logits = self.model.head_logits(feats, h, out=buffer[: len(rows) * k].view(len(rows), k))
             if self.objective.logit_scale != 1.0:
                 logits.mul_(self.objective.logit_scale)
-            self.state.relabel(h, logits, rows)
+            self._relabel(h, logits, rows)
             self.objective.after_labels(self.model, h, feats, self.state.labels[h, rows])
             in_place = self.state.solves_in_place(k)
             solver_copy = max(solver_copy, 0 if in_place else logits.numel() * 4)  # the solver's kernel
@@ -164,12 +173,30 @@ class LabelPass:
         for h in [h for h in record if h != "z"]:
             if not bool(torch.isfinite(record[h]).all()):
                 raise self._diverged()
-            self.state.relabel(h, record[h], rows)
+            self._relabel(h, record[h], rows)
             if "z" in record:
                 self.objective.after_labels(self.model, h, record["z"], self.state.labels[h, rows])
         self.state.n_updates += 1
         self._note_memory(sum(buf.numel() * buf.element_size() for buf in record.values()), None)
         return time.perf_counter() - start
+
+    def _relabel(self, head: int, logits: Tensor, rows: Tensor) -> None:
+        """Re-assign ``head``'s labels of ``rows`` (n_r,) from ``logits`` (n_r, K_h), and note how much they
+        changed: the NMI between the rows' labels before and after (one bincount of n_r: 20 ms for 1.3M)."""
+        compare = dist.is_main() and (self.state.n_updates > 0 or self.objective.online_labels)
+        before = self.state.labels[head, rows].clone() if compare else None  # (n_r,)
+        self.state.relabel(head, logits, rows)
+        if before is not None:
+            self.agreement[head] = step_agreement(before, self.state.labels[head, rows])
+            self._fresh.add(head)
+
+    def agreement_stats(self) -> dict:
+        """``{"label_agreement": mean NMI}`` over the heads re-labelled since the last call (each at its
+        latest step, see :attr:`agreement`), rounded to 4 digits; {} when none was (no label step, or only
+        the first). Resets the account for the next epoch."""
+        fresh = [self.agreement[h] for h in sorted(self._fresh)]
+        self._fresh = set()
+        return {"label_agreement": round(sum(fresh) / len(fresh), 4)} if fresh else {}
 
     def calibrate_batchnorm(self, rows: Tensor) -> None:
         """Set BatchNorm running statistics from the data before the first, eval-mode label step.

@@ -249,6 +249,8 @@ class SwappedObjective(Objective):
         small_crops, small_augment: multi-crop: this many extra, smaller views per image, made by
             ``small_augment``, also predict the two full views' codes (codes come from the full views
             only). Each costs about (s / S)^2 of a full view.
+        relax: None: codes balanced equally within the batch; rho: the relaxed marginal of the label
+            steps (``--marginal relaxed``; :func:`sela.sinkhorn.soft_codes`).
     """
 
     cosine_heads = True
@@ -267,6 +269,7 @@ class SwappedObjective(Objective):
         queue: int = 0,
         small_crops: int = 0,
         small_augment: BatchAugment | None = None,
+        relax: float | None = None,
     ):
         if not (temperature > 0 and epsilon > 0):
             raise ValueError(f"swap temperature and epsilon must be > 0, got {temperature}, {epsilon}")
@@ -276,7 +279,7 @@ class SwappedObjective(Objective):
             raise ValueError("small_crops > 0 needs small_augment, the augmentation that makes them")
         self.augment, self.small_augment = augment, small_augment
         self.temperature, self.epsilon = temperature, epsilon
-        self.queue_size, self.small_crops = queue, small_crops
+        self.queue_size, self.small_crops, self.relax = queue, small_crops, relax
         self.queue: Tensor | None = None  # (n_q, P), newest rows first
         self.model: nn.Module | None = None
 
@@ -337,7 +340,7 @@ class SwappedObjective(Objective):
         if self.queue is not None and len(self.queue):  # (2b + n_q, K_h)
             prototypes = self.model.heads[head].weight.detach().float()  # (K_h, P), unit rows
             balanced = torch.cat([scores, self.queue @ prototypes.t()])
-        return soft_codes(balanced, epsilon=self.epsilon)[: len(scores)]
+        return soft_codes(balanced, epsilon=self.epsilon, relax=self.relax)[: len(scores)]
 
 
 @torch.no_grad()

@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 
     from sela.data import ImageSet
 
+MIXED_SHARE = 0.05  # a folder with 5-95 % greyscale images mixes the two
+MIXED_GRAYSCALE_P = 0.5  # grey views on such a folder (measured: docs/experiments.md, "Colour as a nuisance")
 RECIPES = ("digits", "cpu-fast", "cpu-sela", "gpu-fast", "gpu-sela", "paper", "paper-resnet18")
 
 
@@ -65,9 +67,17 @@ class DataFacts:
     n: int
     device: str
     pretrained: bool = False
+    grey_share: float = 0.0  # of the sampled 3-channel images, the share with R = G = B
+
+    @property
+    def mixed(self) -> bool:
+        """Colour and greyscale images together (5-95 % of the sample grey)."""
+        return not self.grey and MIXED_SHARE <= self.grey_share <= 1.0 - MIXED_SHARE
 
     def describe(self) -> str:
         kind = "greyscale" if self.grey else f"{self.channels}-channel"
+        if self.mixed:
+            kind += f" ({self.grey_share:.0%} greyscale)"
         start = ", a pretrained backbone" if self.pretrained else ""
         return f"{self.device.upper()}, {self.n} {kind} images of {self.side} px{start}"
 
@@ -77,13 +87,15 @@ def data_facts(
 ) -> DataFacts:
     """The facts of a training set (greyscale: one channel, or three equal channels on a sample);
     ``pretrained``: the backbone starts from weights (``--init``)."""
-    grey = train_set.channels == 1
+    grey, share = train_set.channels == 1, 0.0
     if train_set.in_memory and train_set.channels == 3:
         sample = train_set.images[:: max(1, len(train_set) // 256)]  # (n, 3, H, W)
-        grey = bool((sample[:, 0] == sample[:, 1]).all() and (sample[:, 1] == sample[:, 2]).all())
+        per_image = ((sample[:, 0] == sample[:, 1]) & (sample[:, 1] == sample[:, 2])).flatten(1).all(1)  # (n,)
+        share = float(per_image.float().mean())
+        grey = bool(per_image.all())
     return DataFacts(
         side=side, channels=train_set.channels, grey=grey, n=len(train_set), device=device.type,
-        pretrained=pretrained,
+        pretrained=pretrained, grey_share=share,
     )  # fmt: skip
 
 
@@ -220,6 +232,8 @@ def _augment(facts: DataFacts, sela: bool) -> dict[str, Any]:
         }
     # SimCLR's colour jitter
     out: dict[str, Any] = {"augment.jitter": [0.4, 0.4, 0.4, 0.1], "augment.jitter_p": 0.8}
+    if facts.mixed:  # colour and grey photos of the same kinds: colourfulness must not be a feature
+        out["augment.grayscale_p"] = MIXED_GRAYSCALE_P
     if sela:
         out["augment.crop_scale"] = [0.08, 1.0]
     return out

@@ -93,25 +93,31 @@ def _as_label_matrix(labels: Any) -> Tensor | None:
 
 
 def load_split(
-    dataset: str, data_dir: str | None, split: str, size: int | None, *, strict: bool = False
+    dataset: str,
+    data_dir: str | None,
+    split: str,
+    size: int | None,
+    *,
+    strict: bool = False,
+    progress: bool | None = None,
 ) -> ImageSet:
     """``load_dataset`` with its not-found message in the command line's words (``--data-dir``, not the
-    API's ``root=``)."""
+    API's ``root=``); ``progress``: a folder's decode bar (None: on a terminal)."""
     try:
-        return load_dataset(dataset, data_dir, split, image_size=size, strict=strict)
+        return load_dataset(dataset, data_dir, split, image_size=size, strict=strict, progress=progress)
     except DatasetNotFoundError as e:
         text = re.sub(r"\b(check|pass) root=", r"\1 --data-dir", str(e).strip().splitlines()[0])
         raise DatasetNotFoundError(text.replace("download=True", "a --data-dir that holds them")) from None
 
 
 def load_test_split(
-    dataset: str, data_dir: str | None, size: int | None, *, strict: bool = False
+    dataset: str, data_dir: str | None, size: int | None, *, strict: bool = False, progress: bool | None = None
 ) -> ImageSet | None:
     """The dataset's test (or val) split, or None when it has none."""
     for split in ("test", "val"):
         if split in SPLITS.get(dataset, ()):
             try:
-                return load_split(dataset, data_dir, split, size, strict=strict)
+                return load_split(dataset, data_dir, split, size, strict=strict, progress=progress)
             except FileNotFoundError:
                 continue
     return None

@@ -52,7 +52,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_LAM", "Assignment", "assign", "marginal_error"]
+__all__ = ["DEFAULT_LAM", "Assignment", "assign", "marginal_error", "relaxed_target"]
 
 DEFAULT_LAM = 25.0  # the paper's lambda (Asano et al. 2020, Sec. 4); every caller reads this default
 
@@ -106,6 +106,9 @@ class Assignment:
         n_absorb: how often the scaling was absorbed into the float32 kernel (each costs about 4
             passes' time: the kernel is rebuilt from the logits); 0 when the first kernel sufficed.
         n_repaired: samples moved off their argmax cluster to fill clusters it left empty.
+        marginal: float64 (K,), the column marginal the plan was solved to: the prior itself when the
+            marginal is exact (``relax=None``); with ``relax``, the cluster proportions the relaxed
+            problem chose (None only for results built by hand).
     """
 
     labels: Tensor
@@ -117,6 +120,7 @@ class Assignment:
     log_domain: bool = False
     n_absorb: int = 0
     n_repaired: int = 0
+    marginal: Tensor | None = None
 
 
 def marginal_error(col: Tensor, prior: Tensor) -> float:
@@ -137,6 +141,7 @@ def assign(
     storage_dtype: torch.dtype | None = None,
     distributed: bool | None = None,
     threads: int | None = None,
+    relax: float | None = None,
 ) -> Assignment:
     """Assign balanced labels to N samples from their logits over K clusters.
 
@@ -166,6 +171,13 @@ def assign(
             During the call torch's intra-op thread count is 1 and restored afterwards. Measured in
             docs/solver.md: with a spinning process on every core, the default takes 2.1-3.1x the quiet
             1-thread time on a 2-core machine already loaded by others, one thread 2.7-4.1x.
+        relax: None (the paper): the plan's column marginal equals ``prior`` exactly. rho > 0: the
+            *semi-relaxed* problem (rows exact, columns KL-penalised; e.g. P2OT, Zhang et al. ICLR 2024):
+            minimise <Q, -logits> - (1/lam) H(Q) + rho KL(Q^T 1 || prior), so that cluster sizes may
+            follow the data; rho -> inf gives the exact marginal, rho -> 0 each sample's
+            argmax. The marginal it chose is :attr:`Assignment.marginal`, and ``error`` is measured
+            against it. rho is on the scale of the logits' gaps (the cost per sample), so a useful range
+            is about 0.1-10 for logits spanning a few units; see :func:`relaxed_target`.
 
     Returns:
         an :class:`Assignment` with this rank's labels.
@@ -173,7 +185,7 @@ def assign(
     Raises:
         ValueError: NaN/inf logits or logits beyond float32's range, K < 2, N < K (over all ranks),
             lam <= 0, tol not > 0, a bad prior or init, a float16 kernel (``inplace=True`` with float16
-            logits, or ``storage_dtype=torch.float16``), threads < 1.
+            logits, or ``storage_dtype=torch.float16``), threads < 1, relax not > 0.
 
     Method (see docs/solver.md). The kernel P^lam is stored in float32 *stabilised*, large scalings
     absorbed into it (Schmitzer 2019, "Stabilized sparse scaling algorithms for entropy regularized
@@ -218,6 +230,8 @@ def assign(
         threads = min(torch.get_num_threads(), _MAX_THREADS)
     if threads < 1:
         raise ValueError(f"threads must be >= 1 (or None for the default), got {threads}")
+    if relax is not None and not (relax > 0 and math.isfinite(relax)):
+        raise ValueError(f"relax must be a positive finite KL weight (or None: exact marginal), got {relax}")
     kernel_dtype = logits.dtype if inplace else (storage_dtype or torch.float32)
     if kernel_dtype not in (torch.float32, torch.bfloat16, torch.float64):
         # float16 flushes kernel entries below 6e-8 (a cluster lam * 0.7 below a sample's best) to 0.
@@ -257,18 +271,19 @@ def assign(
             n_sub = int(_all_reduce(rows, use_dist).item())
             beta0, passes, *_ = _solve(
                 sub, lam, c, beta0, n_sub, tol, max_iter, use_dist, pool, threads,
-                warm=False, inplace=False, kernel_dtype=torch.float32, exact_fallback=False,
+                warm=False, inplace=False, kernel_dtype=torch.float32, exact_fallback=False, relax=relax,
             )  # fmt: skip
             coarse, warm = passes * n_sub / n_total, True  # in full passes: <= max_iter / stride
             del sub
         budget = max(1, max_iter - math.ceil(coarse))
         beta, n_iter, err, pass_fn, log_domain, n_absorb = _solve(
             logits, lam, c, beta0, n_total, tol, budget, use_dist, pool, threads,
-            warm=warm, inplace=inplace, kernel_dtype=kernel_dtype, exact_fallback=True,
+            warm=warm, inplace=inplace, kernel_dtype=kernel_dtype, exact_fallback=True, relax=relax,
         )  # fmt: skip
+        target = relaxed_target(c, beta, lam, relax)
         n_iter += math.ceil(coarse)
         labels = pass_fn.labels(beta)
-        labels, n_repaired, imbalance = _repair(pass_fn, beta, labels, c, n_total, use_dist)
+        labels, n_repaired, imbalance = _repair(pass_fn, beta, labels, target, n_total, use_dist, c)
         if isinstance(pass_fn, _KernelPass):
             n_absorb = pass_fn.n_absorb
     finally:
@@ -287,7 +302,22 @@ def assign(
         log_domain=log_domain,
         n_absorb=n_absorb,
         n_repaired=n_repaired,
+        marginal=target,
     )
+
+
+def relaxed_target(prior: Tensor, beta: Tensor, lam: float, relax: float | None) -> Tensor:
+    """The column marginal (K,) float64 that the plan with log column scaling ``beta`` must meet.
+
+    Exact marginal (``relax`` None): ``prior``. Semi-relaxed, KL weight rho: the optimality condition
+    of min <Q, C> - eps H(Q) + rho KL(Q^T 1 || prior) with rows fixed (eps = 1 / lam) is
+    log b_k = -(rho / eps) log(col_k / prior_k), i.e. col_k = prior_k exp(-beta_k / (lam rho)),
+    normalised (a constant shift of beta is absorbed by the row scaling, and the columns sum to 1).
+    """
+    if relax is None:
+        return prior
+    z = prior.log() - beta / (lam * relax)
+    return torch.softmax(z, dim=0)
 
 
 def _solve(
@@ -306,6 +336,7 @@ def _solve(
     inplace: bool,
     kernel_dtype: torch.dtype,
     exact_fallback: bool,
+    relax: float | None = None,
 ) -> tuple[Tensor, int, float, _KernelPass | _LogDomainPass, bool, int]:
     """The solve proper: (beta, passes, error, the pass object for labels, log domain used, absorptions).
 
@@ -321,13 +352,15 @@ def _solve(
     stages = _lam_stages(lam)
     if not warm and len(stages) > 1 and not inplace and max_iter >= len(stages):
         # a large lam from a cold start: continuation in lam (epsilon scaling) from lam = 25
-        beta, n_iter, err = _continuation(kernel, stages, c, n_total, tol, max_iter, use_dist)
+        beta, n_iter, err = _continuation(kernel, stages, c, n_total, tol, max_iter, use_dist, relax)
     else:
         kernel.absorb(beta0)
-        beta, n_iter, err = _anderson_solve(kernel, c, beta0, n_total, tol, max_iter, use_dist)
+        beta, n_iter, err = _anderson_solve(kernel, c, beta0, n_total, tol, max_iter, use_dist, relax)
         if err > tol and len(stages) > 1 and not inplace and max_iter - n_iter >= len(stages):
             # a warm start that stalled at a large lam: the continuation from lam = 25
-            beta1, more, err1 = _continuation(kernel, stages, c, n_total, tol, max_iter - n_iter, use_dist)
+            beta1, more, err1 = _continuation(
+                kernel, stages, c, n_total, tol, max_iter - n_iter, use_dist, relax
+            )
             n_iter += more
             if err1 <= err:
                 beta, err = beta1, err1
@@ -338,7 +371,9 @@ def _solve(
         n_absorb = kernel.n_absorb
         del kernel
         pass_fn = _LogDomainPass(logits, row_max, lam, chunk)
-        beta_l, more, err_l = _anderson_solve(pass_fn, c, beta, n_total, tol, max_iter - n_iter, use_dist)
+        beta_l, more, err_l = _anderson_solve(
+            pass_fn, c, beta, n_total, tol, max_iter - n_iter, use_dist, relax
+        )
         n_iter += more
         log_domain = True
         if err_l <= err:
@@ -632,15 +667,25 @@ class _LogDomainPass:
 
 
 def _anderson_solve(
-    pass_fn, c: Tensor, beta: Tensor, n_total: int, tol: float, max_iter: int, use_dist: bool
+    pass_fn,
+    c: Tensor,
+    beta: Tensor,
+    n_total: int,
+    tol: float,
+    max_iter: int,
+    use_dist: bool,
+    relax: float | None = None,
 ) -> tuple[Tensor, int, float]:
     """Find beta with column marginal c. Plain Sinkhorn is beta <- beta + log c - log col(beta).
 
+    Semi-relaxed (``relax`` rho): the target t(beta) = :func:`relaxed_target` moves with beta, and the
+    plain step is the damped beta <- beta + (log t - log col) rho / (rho + 1 / lam) (the unbalanced
+    Sinkhorn update of Chizat et al. 2018 with the rows exact); the error is |col - t|_1.
     Anderson acceleration (type II, memory m) extrapolates from the last m iterates and residuals;
     if a step increases the error, history is dropped and a plain step is taken from the best iterate.
     Returns (beta, passes, error at the returned beta).
     """
-    log_c = c.log()
+    damp = 1.0 if relax is None else relax * pass_fn.lam / (relax * pass_fn.lam + 1.0)
     xs: list[Tensor] = []
     fs: list[Tensor] = []
     best: tuple[float, Tensor, Tensor] | None = None
@@ -648,8 +693,9 @@ def _anderson_solve(
     it = 0
     for it in range(1, max_iter + 1):
         log_col = pass_fn.log_column_mass(beta, use_dist) - math.log(n_total)  # (K,)
-        err = marginal_error(log_col.exp(), c)  # col sums to 1
-        f = log_c - log_col  # residual of the fixed-point map
+        target = relaxed_target(c, beta, pass_fn.lam, relax)  # c itself unless relaxed
+        err = marginal_error(log_col.exp(), target)  # col sums to 1
+        f = (target.log() - log_col) * damp  # residual of the fixed-point map
         if not (math.isfinite(err) and torch.isfinite(f).all()):
             if best is None:
                 raise FloatingPointError("the label solver met a non-finite column mass at its start")
@@ -714,6 +760,7 @@ def _continuation(
     tol: float,
     max_iter: int,
     use_dist: bool,
+    relax: float | None = None,
 ) -> tuple[Tensor, int, float]:
     """Epsilon scaling: solve at each lam of ``stages`` in turn, each stage warm-started from the last.
 
@@ -732,7 +779,7 @@ def _continuation(
         last = i == len(stages) - 1
         budget = max_iter - used - (len(stages) - 1 - i)  # keep one pass for each later stage
         beta, more, err = _anderson_solve(
-            kernel, c, beta, n_total, tol if last else tol / 10, budget, use_dist
+            kernel, c, beta, n_total, tol if last else tol / 10, budget, use_dist, relax
         )
         used += more
     return beta, used, err
@@ -742,10 +789,11 @@ def _continuation(
 # balance of the hard labels
 
 
-def _repair(pass_fn, beta: Tensor, labels: Tensor, c: Tensor, n_total: int, use_dist: bool):
+def _repair(pass_fn, beta: Tensor, labels: Tensor, c: Tensor, n_total: int, use_dist: bool, share: Tensor):
     """Give each cluster the argmax left empty the sample that loses least by moving there.
 
-    Returns (labels, samples moved, imbalance = max_k n_k / (N c_k)). Greedy, one empty cluster at a
+    ``c`` (K,) is the marginal solved to, ``share`` (K,) the prior. Returns (labels, samples moved,
+    imbalance = max_k n_k / (N share_k)). Greedy, one empty cluster at a
     time: the candidate rows are those of clusters holding >= 2 samples (so no cluster is emptied), and
     the chosen one maximises log Q[n, k] - log Q[n, l_n] (over all ranks; ties go to the lowest rank).
     """
@@ -780,13 +828,18 @@ def _repair(pass_fn, beta: Tensor, labels: Tensor, c: Tensor, n_total: int, use_
             counts -= old
             counts[col] += 1
             moved += 1
-    imbalance = float((counts / (n_total * c)).max())
+    imbalance = float((counts / (n_total * share)).max())
     return labels, moved, imbalance
 
 
 @torch.no_grad()
 def soft_codes(
-    scores: Tensor, *, epsilon: float = 0.05, n_iter: int = 3, distributed: bool | None = None
+    scores: Tensor,
+    *,
+    epsilon: float = 0.05,
+    n_iter: int = 3,
+    distributed: bool | None = None,
+    relax: float | None = None,
 ) -> Tensor:
     """Soft balanced assignments of a batch: a few Sinkhorn-Knopp iterations on exp(scores / epsilon).
 
@@ -800,6 +853,9 @@ def soft_codes(
         n_iter: column/row scaling rounds.
         distributed: balance over the global batch of all ranks (default: whenever torch.distributed
             runs more than one process); the column sums are all-reduced.
+        relax: None: equal columns. rho > 0: the semi-relaxed marginal of :func:`assign` (the equal share
+            KL-penalised with weight rho on the scores' scale): each column scaling is the equal one raised
+            to rho / (rho + epsilon), so clusters that many images prefer keep more of them.
 
     Returns:
         (B, K) float32 codes, each row a probability vector.
@@ -808,6 +864,9 @@ def soft_codes(
         raise ValueError(f"scores must be (B, K) with K >= 2, got shape {tuple(scores.shape)}")
     if epsilon <= 0 or n_iter < 1:
         raise ValueError(f"epsilon must be > 0 and n_iter >= 1, got {epsilon}, {n_iter}")
+    if relax is not None and not (relax > 0 and math.isfinite(relax)):
+        raise ValueError(f"relax must be a positive finite KL weight (or None), got {relax}")
+    power = 1.0 if relax is None else relax / (relax + epsilon)
     use_dist = _use_distributed(distributed)
     z = scores.float() / epsilon
     z = (
@@ -815,6 +874,7 @@ def soft_codes(
     )  # a per-row shift (absorbed by the row scaling): every row keeps a 1
     q = z.exp_()  # (B, K)
     for _ in range(n_iter):
-        q /= _all_reduce(q.sum(0), use_dist).clamp_min_(1e-30)  # columns: 1 each (then x B / K)
+        col = _all_reduce(q.sum(0), use_dist).clamp_min_(1e-30)  # (K,)
+        q /= col if power == 1.0 else col.pow_(power)  # columns: 1 each (then x B / K), or relaxed
         q /= q.sum(1, keepdim=True).clamp_min_(1e-30)  # rows: 1 each
     return q

@@ -37,7 +37,7 @@ from sela import rundir
 from sela.data import EvalTransform, ImageSet
 from sela.eval.metrics import cluster_sizes
 from sela.finish import finish_run
-from sela.labeller import LabelState
+from sela.labeller import DEFAULT_RELAX, LabelState
 from sela.labelpass import LABEL_HEADS, LABEL_INPUTS, ImageRows, LabelPass, TrainingDiverged
 from sela.objectives import Objective
 from sela.plan import Plan
@@ -99,6 +99,8 @@ class Trainer:
         epochs, batch_size, lr, momentum, weight_decay, lr_schedule, warmup_epochs: SGD settings;
             batch_size is the global batch over all ranks.
         lam: lambda of the label step (:class:`sela.labeller.LabelState`).
+        marginal, relax: the clusters' share of the images and the relaxed marginal's KL weight
+            (:class:`sela.labeller.LabelState`).
         label_updates, label_spacing, label_share: the label steps over the run (the first at step 0),
             their spacing, and the largest share of the training time that label passes may take (closer
             steps merge); see :class:`sela.plan.Plan`.
@@ -138,6 +140,8 @@ class Trainer:
         lr_schedule: str = "cosine",
         warmup_epochs: float = 1.0,
         lam: float = DEFAULT_LAM,
+        marginal: str = "uniform",
+        relax: float = DEFAULT_RELAX,
         label_updates: int = 40,
         label_spacing: str = "quadratic",
         label_share: float = LABEL_SHARE,
@@ -173,7 +177,9 @@ class Trainer:
             pass_epochs=label_pass_epochs(eval_transform.out_size, objective.augment.out_size),
         )  # fmt: skip
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr, momentum, weight_decay=weight_decay)
-        self.state = LabelState(len(model.n_clusters), n, lam=lam, soft=objective.soft_targets)
+        self.state = LabelState(
+            len(model.n_clusters), n, lam=lam, soft=objective.soft_targets, marginal=marginal, relax=relax
+        )
         self.precision, self.autocast = _autocast(precision, device)
         self.label_pass = LabelPass(
             self.model, self.state, objective, self.images, eval_transform=eval_transform,
@@ -213,6 +219,7 @@ class Trainer:
             note = self.plan.fit_budget(self.epoch, stats)
             if self.plan.final_pass(self.epoch - 1):  # this epoch became the last: the final labels
                 stats = _with_label_time(stats, self.update_labels(), self.state, self.model.n_clusters)
+                stats.update(self.label_pass.agreement_stats())
         if dist.is_main():
             if self.monitor.due(self.epoch, self.epochs):
                 stats = {**stats, **self.monitor(self.model)}
@@ -297,6 +304,7 @@ class Trainer:
             "label_time_s": round(label_time, 3),
             "label_share": round(label_time / total, 4) if total > 0 else 0.0,
             **self.label_pass.memory_stats(),
+            **self.label_pass.agreement_stats(),
             "images_per_s": round(seen * dist.world_size() / total, 1),
             "label_updates": self.state.n_updates,
             "heads": _cluster_sizes(self.state, self.model.n_clusters),

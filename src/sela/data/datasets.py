@@ -273,12 +273,14 @@ def _folder(
     in_memory: bool | None,
     strict: bool,
     cache: bool,
+    progress: bool | None = None,
 ) -> ImageSet:
     if root is None:
         raise ValueError("the folder dataset needs root=<folder with train/ and test/ or images>")
     return load_folder(
-        os.fspath(root), split, image_size=image_size, in_memory=in_memory, strict=strict, cache=cache
-    )
+        os.fspath(root), split, image_size=image_size, in_memory=in_memory, strict=strict, cache=cache,
+        progress=progress,
+    )  # fmt: skip
 
 
 def _with_stats(name: str, images: Tensor, targets: Tensor | None, classes: list[str]) -> ImageSet:
@@ -342,6 +344,7 @@ def load_dataset(
     in_memory: bool | None = None,
     strict: bool = False,
     cache: bool = True,
+    progress: bool | None = None,
 ) -> ImageSet:
     """Load one split of dataset ``name`` as an ``ImageSet`` (see the module docstring).
 
@@ -353,7 +356,8 @@ def load_dataset(
         image_size: resize to ``image_size`` x ``image_size`` (shorter side, then center crop);
             None keeps the native size (folders: see ``sela.data.folder``). The dataset's
             ``default_image_size`` is not applied here.
-        in_memory, strict, cache: folder datasets only, see ``sela.data.folder.load_folder``.
+        in_memory, strict, cache, progress: folder datasets only, see ``sela.data.folder.load_folder``
+            (``progress``: the decode bar; None shows it on a terminal).
 
     Raises:
         ValueError: unknown name or split, bad arguments.
@@ -364,8 +368,9 @@ def load_dataset(
     _check_arguments(info, root, split, image_size)
     if info.streams:
         return info.loader(
-            root, split, image_size=image_size, in_memory=in_memory, strict=strict, cache=cache
-        )
+            root, split, image_size=image_size, in_memory=in_memory, strict=strict, cache=cache,
+            progress=progress,
+        )  # fmt: skip
     if in_memory is False:
         raise ValueError(f"{name} is always held in memory; in_memory=False is for folder datasets")
     imageset = info.loader(data_root(name, root), split, download)

@@ -16,8 +16,9 @@ one warning: the count and the first few names; ``ImageSet.skipped`` lists every
 for the caller to write down; ``strict=True`` raises a ``ValueError`` naming them instead. Streamed sets
 skip the same way on access (see :class:`FolderStream`).
 
-In memory (default when the decoded images fit ``memory_budget_gb``): every image is decoded once
-with PIL in a thread pool, stacked into one (N, 3, H, W) uint8 tensor and cached as a ``.pt`` file
+In memory (default when the decoded images fit the memory budget: ``memory_budget_gb``, by default
+``$SELA_MEMORY_GB`` or 4 GiB): every image is decoded once with PIL in a thread pool (a tqdm bar on a
+terminal), stacked into one (N, 3, H, W) uint8 tensor and cached as a ``.pt`` file
 (:mod:`sela.data.cache`: ``$SELA_CACHE``, private, bounded, ``SELA_NO_CACHE=1`` to switch it off), so a
 second load only lists the folder and reads one file.
 
@@ -28,8 +29,8 @@ Image size (in memory):
     (64 px) on a side are first fitted to ``max_size`` x ``max_size`` the same way; then images
     whose size differs from the most common size are fitted to it.
 
-Streamed (``in_memory=False``, or automatically above the budget, e.g. ImageNet): only the list of
-files is kept; ``ImageSet.stream`` decodes each image on access, fitted to ``image_size`` x
+Streamed (``in_memory=False``, or automatically above the budget, e.g. ImageNet; ``SELA_MEMORY_GB=0``
+streams every folder): only the list of files is kept; ``ImageSet.stream`` decodes each image on access, fitted to ``image_size`` x
 ``image_size`` (default 256) so that batches stack and the same on-device augmentation applies.
 Images are always decoded as RGB (C = 3). ``mean``/``std`` are the statistics of the loaded split
 (ImageNet's for streamed sets); normalise every split with the train split's.
@@ -38,6 +39,7 @@ Images are always decoded as RGB (C = 3). ``mean``/``std`` are the statistics of
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -78,6 +80,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_SIZE = 64
+DEFAULT_MEMORY_GB = 4.0
 DEFAULT_STREAM_SIZE = 256
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -238,6 +241,22 @@ def _check_arguments(root: str, image_size: int | None, max_size: int) -> None:
         raise ValueError("the image folder is an empty string; pass the folder that holds the images")
 
 
+def memory_budget() -> float:
+    """The memory budget in GiB for a folder's decoded images: ``$SELA_MEMORY_GB``, else 4."""
+    text = os.environ.get("SELA_MEMORY_GB", "").strip()
+    if not text:
+        return DEFAULT_MEMORY_GB
+    try:
+        gb = float(text)
+    except ValueError:
+        gb = float("nan")
+    if not gb >= 0 or gb == float("inf"):
+        raise ValueError(
+            f"$SELA_MEMORY_GB must be a number of GiB >= 0 (0 streams every folder), got {text!r}"
+        )
+    return gb
+
+
 def _fits_in_memory(n_images: int, side: int, memory_budget_gb: float) -> bool:
     """Whether ``n_images`` decoded uint8 (3, side, side) images fit ``memory_budget_gb`` GiB."""
     return n_images * 3 * side * side <= memory_budget_gb * 2**30
@@ -260,7 +279,9 @@ def _streamed_set(scan: Scan, image_size: int, name: str, strict: bool) -> Image
     )
 
 
-def _decode_payload(folder: str, scan: Scan, *, image_size: int | None, max_size: int) -> dict:
+def _decode_payload(
+    folder: str, scan: Scan, *, image_size: int | None, max_size: int, progress: bool | None
+) -> dict:
     """Decode the files of ``scan`` into a cache payload; raise ``ValueError`` when none of them decodes.
 
     The payload holds uint8 (N, 3, H, W) images, the targets and paths of the N decoded files, the classes,
@@ -268,11 +289,11 @@ def _decode_payload(folder: str, scan: Scan, *, image_size: int | None, max_size
     """
     paths, targets = scan.listing.paths, scan.targets
     size = (image_size, image_size) if image_size else None
-    images, ok, failed = decode_images(paths, size, max_size)
+    images, ok, failed = decode_images(paths, size, max_size, progress=progress, channels_first=True)
     if not ok:
         shown = "; ".join(printable(f) for f in failed[:5])
         raise ValueError(f"could not read any of the {len(paths)} images under {printable(folder)}: {shown}")
-    images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+    images = torch.from_numpy(images)  # (N, 3, H, W)
     mean, std = channel_stats(images)
     return {
         "images": images,
@@ -285,6 +306,12 @@ def _decode_payload(folder: str, scan: Scan, *, image_size: int | None, max_size
     }
 
 
+def _cache_path(folder: str, scan: Scan, image_size: int | None, max_size: int) -> Path:
+    """The decode cache file of ``scan`` decoded at these sizes (see :func:`sela.data.cache.cache_file`)."""
+    settings = {"image_size": image_size, "max_size": max_size, "classes": scan.classes}
+    return cache_file(folder, scan.listing.paths, scan.listing.stats, settings)
+
+
 def load_folder(
     root: str,
     split: str = "train",
@@ -294,8 +321,9 @@ def load_folder(
     in_memory: bool | None = None,
     strict: bool = False,
     cache: bool = True,
-    memory_budget_gb: float = 4.0,
+    memory_budget_gb: float | None = None,
     name: str = "folder",
+    progress: bool | None = None,
 ) -> ImageSet:
     """Load one split of an image folder (see the module docstring for layout, class ids and sizes).
 
@@ -307,7 +335,10 @@ def load_folder(
         in_memory: force in memory (True) or streaming (False); None decides by ``memory_budget_gb``.
         strict: raise on unreadable images instead of skipping them with one warning.
         cache: read and write the decoded-tensor cache (``SELA_NO_CACHE=1`` also switches it off).
+        memory_budget_gb: in memory when N x 3 x side x side bytes fit this many GiB, else streamed
+            (None: ``$SELA_MEMORY_GB``, else 4); ``side`` is ``image_size`` or ``max_size``.
         name: the ``ImageSet.name``.
+        progress: a tqdm bar while decoding into memory; None shows it only on a terminal.
 
     Returns an ImageSet whose ``skipped`` lists every file left out as unreadable ("PATH (reason)").
     """
@@ -316,19 +347,17 @@ def load_folder(
     folder = split_dir(root, split)
     scan = scan_folder(folder, class_names(root))
     if in_memory is None:
-        in_memory = _fits_in_memory(len(scan.listing.paths), image_size or max_size, memory_budget_gb)
+        budget = memory_budget() if memory_budget_gb is None else memory_budget_gb
+        in_memory = _fits_in_memory(len(scan.listing.paths), image_size or max_size, budget)
     if not in_memory:
         report_unreadable(scan.listing.skipped, strict=strict)
         return _streamed_set(scan, image_size or DEFAULT_STREAM_SIZE, name, strict)
 
     # in memory: the cache, or decode (the warnings are raised here so that they name our caller)
-    settings = {"image_size": image_size, "max_size": max_size, "classes": scan.classes}
-    path = (
-        cache_file(folder, scan.listing.paths, scan.listing.stats, settings) if cache_enabled(cache) else None
-    )
+    path = _cache_path(folder, scan, image_size, max_size) if cache_enabled(cache) else None
     payload = read_cache(path) if path else None
     if payload is None:
-        payload = _decode_payload(folder, scan, image_size=image_size, max_size=max_size)
+        payload = _decode_payload(folder, scan, image_size=image_size, max_size=max_size, progress=progress)
         if path:
             write_cache(path, payload)
     skipped = scan.listing.skipped + list(payload["failed"])

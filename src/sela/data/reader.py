@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm.auto import tqdm
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 MAX_PIXELS = 2**26  # 67 Mpx (8192 x 8192) per decoded image; 201 MB as RGB
@@ -346,31 +347,49 @@ def _decode_chunk(
     return out
 
 
+def decode_workers() -> int:
+    """The threads :func:`decode_images` uses by default: twice the CPUs, at most 16 (PIL lets go of the
+    GIL while it decodes, so threads overlap file reads and decoding)."""
+    return min(16, 2 * (os.cpu_count() or 1))
+
+
 def decode_images(
-    paths: list[str], size: tuple[int, int] | None, max_size: int | None, workers: int | None = None
+    paths: list[str],
+    size: tuple[int, int] | None,
+    max_size: int | None,
+    workers: int | None = None,
+    *,
+    progress: bool | None = None,
+    channels_first: bool = False,
 ) -> tuple[np.ndarray, list[int], list[str]]:
-    """Decode ``paths`` in a thread pool into (N_ok, H, W, 3) uint8 at one common size.
+    """Decode ``paths`` in a thread pool into (N_ok, H, W, 3) uint8 at one common size, or (N_ok, 3, H, W)
+    with ``channels_first`` (what a tensor wants, without a second copy of the whole set to permute).
 
     Returns the images, the positions in ``paths`` that decoded, and "PATH (reason)" for each failure.
-    Images whose size differs from the most common one are fitted to it.
+    Images whose size differs from the most common one are fitted to it. ``workers``: threads (default
+    :func:`decode_workers`). ``progress``: a tqdm bar on stderr ("decode", images done and images/s);
+    None shows it only when stderr is a terminal, False never.
     """
-    workers = workers or min(16, 2 * (os.cpu_count() or 1))
+    workers = workers or decode_workers()
     chunk = max(1, min(512, len(paths) // (4 * workers) + 1))
     chunks = [paths[i : i + chunk] for i in range(0, len(paths), chunk)]
-    with quiet_bomb_warnings(), ThreadPoolExecutor(workers) as pool:
-        parts = pool.map(_decode_chunk, chunks, [size] * len(chunks), [max_size] * len(chunks))
-        results = [a for part in parts for a in part]
+    bar = tqdm(total=len(paths), desc="decode", unit="img", disable=None if progress is None else not progress)
+    results: list[np.ndarray | str] = []
+    with quiet_bomb_warnings(), ThreadPoolExecutor(workers) as pool, bar:
+        for part in pool.map(_decode_chunk, chunks, [size] * len(chunks), [max_size] * len(chunks)):
+            results += part
+            bar.update(len(part))
     ok = [i for i, a in enumerate(results) if isinstance(a, np.ndarray)]
     failed = [a for a in results if isinstance(a, str)]
     if not ok:
-        return np.zeros((0, 1, 1, 3), np.uint8), ok, failed
+        return np.zeros((0, 3, 1, 1) if channels_first else (0, 1, 1, 3), np.uint8), ok, failed
     height, width = Counter(results[i].shape[:2] for i in ok).most_common(1)[0][0]
-    images = np.empty((len(ok), height, width, 3), np.uint8)
+    images = np.empty((len(ok), 3, height, width) if channels_first else (len(ok), height, width, 3), np.uint8)
     for row, i in enumerate(ok):
-        a = results[i]
+        a, results[i] = results[i], None  # each decoded image is let go once it is copied
         if a.shape[:2] != (height, width):
             a = np.asarray(fit_image(Image.fromarray(a), height, width))
-        images[row] = a
+        images[row] = a.transpose(2, 0, 1) if channels_first else a  # (3, H, W) or (H, W, 3)
     return images, ok, failed
 
 
