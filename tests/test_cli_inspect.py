@@ -264,3 +264,12 @@ def test_labels_refuse_a_folder_sela_did_not_write(run_dir, tmp_path, capsys):
         capsys,
         ["labels", str(run_dir), "--into", str(tmp_path / "h"), "--head", "5", "-o", str(tmp_path / "h.csv")],
     )
+
+
+def test_labels_k_with_the_relaxed_marginal(run_dir, tmp_path, capsys):
+    argv = ["labels", str(run_dir), "--k", "6", "--marginal", "relaxed", "-o", str(tmp_path / "r.csv")]
+    assert main([*argv, "--relax", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "clustered into 6 (relaxed sizes, rho 0.5)" in printed and "k-means: K = 6" in printed
+    assert read_labels_csv(tmp_path / "r.csv").labels.shape == (1, 1437)
+    assert "--marginal and --relax apply" in _error(capsys, ["labels", str(run_dir), "--relax", "2"])

@@ -147,3 +147,20 @@ def test_empty_clusters_move_to_the_farthest_samples():
     own = x @ centroids[0]
     far = own.argsort()[:2]  # the two samples least like cluster 0's mean
     assert torch.allclose(centroids[1:], x[far], atol=1e-6)  # one each, in order of distance
+
+
+def test_the_relaxed_marginal_lets_sizes_follow_the_data():
+    """Unequal blobs (400 .. 30): equal sizes split the large ones; rho = 1 follows the data (measured NMI
+    0.946 / 0.924 against KMeans's 0.926 / 0.932 on two draws, equal sizes 0.745 / 0.753)."""
+    x, y = make_blobs(
+        [400, 300, 200, 150, 100, 80, 60, 40, 40, 30], n_features=16, cluster_std=3.5, random_state=0
+    )
+    equal = OTKMeans(10).fit(x)
+    relaxed = OTKMeans(10, relax=clusters.DEFAULT_RELAX).fit(x)
+    assert nmi(y, relaxed.labels_) > nmi(y, equal.labels_) + 0.1 and nmi(y, relaxed.labels_) > 0.9
+    sizes = np.bincount(relaxed.labels_, minlength=10)
+    assert sizes.max() > 2 * 140 and sizes.min() > 0  # the equal share is 140
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        balance_lines(relaxed.labels_[None], [10], uniform=False)  # uneven but asked for: no warning
+    assert not caught

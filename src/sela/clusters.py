@@ -32,7 +32,7 @@ from sela.sinkhorn import DEFAULT_LAM, Assignment, assign
 DEFAULT_TEMPERATURE = 0.1
 DEFAULT_N_INIT = 4
 DEFAULT_MAX_ITER = 100
-DEFAULT_RELAX = 1.0  # rho of --marginal relaxed when --relax is not given
+DEFAULT_RELAX = 1.0  # rho of --marginal relaxed (in the solver's units, logits cos / T): measured, as above
 
 
 def check_relax(relax: float | None) -> None:
