@@ -76,7 +76,7 @@ def test_train_crop_size_and_small_crops(tmp_path, monkeypatch):
     monkeypatch.setattr(
         BatchAugment,
         "forward",
-        lambda self, x, **kw: sides.add((out := forward(self, x, **kw)).shape[-1]) or out,
+        lambda self, x, *a, **kw: sides.add((out := forward(self, x, *a, **kw)).shape[-1]) or out,
     )
     out = tmp_path / "run"
     extra = ["--objective", "swapped", "--crop-size", "12", "--small-crops", "2"]
