@@ -8,7 +8,8 @@
         for each ``sela train --dataset folder --data-dir ROOT`` run: how much its clusters follow colour
         rather than content: the NMI of every head's labels with the grey/colour flag (0: independent) next
         to their NMI with the classes, the largest grey share of any cluster of at least 10 images, and the
-        share of the grey images that sit in clusters of >= 80 % grey images ("gathered"); sela's kNN.
+        share of the grey images that sit in clusters of >= 80 % grey images ("gathered"); the same for the
+        ten clusters ``sela labels RUN --k 10`` exports; sela's kNN.
 
 A cluster "gathers the greyscale ones" when it holds mostly grey images while they are 30 % of the folder.
 Measured runs: docs/experiments.md, "Colour as a nuisance".
@@ -72,6 +73,16 @@ def score(run_dir: str) -> dict:
     for key in rows[0]:
         out[key] = round(float(np.mean([r[key] for r in rows])), 4)
     out["worst_head_max_grey_share"] = round(max(r["max_grey_share"] for r in rows), 3)
+    from sela.clusters import OTKMeans
+    from sela.eval.features import extract
+
+    images = run.train_set.images if run.train_set.in_memory else run.train_set
+    feats = extract(run.model, images, transform=run.transform, heads=False, progress=False).features
+    k10 = OTKMeans(n_clusters=10, seed=0).fit(feats).labels_  # `sela labels RUN --k 10`
+    counts, grey_counts = np.bincount(k10, minlength=10), np.bincount(k10, weights=is_grey, minlength=10)
+    out["k10_nmi_grey"] = round(float(normalized_mutual_info_score(is_grey, k10)), 4)
+    out["k10_nmi_class"] = round(float(normalized_mutual_info_score(truth, k10)), 4)
+    out["k10_max_grey_share"] = round(float((grey_counts / np.maximum(counts, 1)).max()), 3)
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     out["knn"] = summary.get("knn_top1")
     out["epochs"] = summary.get("epochs")
@@ -93,13 +104,15 @@ def main() -> None:
         make(args.out, args.source, args.per_class, args.grey)
         return
     print(
-        "| run | epochs | kNN | NMI(labels, grey flag) | NMI(labels, class) | max grey share | grey gathered |"
+        "| run | epochs | kNN | NMI(labels, grey flag) | NMI(labels, class) | max grey share | grey gathered "
+        "| --k 10: NMI grey / class, max grey share |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in map(score, args.runs):
         print(
-            f"| {r['run']} | {r['epochs']} | {r['knn']} | {r['nmi_grey']:.3f} | {r['nmi_class']:.3f} | "
-            f"{r['max_grey_share']:.2f} (worst head {r['worst_head_max_grey_share']:.2f}) | {r['gathered']:.1%} |"
+            f"| {r['run']} | {r['epochs']} | {r['knn']:.2f} | {r['nmi_grey']:.3f} | {r['nmi_class']:.3f} | "
+            f"{r['max_grey_share']:.2f} (worst head {r['worst_head_max_grey_share']:.2f}) | {r['gathered']:.1%} | "
+            f"{r['k10_nmi_grey']:.3f} / {r['k10_nmi_class']:.3f}, {r['k10_max_grey_share']:.2f} |"
         )
 
 

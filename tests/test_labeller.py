@@ -1,3 +1,4 @@
+import dataclasses
 import warnings
 
 import numpy as np
@@ -200,3 +201,28 @@ def test_set_labels_writes_every_heads_labels_of_the_given_rows():
     state.set_labels(torch.tensor([4, 1]), torch.tensor([[3, 2], [5, 0]]))  # (H, b) for rows 4 and 1
     assert state.labels.tolist() == [[0, 2, 0, 0, 3, 0], [0, 0, 0, 0, 5, 0]]
     assert state.labels.dtype == torch.int64 and state.n_updates == 0  # not a label step
+
+
+def test_a_stalled_warm_start_is_solved_again_cold(monkeypatch):
+    """When the warm-started solve does not converge, the label step solves cold and keeps the better
+    result, without a warning when that one converges."""
+    import sela.labeller as labeller
+
+    real = labeller.assign
+    calls = []
+
+    def flaky(logits, **kw):
+        calls.append(kw.get("init") is not None)
+        result = real(logits, **kw)
+        if kw.get("init") is not None:  # the warm start "stalls"
+            return dataclasses.replace(result, converged=False, error=0.5)
+        return result
+
+    logits = torch.randn(300, 6, generator=torch.Generator().manual_seed(0))
+    state = LabelState(1, 300)
+    state.relabel(0, logits.clone())
+    monkeypatch.setattr(labeller, "assign", flaky)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = state.relabel(0, logits.clone())
+    assert calls == [True, False] and result.converged

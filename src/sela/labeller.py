@@ -69,7 +69,8 @@ class LabelState:
     near-equal logits: an untrained network's first step, cosine scores). When the largest cluster holds
     more than twice its share, the step is solved again at 4, 16 and 64 times lambda (a harder plan, whose
     argmax follows the marginal closely) and the most balanced labels are kept; a warning names the step
-    when even those stay above twice the share (a collapsed network: rows that barely differ).
+    when even those stay above twice the share (a collapsed network: rows that barely differ). A warm-started
+    solve that stalls short of the tolerance is solved again from a cold start, and the better one kept.
 
     Attributes:
         labels: (H, N) int64.
@@ -122,9 +123,11 @@ class LabelState:
         inplace = self.solves_in_place(logits.shape[1])
         prior = self._estimated_prior(logits) if self.marginal == "estimated" else None
         relax = self.relax if self.marginal == "relaxed" else None
-        result = assign(
-            logits, lam=self.lam, init=self.scalings[head], inplace=inplace, prior=prior, relax=relax
-        )
+        warm = self.scalings[head]
+        result = assign(logits, lam=self.lam, init=warm, inplace=inplace, prior=prior, relax=relax)
+        if not result.converged and warm is not None and not inplace:  # a warm start that stalled: cold
+            cold = assign(logits, lam=self.lam, prior=prior, relax=relax)
+            result = cold if cold.error < result.error else result
         scaling, balance = result.scaling, _balance(result)
         if result.converged and balance > _IMBALANCE_WARN and not inplace:
             result, scaling, balance = self._harden(logits, result, prior, relax)
