@@ -92,7 +92,9 @@ def test_a_streamed_dataset_gets_the_folder_options(tmp_path):
         s = load_dataset(TOY, image_size=5, in_memory=False, strict=True, cache=False)
     finally:
         unregister_dataset(TOY)
-    assert seen == dict(root=None, split="train", image_size=5, in_memory=False, strict=True, cache=False)
+    assert seen == dict(
+        root=None, split="train", image_size=5, in_memory=False, strict=True, cache=False, progress=None
+    )
     assert s.images.shape == (2, 3, 5, 5)
 
 
