@@ -128,34 +128,33 @@ class LabelState:
         if not result.converged and warm is not None and not inplace:  # a warm start that stalled: cold
             cold = assign(logits, lam=self.lam, prior=prior, relax=relax)
             result = cold if cold.error < result.error else result
-        scaling, balance = result.scaling, _balance(result)
-        if result.converged and balance > _IMBALANCE_WARN and not inplace:
-            result, scaling, balance = self._harden(logits, result, prior, relax)
+        scaling = result.scaling
+        if result.converged and result.imbalance > _IMBALANCE_WARN and not inplace:
+            result, scaling = self._harden(logits, result, prior, relax)
         full = dist.scatter_rows(result.labels, rows, n).to(self.labels.device)  # (N,), -1: not seen
         seen = full >= 0
         self.labels[head, seen] = full[seen]
-        self.balance[head] = balance
+        self.balance[head] = result.imbalance
         if self.soft:
             self._keep_soft(head, logits, scaling, rows, seen)
         # an entry of the scaling can underflow to 0 on extreme logits: then solve cold next time
         ok = bool(torch.isfinite(scaling).all() and (scaling > 0).all())
         self.scalings[head] = scaling if ok else None
         if dist.is_main():
-            self._warn(head, result, balance)
+            self._warn(head, result)
         return result
 
     def _harden(self, logits: Tensor, result: Assignment, prior: Tensor | None, relax: float | None):
         """Solve again at larger lambda (a harder plan) and keep the most balanced labels: (result, the
-        scaling at this lambda's scale, balance). The harder plan's scaling b^(1/f) is the warm start."""
-        best, best_scaling, best_balance = result, result.scaling, _balance(result)
+        scaling at this lambda's scale). The harder plan's scaling b^(1/f) is the warm start."""
+        best, best_scaling = result, result.scaling
         for factor in _HARDEN:
             harder = assign(logits, lam=self.lam * factor, prior=prior, relax=relax)
-            if harder.converged and _balance(harder) < best_balance:
-                best, best_balance = harder, _balance(harder)
-                best_scaling = harder.scaling.pow(1.0 / factor).clamp_min(1e-300)
-            if best_balance <= _IMBALANCE_WARN:
+            if harder.converged and harder.imbalance < best.imbalance:
+                best, best_scaling = harder, harder.scaling.pow(1.0 / factor).clamp_min(1e-300)
+            if best.imbalance <= _IMBALANCE_WARN:
                 break
-        return best, best_scaling, best_balance
+        return best, best_scaling
 
     def _estimated_prior(self, logits: Tensor) -> Tensor:
         """(K,) float64: the mean over all ranks' rows of softmax(logits), half mixed with uniform."""
@@ -168,9 +167,9 @@ class LabelState:
         mean = total / count.clamp_min(1.0)
         return _ESTIMATE_MIX * mean / mean.sum() + (1.0 - _ESTIMATE_MIX) / k
 
-    def _warn(self, head: int, result: Assignment, balance: float) -> None:
+    def _warn(self, head: int, result: Assignment) -> None:
         """Warn at any label step whose labels are far from the marginal asked for, or did not converge."""
-        step = f"label step {self.n_updates + 1}, head {head}"
+        step, balance = f"label step {self.n_updates + 1}, head {head}", result.imbalance
         if result.converged and balance > _IMBALANCE_WARN:
             first = " (an untrained network's first labels)" if self.n_updates == 0 else ""
             warnings.warn(
@@ -245,15 +244,6 @@ class LabelState:
         if self.soft and isinstance(codes, Tensor) and isinstance(weights, Tensor):
             self.codes = codes.to(self.labels.device, torch.int32)
             self.weights = weights.to(self.labels.device, torch.float32)
-
-
-def _balance(result: Assignment) -> float:
-    """The largest hard cluster's size over its share under the marginal the plan met (1: exact)."""
-    if result.marginal is None:
-        return result.imbalance
-    counts = torch.bincount(result.labels, minlength=result.marginal.numel()).double()
-    counts = dist.all_reduce_sum_(counts.to(result.marginal.device))
-    return float((counts / (counts.sum() * result.marginal)).max())
 
 
 def feature_matrix(x: ArrayLike, name: str = "X") -> Tensor:

@@ -97,7 +97,8 @@ class Assignment:
             2 is the largest possible value).
         converged: whether ``error <= tol`` was reached within ``max_iter`` passes.
         imbalance: balance of the hard labels: max_k n_k / (N c_k), the largest cluster's size over its
-            share under the prior (n_k samples labelled k, over all ranks). 1.0 is an exact equipartition;
+            share under the marginal solved to (the prior; with ``relax``, :attr:`marginal`; n_k samples
+            labelled k, over all ranks). 1.0 is an exact equipartition;
             K means every sample in one cluster (uniform prior). A converged plan of informative logits
             gives about 1.05-1.5; degenerate logits (identical rows, a collapsed network) give ~K even
             with ``error`` ~0, since the plan is then balanced but flat: callers should warn above ~2.
@@ -283,7 +284,7 @@ def assign(
         target = relaxed_target(c, beta, lam, relax)
         n_iter += math.ceil(coarse)
         labels = pass_fn.labels(beta)
-        labels, n_repaired, imbalance = _repair(pass_fn, beta, labels, target, n_total, use_dist, c)
+        labels, n_repaired, imbalance = _repair(pass_fn, beta, labels, target, n_total, use_dist)
         if isinstance(pass_fn, _KernelPass):
             n_absorb = pass_fn.n_absorb
     finally:
@@ -789,12 +790,11 @@ def _continuation(
 # balance of the hard labels
 
 
-def _repair(pass_fn, beta: Tensor, labels: Tensor, c: Tensor, n_total: int, use_dist: bool, share: Tensor):
+def _repair(pass_fn, beta: Tensor, labels: Tensor, c: Tensor, n_total: int, use_dist: bool):
     """Give each cluster the argmax left empty the sample that loses least by moving there.
 
-    ``c`` (K,) is the marginal solved to, ``share`` (K,) the prior. Returns (labels, samples moved,
-    imbalance = max_k n_k / (N share_k)). Greedy, one empty cluster at a
-    time: the candidate rows are those of clusters holding >= 2 samples (so no cluster is emptied), and
+    ``c`` (K,) is the marginal solved to. Returns (labels, samples moved, imbalance = max_k n_k / (N c_k)).
+    Greedy, one empty cluster at a time: the candidate rows are those of clusters holding >= 2 samples (so no cluster is emptied), and
     the chosen one maximises log Q[n, k] - log Q[n, l_n] (over all ranks; ties go to the lowest rank).
     """
     k = c.numel()
@@ -828,7 +828,7 @@ def _repair(pass_fn, beta: Tensor, labels: Tensor, c: Tensor, n_total: int, use_
             counts -= old
             counts[col] += 1
             moved += 1
-    imbalance = float((counts / (n_total * share)).max())
+    imbalance = float((counts / (n_total * c)).max())
     return labels, moved, imbalance
 
 
