@@ -202,6 +202,9 @@ def collect(run_dir: Path, log: Path) -> dict:
     keys = ("knn_top1", "knn_top5", "nmi", "ami", "many_to_one", "best_head", "epochs", "label_updates",
             "train_time_s", "label_time_s", "label_share", "eval_time_s", "signals", "verdict")  # fmt: skip
     row.update({k: s[k] for k in keys if k in s})
+    config = run_dir / "config.json"
+    if config.is_file():  # the side it trained at: the budget may have chosen a smaller one than the set's
+        row["train_side"] = json.loads(config.read_text()).get("_data", {}).get("side")
     heads = {h["head"]: h for h in s.get("heads", [])}
     best = heads.get(s.get("best_head"), {})
     if "self_labels" in best:
@@ -279,7 +282,7 @@ def _fmt(v, spec: str = ".2f") -> str:
 def markdown(rows: list[dict], meta: dict, corr: dict) -> str:
     """suite.md: the setup, one table row per set, then the correlations of the signals."""
     signals = numeric_signals(rows)
-    head = ["set", "kind", "N train", "side", "colour", "raw", "random", "sela kNN", "margin", "+3",
+    head = ["set", "kind", "N train", "side", "trained at", "colour", "raw", "random", "sela kNN", "margin", "+3",
             "NMI", "self-label NMI", "epochs", "balance", *signals]  # fmt: skip
     verdicts = any("verdict" in r for r in rows)
     head += ["verdict"] if verdicts else []
@@ -294,7 +297,7 @@ def markdown(rows: list[dict], meta: dict, corr: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
     for r in rows:
         f = r.get("floors") or {}
-        cells = [r["set"], r["kind"], r["n_train"], r["side"], r["colour"], _fmt(f.get("raw")),
+        cells = [r["set"], r["kind"], r["n_train"], r["side"], _fmt(r.get("train_side"), "d"), r["colour"], _fmt(f.get("raw")),
                  _fmt(f.get("random")), _fmt(r.get("knn_top1")), _fmt(r.get("margin"), "+.2f"),
                  _fmt(r.get("passes")), _fmt(r.get("nmi"), ".3f"), _fmt(r.get("self_label_nmi"), ".3f"),
                  _fmt(r.get("epochs"), "d"), _fmt(r.get("balance"), ".3f"),

@@ -110,7 +110,7 @@ def test_report_rows_margin_check_and_correlations(tmp_path):
     meta = {"minutes": 1, "extra_args": "", "parallel": 2, "threads": 1, "command": "sela train",
             "load_start": [0], "load_end": [0]}  # fmt: skip
     text = suite.markdown(rows, meta, corr)
-    assert "| s0 | objects | 10 | 8 | grey | 40.00 | 42.00 | 44.00 | +2.00 | FAIL |" in text
+    assert "| s0 | objects | 10 | 8 | - | grey | 40.00 | 42.00 | 44.00 | +2.00 | FAIL |" in text
     assert "| rankme | +1.000 |" in text
     assert text.count(' | {"status":"learning"} |') == 3 and " | fine/ok |" in text  # a cell holds no "|"
 
@@ -124,7 +124,9 @@ def test_collect_reads_summary_and_recipe_line(tmp_path):
     (run / "summary.json").write_text(json.dumps(summary))
     log = tmp_path / "run.log"
     log.write_text("warming up\nrecipe cpu-fast (CPU...): objective=swapped\nepoch 1/7\n")
+    (run / "config.json").write_text(json.dumps({"_data": {"side": 48}}))
     row = suite.collect(run, log)
+    assert row["train_side"] == 48  # the side the budget chose
     assert row["recipe_line"].startswith("recipe cpu-fast")
     assert row["self_label_nmi"] == 0.4 and row["balance"] == 0.97 and row["epochs"] == 7
     assert "signals" not in row

@@ -40,6 +40,7 @@ RANKS = {
     "sela.runs": 5,
     "sela.weights": 5,  # --init sources: run directories, exports, state dicts, library weights names
     "sela.build": 6,
+    "sela.sizing": 6,  # budget-aware sizing: times the recipe's training steps (sela.build's builders)
     "sela.export": 6,
     "sela.report": 6,
     "sela.cli": 7,

@@ -23,7 +23,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ import torch
 
 import sela
 from sela import distributed as dist
-from sela import recipes, rundir, weights
+from sela import recipes, rundir, sizing, weights
 from sela.config import (
     TrainConfig,
     apply_overrides,
@@ -46,6 +46,7 @@ from sela.config import (
     validate,
 )
 from sela.data import BatchAugment, EvalTransform, ImageSet, dataset_info, view_scale_size
+from sela.data.datasets import resize_images
 from sela.loggers import chosen, metric_sinks
 from sela.models import check_arch, clusters_per_head, create_model
 from sela.objectives import OBJECTIVES, make_objective
@@ -125,21 +126,33 @@ class Resolved:
 
 
 def resolve(
-    user: dict[str, Any], train_set: ImageSet, device: torch.device, *, start: dict[str, Any] | None = None
+    user: dict[str, Any],
+    train_set: ImageSet,
+    device: torch.device,
+    *,
+    start: dict[str, Any] | None = None,
+    cost: sizing.EpochCost | None = None,
 ) -> Resolved:
     """Defaults < recipe < the network ``--init``'s weights fit < the user's settings, for these images on
     this device; then the image side (the dataset's default when it has one) and the evaluation side fixed
-    as numbers. ``start``: that network's settings (default: read from ``model.init``'s source)."""
+    as numbers. ``start``: that network's settings (default: read from ``model.init``'s source). A fast
+    recipe's training side follows the time budget (:mod:`sela.sizing`; ``cost``: seconds per epoch of a
+    configuration, measured by default); the images are resized to it by :func:`fit_to_side`."""
     cfg = settings_before_data(user)
     info = dataset_info(cfg.data.dataset)
-    side = train_set.side(cfg.data.image_size or info.default_image_size)
+    if start is None:
+        start = weights.start_network(cfg.model.init) if cfg.model.init else {}
+    side = train_set.side(cfg.data.image_size or start.get("data.image_size") or info.default_image_size)
     facts = recipes.data_facts(train_set, side, device, pretrained=cfg.model.init is not None)
     name, why = cfg.recipe, "asked for"
     if name == "auto":
         name, why = recipes.choose(facts, own=info.recipe)
     chosen = {} if name == "none" else recipes.settings(name, facts)
-    if start is None:
-        start = weights.start_network(cfg.model.init) if cfg.model.init else {}
+    if sizing.applies(name, user, start, train_set):
+        side, because = sizing.choose_side(name, facts, user, start, train_set, device, cost=cost or sizing.epoch_seconds)
+        why = f"{why}; {because}"
+        if side != facts.side:
+            chosen = {**recipes.settings(name, replace(facts, side=side)), "data.image_size": side}
     cfg = apply_overrides(apply_overrides(TrainConfig(), {**chosen, **start}), {**user, "recipe": name})
     fixed: dict[str, Any] = {}
     if cfg.data.image_size is None and info.default_image_size is not None:
@@ -374,11 +387,24 @@ def banner(cfg: TrainConfig, trainer: Trainer, train_set: ImageSet, device: torc
 
 
 def _recorded_start(out: Path) -> dict[str, Any]:
-    """A resumed run's network as it recorded it (its ``--init`` source need not exist any more)."""
-    model = rundir.read_json(out / rundir.CONFIG).get("model", {})
-    if not model.get("init"):
-        return {}
-    return {f"model.{k}": model[k] for k in ("arch", "widths", "pools") if model.get(k) is not None}
+    """What a resumed run keeps as it recorded it: its training side (which the budget chose when the run
+    started) and, after ``--init``, its network (the source need not exist any more)."""
+    recorded = rundir.read_json(out / rundir.CONFIG)
+    model = recorded.get("model", {})
+    out_ = {"data.image_size": recorded["data"]["image_size"]} if recorded.get("data", {}).get("image_size") else {}
+    if model.get("init"):
+        out_.update({f"model.{k}": model[k] for k in ("arch", "widths", "pools") if model.get(k) is not None})
+    return out_
+
+
+def fit_to_side(cfg: TrainConfig, images: ImageSet) -> ImageSet:
+    """``images`` at the run's training side: a side the recipe chose after the images were read
+    (:mod:`sela.sizing`) resizes those in memory as the reader would have (shorter side, then the
+    central square; statistics kept); otherwise the set itself."""
+    side = cfg.data.image_size
+    if not side or not images.in_memory or tuple(images.images.shape[-2:]) == (side, side):
+        return images
+    return replace(images, images=resize_images(images.images, side), mean=images.mean, std=images.std)
 
 
 def label_only(trainer: Trainer) -> None:
@@ -439,6 +465,7 @@ def train(
     train_set, test_set = load_splits(first)
     resolved = resolve(user, train_set, device, start=_recorded_start(out) if resume else None)
     cfg = resolved.config
+    train_set, test_set = fit_to_side(cfg, train_set), test_set and fit_to_side(cfg, test_set)
     notes = check_resume(cfg, out, train_set) if resume else []
     for line in [resolved.recipe_line(), *(f"note: {n}" for n in notes)] if say else ():
         say(line)

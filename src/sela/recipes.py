@@ -53,6 +53,10 @@ if TYPE_CHECKING:
 
 MIXED_SHARE = 0.05  # a folder with 5-95 % greyscale images mixes the two
 MIXED_GRAYSCALE_P = 0.5  # grey views on such a folder (measured: docs/experiments.md, "Colour as a nuisance")
+# budget-aware sizing (sela.sizing measures, side_for_budget decides; docs/experiments.md, "Budget-aware sizing")
+MIN_SIDE = 32  # px: a time budget shrinks the training side no further (never below the images' own)
+MIN_EPOCHS = 30  # the passes a budget must buy before a larger side is worth its cost
+EPOCH_OVERHEAD = 1.3  # an epoch's time over its training steps' alone: label passes, loader, bookkeeping
 RECIPES = ("digits", "cpu-fast", "cpu-sela", "gpu-fast", "gpu-sela", "paper", "paper-resnet18")
 
 
@@ -113,6 +117,43 @@ def choose(facts: DataFacts, own: str | None = None) -> tuple[str, str]:
     if facts.device == "cuda":
         return "gpu-fast", f"{facts.describe()}: a GPU, so ResNet-18 with the online objective"
     return "cpu-fast", f"{facts.describe()}: a CPU, so the small convnet on half-size views"
+
+
+def candidate_sides(side: int) -> list[int]:
+    """The training sides a budget may choose, largest first: the images' own, then steps of 3/4
+    (multiples of 8) down to :data:`MIN_SIDE`; just the images' own side at or below it."""
+    out = [side]
+    while True:
+        nxt = max(MIN_SIDE, 8 * round(out[-1] * 0.75 / 8))
+        if nxt >= out[-1]:
+            return out
+        out.append(nxt)
+
+
+def side_for_budget(costs: dict[int, float], budget_s: float | None, *, epochs: int) -> tuple[int, str]:
+    """The training side and why, from the measured seconds per epoch at each candidate side
+    (``costs``, largest side first, as measured by :func:`sela.sizing.choose_side`).
+
+    With a budget (s): the largest side at which the budget buys at least :data:`MIN_EPOCHS` epochs, else
+    the smallest measured one. Without one: the first (the images' own side), with how long ``epochs``
+    epochs will take."""
+    if not costs:
+        raise ValueError("side_for_budget needs the cost of at least one side")
+    sides = list(costs)
+    if budget_s is None:
+        side = sides[0]
+        return side, f"{side} px, about {_duration(costs[side] * epochs)} for {epochs} epochs"
+    fits = [s for s in sides if budget_s / costs[s] >= MIN_EPOCHS]
+    side = fits[0] if fits else sides[-1]
+    got = f"{side} px: about {budget_s / costs[side]:.0f} epochs in {_duration(budget_s)}"
+    if side == sides[0]:
+        return side, got
+    skipped = ", ".join(f"{s} px {budget_s / costs[s]:.0f}" for s in sides if s > side)
+    return side, f"{got} (the images' side would give fewer than {MIN_EPOCHS}: {skipped})"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
 def settings(name: str, facts: DataFacts) -> dict[str, Any]:
