@@ -27,7 +27,9 @@ Data-dependent parts of the fast recipes: the training views are half the image 
 evaluation see whole images, at the scale the views showed them: ``sela.data.view_scale_size``);
 greyscale images (one channel, or three equal ones) get no colour jitter, grayscale conversion or flips, and
 milder crops (their class lives in the shape); the number of clusters is at most N / 20 so that every cluster
-can hold a few dozen images; the batch is at most the largest power of two <= N / 2 (:func:`batch_cap`).
+can hold a few dozen images; the batch is at most the largest power of two <= N / 2 (:func:`batch_cap`);
+with a time budget, the training side is the largest of :func:`candidate_sides` that affords
+:data:`MIN_EPOCHS` epochs at the measured cost (:func:`side_for_budget`, measured by :mod:`sela.sizing`).
 
 A pretrained start (``--init``, :attr:`DataFacts.pretrained`) changes every recipe (:func:`_from_pretrained`):
 the network is the one the weights fit, the learning rate is a tenth, a warm-up of at least one epoch lets the
@@ -56,7 +58,10 @@ MIXED_GRAYSCALE_P = 0.5  # grey views on such a folder (measured: docs/experimen
 # budget-aware sizing (sela.sizing measures, side_for_budget decides; docs/experiments.md, "Budget-aware sizing")
 MIN_SIDE = 32  # px: a time budget shrinks the training side no further (never below the images' own)
 MIN_EPOCHS = 30  # the passes a budget must buy before a larger side is worth its cost
-EPOCH_OVERHEAD = 1.3  # an epoch's time over its training steps' alone: label passes, loader, bookkeeping
+# an epoch's time over N x the timed steps' time per image (sela.sizing: batches of 64 on a CPU): a run's batches
+# of 256 cost less per image, its label passes and loader more; measured 0.57, 0.74 and 0.70 (Imagewoof64 at 64,
+# 48 and 32 px, 10-minute runs two at a time: docs/experiments.md, "Budget-aware sizing")
+EPOCH_OVERHEAD = 0.67
 RECIPES = ("digits", "cpu-fast", "cpu-sela", "gpu-fast", "gpu-sela", "paper", "paper-resnet18")
 
 

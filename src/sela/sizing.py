@@ -11,8 +11,8 @@ down to 32 px, never up) and keeps the largest side that still affords
 limit keeps the images' side and is told how long its epochs will take.
 
 The measurement (:func:`epoch_seconds`) is real: the recipe's network and objective at that side, a few
-training steps (views made on the device, forward, backward, SGD) on a sample of the training images,
-timed after a warm-up step, scaled to N images. It takes about a second per candidate on a CPU; it uses
+training steps (views made on the device, forward at the run's precision, backward, SGD) on a sample of
+the training images, timed after a warm-up step, scaled to N images. It takes about a second per candidate on a CPU; it uses
 the threads torch is set to (as the run will). Distributed runs take the slowest rank's figures (one
 all-reduce per candidate), so that every rank chooses the same side.
 
@@ -61,9 +61,11 @@ def sample(train_set: ImageSet, side: int, n: int) -> ImageSet:
 def epoch_seconds(cfg: TrainConfig, train_set: ImageSet, device: torch.device) -> float:
     """Seconds one epoch of ``cfg``'s training steps takes on ``train_set`` (N images at
     ``cfg.data.image_size`` px): :data:`TIMED_STEPS` real steps after a warm-up one, per image, times N,
-    times :data:`sela.recipes.EPOCH_OVERHEAD` for the label passes and the loader."""
+    times :data:`sela.recipes.EPOCH_OVERHEAD` (calibrated on real runs: their larger batches, label passes,
+    loader)."""
     from sela.build import build_model, build_objective
     from sela.labeller import LabelState
+    from sela.train import autocast_dtype
 
     batch = min(cfg.optim.batch_size, SAMPLE_BATCH.get(device.type, cfg.optim.batch_size), len(train_set))
     part = sample(train_set, cfg.data.image_size, batch)
@@ -75,9 +77,11 @@ def epoch_seconds(cfg: TrainConfig, train_set: ImageSet, device: torch.device) -
     state = LabelState(len(model.n_clusters), batch, soft=objective.soft_targets)
     images, idx = part.images.to(device), torch.arange(batch, device=device)
     generator = torch.Generator(device=device).manual_seed(0)
+    amp = autocast_dtype(cfg.runtime.precision, device)  # the run's precision (bf16 where native)
+    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
     def step() -> None:
-        loss, _ = objective.loss(model, images, idx, state, generator=generator, autocast=contextlib.nullcontext())
+        loss, _ = objective.loss(model, images, idx, state, generator=generator, autocast=autocast)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
