@@ -58,10 +58,9 @@ MIXED_GRAYSCALE_P = 0.5  # grey views on such a folder (measured: docs/experimen
 # budget-aware sizing (sela.sizing measures, side_for_budget decides; docs/experiments.md, "Budget-aware sizing")
 MIN_SIDE = 32  # px: a time budget shrinks the training side no further (never below the images' own)
 MIN_EPOCHS = 30  # the passes a budget must buy before a larger side is worth its cost
-# an epoch's time over N x the timed steps' time per image (sela.sizing: batches of 64 on a CPU): a run's batches
-# of 256 cost less per image, its label passes and loader more; measured 0.57, 0.74 and 0.70 (Imagewoof64 at 64,
-# 48 and 32 px, 10-minute runs two at a time: docs/experiments.md, "Budget-aware sizing")
-EPOCH_OVERHEAD = 0.67
+# an epoch's time over N x the timed steps' time per image: the label passes, which take at most LABEL_SHARE
+# (0.15, sela.schedule) of the time, 1 / (1 - 0.15)
+EPOCH_OVERHEAD = 1.18
 RECIPES = ("digits", "cpu-fast", "cpu-sela", "gpu-fast", "gpu-sela", "paper", "paper-resnet18")
 
 

@@ -11,10 +11,11 @@ down to 32 px, never up) and keeps the largest side that still affords
 limit keeps the images' side and is told how long its epochs will take.
 
 The measurement (:func:`epoch_seconds`) is real: the recipe's network and objective at that side, a few
-training steps (views made on the device, forward at the run's precision, backward, SGD) on a sample of
-the training images, timed after a warm-up step, scaled to N images. It takes about a second per candidate on a CPU; it uses
-the threads torch is set to (as the run will). Distributed runs take the slowest rank's figures (one
-all-reduce per candidate), so that every rank chooses the same side.
+training steps of the run's batch (views made on the device, forward at the run's precision, backward,
+SGD) on a sample of the training images, timed after a warm-up step, scaled to N images. It takes one to
+three seconds per candidate on a CPU; it uses the threads torch is set to (as the run will). Distributed
+runs take the slowest rank's figures (one all-reduce per candidate), so that every rank chooses the
+same side.
 
 Only in-memory sets of a fast recipe (``cpu-fast``, ``cpu-sela``, ``gpu-fast``, ``gpu-sela``) chosen by
 ``auto`` or asked for are sized, and only when neither the user (``--image-size``) nor the recipe nor a
@@ -38,7 +39,6 @@ from sela.data import ImageSet
 from sela.data.datasets import resize_images
 
 SIZED_RECIPES = ("cpu-fast", "cpu-sela", "gpu-fast", "gpu-sela")
-SAMPLE_BATCH = {"cpu": 64}  # images per timed step (other devices: the recipe's batch)
 TIMED_STEPS = 2  # after one warm-up step
 
 # seconds for one epoch of this configuration on these images
@@ -61,13 +61,12 @@ def sample(train_set: ImageSet, side: int, n: int) -> ImageSet:
 def epoch_seconds(cfg: TrainConfig, train_set: ImageSet, device: torch.device) -> float:
     """Seconds one epoch of ``cfg``'s training steps takes on ``train_set`` (N images at
     ``cfg.data.image_size`` px): :data:`TIMED_STEPS` real steps after a warm-up one, per image, times N,
-    times :data:`sela.recipes.EPOCH_OVERHEAD` (calibrated on real runs: their larger batches, label passes,
-    loader)."""
+    times :data:`sela.recipes.EPOCH_OVERHEAD` (the label passes' share)."""
     from sela.build import build_model, build_objective
     from sela.labeller import LabelState
     from sela.train import autocast_dtype
 
-    batch = min(cfg.optim.batch_size, SAMPLE_BATCH.get(device.type, cfg.optim.batch_size), len(train_set))
+    batch = min(cfg.optim.batch_size, len(train_set))  # the run's batch: per image, 64 px costs more at 256 than at 64
     part = sample(train_set, cfg.data.image_size, batch)
     objective = build_objective(cfg, part, device)
     model = build_model(cfg, part, cosine_heads=objective.cosine_heads, init=False)
