@@ -50,7 +50,8 @@ def test_views_are_half_the_side_and_pool_to_a_small_map(side, view, pools):
 def test_greyscale_images_get_no_colour_augmentation_and_few_images_fewer_clusters():
     grey = settings("cpu-fast", DataFacts(28, 3, True, 1_000, "cpu"))
     assert grey["augment.jitter"][2:] == [0.0, 0.0] and grey["augment.grayscale_p"] == 0.0
-    assert grey["augment.flip_p"] == 0.0 and grey["model.clusters"] == [50]  # N / 20
+    assert "augment.flip_p" not in grey and "augment.crop_scale" not in grey  # a colour image's flips and crops
+    assert grey["model.clusters"] == [50]  # N / 20
     colour = settings("cpu-fast", DataFacts(32, 3, False, 50_000, "cpu"))
     assert colour["augment.jitter"] == [0.4, 0.4, 0.4, 0.1] and colour["model.clusters"] == [128]
     with pytest.raises(ValueError, match="unknown recipe"):
@@ -109,10 +110,10 @@ def test_the_paper_recipes_run_on_the_cpu(tmp_path, recipe):
         0,
         10.0,
     )
-    # harder crops for the offline objective on colour images only; the swapped recipe keeps the default
+    # harder crops for the offline objective, on greyscale images too; the swapped recipe keeps the default
     assert sela["augment.crop_scale"] == [0.08, 1.0]
     assert "augment.crop_scale" not in settings("cpu-fast", DataFacts(32, 3, False, 50_000, "cpu"))
-    assert settings("cpu-sela", DataFacts(28, 1, True, 50_000, "cpu"))["augment.crop_scale"] == [0.5, 1.0]
+    assert settings("cpu-sela", DataFacts(28, 1, True, 50_000, "cpu"))["augment.crop_scale"] == [0.08, 1.0]
 
 
 def test_greyscale_is_detected_from_equal_channels():
@@ -156,11 +157,11 @@ def test_sela_train_says_and_records_the_recipe_and_flags_override_it(tmp_path, 
 
 @pytest.mark.filterwarnings("ignore")
 def test_greyscale_runs_are_evaluated_at_the_scale_their_views_showed(tmp_path):
-    """cpu-fast on 16 px greyscale images: 8 px views of crops 0.5-1, so the label step, the final
+    """cpu-fast on 16 px greyscale images with crops of 0.5-1: 8 px views, so the label step, the final
     evaluation and a reopened run see whole images at 8 / sqrt(0.5) = 11 px."""
     data = two_class_folder(tmp_path / "data", 40, 10, grey_image)
     out = tmp_path / "run"
-    args = ["train", "--dataset", "folder", "--data-dir", data, "--out", str(out)]
+    args = ["train", "--dataset", "folder", "--data-dir", data, "--out", str(out), "--set", "augment.crop_scale=[0.5,1.0]"]
     assert main([*args, "--epochs", "1", "--batch-size", "16", "--heads", "1", "--no-progress"]) == 0
     config = json.loads((out / "config.json").read_text())
     augment = config["augment"]
