@@ -52,7 +52,7 @@ def applies(name: str, user: dict[str, Any], start: dict[str, Any], train_set: I
 
 
 def sample(train_set: ImageSet, side: int, n: int) -> ImageSet:
-    """The first ``n`` images, evenly strided over the set, resized to ``side`` px (statistics kept)."""
+    """``n`` images taken at an even stride over the set, resized to ``side`` px (statistics kept)."""
     step = max(1, len(train_set) // n)
     images = resize_images(train_set.images[::step][:n], side)  # (n, C, side, side)
     return ImageSet(images, name=train_set.name, mean=train_set.mean, std=train_set.std)
