@@ -391,10 +391,10 @@ def _recorded_start(out: Path) -> dict[str, Any]:
     started) and, after ``--init``, its network (the source need not exist any more)."""
     recorded = rundir.read_json(out / rundir.CONFIG)
     model = recorded.get("model", {})
-    out_ = {"data.image_size": recorded["data"]["image_size"]} if recorded.get("data", {}).get("image_size") else {}
+    kept = {"data.image_size": recorded["data"]["image_size"]} if recorded.get("data", {}).get("image_size") else {}
     if model.get("init"):
-        out_.update({f"model.{k}": model[k] for k in ("arch", "widths", "pools") if model.get(k) is not None})
-    return out_
+        kept.update({f"model.{k}": model[k] for k in ("arch", "widths", "pools") if model.get(k) is not None})
+    return kept
 
 
 def fit_to_side(cfg: TrainConfig, images: ImageSet) -> ImageSet:
